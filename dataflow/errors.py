@@ -1,0 +1,31 @@
+"""The one exception tree of the project.
+
+Every error the pipeline raises on purpose derives from `PipelineError`, and its message
+says what to do about it. Bad *input* is not an exception: it is data, sent to the
+dead-letter topic (see `dataflow.events`).
+"""
+
+
+class PipelineError(Exception):
+    """Base of every error raised on purpose by this project."""
+
+
+class ConfigError(PipelineError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        super().__init__(f"{variable}: {problem}")
+
+
+class SinkError(PipelineError):
+    """A sink could not write after its retries ran out.
+
+    Raised so the dataflow stops before its epoch commits: on restart, recovery rewinds
+    Kafka to the last snapshot and the writes are replayed. Nothing is dropped.
+    """
+
+
+class IndexMappingError(PipelineError):
+    """An existing OpenSearch index has a mapping that conflicts with the one we need."""

@@ -1,0 +1,284 @@
+"""The Bytewax dataflow: Kafka → intake → dedup → fan-out → state shards → sinks.
+
+```
+kafka_in ─► intake ─┬─ dead letters ──────────────────────────────► dlq (Kafka)
+                    ├─ events by (slot, shard) ─► dedup ─► fan_out ─► features ─┬─► redis
+                    └─ clock readings ─► clock ─┬─ forget slot ─► dedup          └─► opensearch
+                                                └─ new day ─────► features
+```
+
+`python -m bytewax.run dataflow.flow` finds `flow` here, built from the environment
+(`Config.from_env()`); tests call `build_flow(config, source=...)` with their own source.
+The pure logic lives in `intake`, `dedup`, `families` and `shard`; the classes here only
+adapt it to Bytewax's stateful operators and report metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.connectors.kafka import KafkaError, KafkaSource
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import Sink
+from confluent_kafka import OFFSET_BEGINNING
+
+from dataflow import metrics
+from dataflow.config import Config
+from dataflow.deadletter import DeadLetter
+from dataflow.dedup import SeenIds, slots_to_forget
+from dataflow.families import FeatureParams, Update, updates_for
+from dataflow.intake import Intake, IntakeResult
+from dataflow.logs import configure_logging
+from dataflow.shard import FeatureShard, ShardItem, StepResult
+from dataflow.sinks.deadletters import DeadLetterSink
+from dataflow.sinks.redis import RedisFeatureSink
+from dataflow.windows import DAY_MS
+
+log = logging.getLogger(__name__)
+
+CLOCK_KEY = "clock"
+FORGET = None
+"""A dedup input meaning: this slot is past the 24-hour horizon; forget its ids."""
+
+
+def shard_of(suffix: str, shards: int) -> int:
+    """The state shard of a feature key (stable across processes and runs)."""
+    return zlib.crc32(suffix.encode("utf-8")) % shards
+
+
+# --- stateful logics ---------------------------------------------------------------------
+
+
+class ClockLogic(StatefulBatchLogic[int, list[tuple[str, Any]], int]):
+    """The global event-time clock (one key, so one worker holds it).
+
+    Turns readings into the ticks other steps need: a new day for every state shard, and
+    the dedup slots that have passed the 24-hour horizon.
+    """
+
+    def __init__(self, feature_shards: int, dedup_shards: int, clock: int | None) -> None:
+        self.feature_shards = feature_shards
+        self.dedup_shards = dedup_shards
+        self.clock = clock or 0
+
+    def on_batch(self, values: list[int]) -> tuple[Iterable[list[tuple[str, Any]]], bool]:
+        reading = max(values)
+        if reading <= self.clock:
+            return [], self.RETAIN
+        old, self.clock = self.clock, reading
+        ticks: list[tuple[str, Any]] = []
+        if old // DAY_MS != reading // DAY_MS:
+            ticks.extend((str(i), reading) for i in range(self.feature_shards))
+        for slot in slots_to_forget(old, reading):
+            ticks.extend((f"{slot}:{j}", FORGET) for j in range(self.dedup_shards))
+        return ([ticks] if ticks else []), self.RETAIN
+
+    def snapshot(self) -> int:
+        return self.clock
+
+
+class DedupLogic(StatefulBatchLogic[Any, list[Any], bytes]):
+    """One (slot, shard) of seen event ids; emits the first copy of each event."""
+
+    def __init__(self, resume: bytes | None) -> None:
+        self.ids = SeenIds() if resume is None else SeenIds.restore(resume)
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[list[Any]], bool]:
+        accepted: list[Any] = []
+        offered = 0
+        for value in values:
+            if value is FORGET:
+                self.ids.forget()
+                continue
+            offered += len(value)
+            accepted.extend(self.ids.admit(value))
+        duplicates = offered - len(accepted)
+        if duplicates:
+            metrics.DROPPED.labels(reason="duplicate").inc(duplicates)
+        metrics.DEDUP_IDS.report(id(self), len(self.ids.seen))
+        return ([accepted] if accepted else []), self.RETAIN
+
+    def snapshot(self) -> bytes:
+        return self.ids.snapshot()
+
+
+class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
+    """One state shard of feature keys (see `dataflow.shard`)."""
+
+    def __init__(self, params: FeatureParams, resume: bytes | None) -> None:
+        self.shard = FeatureShard(params) if resume is None else FeatureShard.restore(params, resume)
+
+    def on_batch(self, values: list[ShardItem]) -> tuple[Iterable[StepResult], bool]:
+        result = self.shard.step(values)
+        if result.late_updates:
+            metrics.LATE_UPDATES.inc(result.late_updates)
+        if result.new_day:
+            deletes = sum(1 for _, fields in result.writes if fields is None)
+            metrics.EXPIRED.inc(deletes)
+            metrics.RESTATED.inc(len(result.writes) - deletes)
+        metrics.STATE_KEYS.report(id(self), len(self.shard))
+        return ([result] if result.writes else []), self.RETAIN
+
+    def snapshot(self) -> bytes:
+        return self.shard.snapshot()
+
+
+# --- stateless steps ---------------------------------------------------------------------
+
+
+class IntakeStep:
+    """`flat_map_batch` mapper around `Intake`: tags each output for the branches below."""
+
+    def __init__(self, intake: Intake) -> None:
+        self.intake = intake
+
+    def __call__(self, items: list[Any]) -> list[tuple[str, Any]]:
+        messages = [item for item in items if not isinstance(item, KafkaError)]
+        if len(messages) != len(items):
+            for item in items:
+                if isinstance(item, KafkaError):
+                    _log_consumer_error(item)
+        result = self.intake.route(messages)
+        _count(result)
+        out: list[tuple[str, Any]] = [("dlq", letter) for letter in result.dead_letters]
+        out.extend(("dedup", item) for item in result.by_slot.items())
+        if result.unchecked:
+            out.append(("direct", ("unchecked", result.unchecked)))
+        if result.by_slot or result.events_by_type:
+            out.append(("clock", (CLOCK_KEY, result.max_ts)))
+            metrics.observe_clock(result.max_ts)
+        return out
+
+
+def _count(result: IntakeResult) -> None:
+    for (topic, partition), n in result.messages_by_partition.items():
+        metrics.MESSAGES.labels(topic=topic, partition=str(partition)).inc(n)
+    for kind, n in result.events_by_type.items():
+        metrics.EVENTS.labels(type=kind).inc(n)
+    for reason, n in result.dropped.items():
+        metrics.DROPPED.labels(reason=reason).inc(n)
+
+
+class FanOut:
+    """`flat_map_batch` mapper: accepted events → counter updates grouped by state shard."""
+
+    def __init__(self, params: FeatureParams, shards: int) -> None:
+        self.params = params
+        self.shards = shards
+
+    def __call__(self, batches: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Update]]]:
+        by_shard: dict[int, list[Update]] = {}
+        shards = self.shards
+        for _slot_key, events in batches:
+            for event in events:
+                for update in updates_for(event, self.params):
+                    idx = zlib.crc32(update[1].encode("utf-8")) % shards
+                    bucket = by_shard.get(idx)
+                    if bucket is None:
+                        by_shard[idx] = [update]
+                    else:
+                        bucket.append(update)
+        return [(str(idx), updates) for idx, updates in by_shard.items()]
+
+
+def _tagged(tag: str) -> Any:
+    def pick(item: tuple[str, Any]) -> Any:
+        return item[1] if item[0] == tag else None
+
+    return pick
+
+
+def _log_consumer_error(err: Any) -> None:
+    metrics.CONSUMER_ERRORS.labels(topic=getattr(err.msg, "topic", None) or "").inc()
+    log.error("kafka consumer error", extra={"error": str(err.err)})
+
+
+# --- the dataflow ------------------------------------------------------------------------
+
+
+def kafka_source(config: Config) -> KafkaSource:
+    """The input: every partition of `KAFKA_TOPICS`, offsets kept in recovery snapshots."""
+    return KafkaSource(
+        brokers=list(config.kafka.brokers),
+        topics=list(config.kafka.topics),
+        tail=not config.kafka.stop_at_end,
+        starting_offset=OFFSET_BEGINNING,
+        # A snapshotted offset that retention has deleted must rewind to the earliest
+        # retained offset, never silently jump to the end.
+        add_config={**config.kafka.client_config(), "auto.offset.reset": "earliest"},
+        batch_size=config.kafka.batch_size,
+        raise_on_errors=False,
+    )
+
+
+def build_flow(
+    config: Config,
+    *,
+    source: Source[Any] | None = None,
+    redis_sink: Sink[StepResult] | None = None,
+    dlq_sink: Sink[DeadLetter] | None = None,
+    opensearch_sink: Sink[Any] | None = None,
+    flow_id: str = "search_features",
+) -> Dataflow:
+    """Wire the dataflow. Sinks default to the real ones built from `config`."""
+    flow = Dataflow(flow_id)
+    messages = op.input("kafka_in", flow, source or kafka_source(config))
+
+    intake = Intake(
+        future_tolerance_ms=config.future_tolerance_ms,
+        dedup_shards=config.dedup_shards,
+        now_ms=lambda: int(time.time() * 1000),
+    )
+    routed = op.flat_map_batch("intake", messages, IntakeStep(intake))
+    dead_letters = op.filter_map("dead_letters", routed, _tagged("dlq"))
+    to_dedup = op.filter_map("to_dedup", routed, _tagged("dedup"))
+    readings = op.filter_map("clock_readings", routed, _tagged("clock"))
+    unchecked = op.filter_map("past_dedup_horizon", routed, _tagged("direct"))
+
+    clock = op.stateful_batch(
+        "clock",
+        readings,
+        lambda resume: ClockLogic(config.feature_shards, config.dedup_shards, resume),
+    )
+    ticks = op.flat_map("ticks", clock, lambda keyed: keyed[1])
+    tick_branch = op.branch("tick_kind", ticks, lambda tick: tick[1] is FORGET)
+    dedup_in = op.merge("dedup_in", to_dedup, tick_branch.trues)
+
+    accepted = op.stateful_batch("dedup", dedup_in, DedupLogic)
+    to_count = op.merge("to_count", accepted, unchecked)
+    updates = op.flat_map_batch(
+        "fan_out", to_count, FanOut(config.features, config.feature_shards)
+    )
+    shard_in = op.merge("shard_in", updates, tick_branch.falses)
+    results = op.stateful_batch(
+        "features", shard_in, lambda resume: ShardLogic(config.features, resume)
+    )
+    writes = op.key_rm("writes", results)
+
+    op.output("redis", writes, redis_sink or RedisFeatureSink(config.redis))
+    if opensearch_sink is not None:
+        op.output("opensearch", writes, opensearch_sink)
+    op.output("dlq", dead_letters, dlq_sink or DeadLetterSink(config.kafka))
+    return flow
+
+
+def _flow_from_env() -> Dataflow:
+    config = Config.from_env()
+    configure_logging(config.log_level, config.log_format)
+    log.info("starting search_features", extra={"config": config.describe()})
+    return build_flow(config)
+
+
+def __getattr__(name: str) -> Dataflow:
+    # `python -m bytewax.run dataflow.flow` looks up `flow`; building it lazily keeps
+    # `import dataflow.flow` free of side effects for tests and tools.
+    if name == "flow":
+        return _flow_from_env()
+    raise AttributeError(name)

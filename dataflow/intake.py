@@ -1,0 +1,109 @@
+"""The first step after Kafka: decode a batch of messages and route what comes out.
+
+Rejected messages become dead letters; valid events that are late are dropped; the rest are
+grouped by dedup slot, and the batch's largest `ts` becomes a clock reading. Pure apart from
+the wall-clock callable it is given (for the future-timestamp rule).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dataflow.deadletter import DeadLetter, Source, dead_letter
+from dataflow.dedup import dedup_key, id_digest, last_forgotten_slot, slot_of
+from dataflow.events import Event, Rejection, decode
+from dataflow.windows import DAY_MS, RETENTION_DAYS
+
+
+class KafkaMessage(Protocol):
+    """What intake needs of a consumed message (Bytewax's `KafkaSourceMessage` fits)."""
+
+    @property
+    def topic(self) -> str | None: ...
+    @property
+    def partition(self) -> int | None: ...
+    @property
+    def offset(self) -> int | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+DedupBatch = list[tuple[int, Event]]
+"""(id digest, event) pairs bound for one dedup (slot, shard)."""
+
+
+@dataclass(slots=True)
+class IntakeResult:
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    by_slot: dict[str, DedupBatch] = field(default_factory=dict)
+    unchecked: list[Event] = field(default_factory=list)
+    """Valid events whose dedup slot is already past the 24-hour horizon: nothing to check
+    them against, so they skip dedup (docs/contract.md §5)."""
+    max_ts: int = 0
+    events_by_type: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    messages_by_partition: Counter[tuple[str, int]] = field(default_factory=Counter)
+
+
+class Intake:
+    """Decode-and-route, with this process's view of the clock for the late rule.
+
+    The late rule needs *a* clock before dedup, so that events older than the 30-day window
+    never create dedup state. This process's largest valid `ts` is a lower bound of the
+    global clock; the state shards re-apply the rule with their own copy (docs/contract.md §3).
+    """
+
+    def __init__(
+        self, *, future_tolerance_ms: int, dedup_shards: int, now_ms: Callable[[], int]
+    ) -> None:
+        self.future_tolerance_ms = future_tolerance_ms
+        self.dedup_shards = dedup_shards
+        self.now_ms = now_ms
+        self.clock = 0
+
+    def route(self, messages: Iterable[KafkaMessage]) -> IntakeResult:
+        result = IntakeResult()
+        now = self.now_ms()
+        tolerance = self.future_tolerance_ms
+        shards = self.dedup_shards
+        clock = self.clock
+        late_day = clock // DAY_MS - RETENTION_DAYS
+        forgotten_slot = last_forgotten_slot(clock)
+        for msg in messages:
+            topic = msg.topic or ""
+            partition = msg.partition if msg.partition is not None else -1
+            result.messages_by_partition[(topic, partition)] += 1
+            decoded = decode(msg.value, now_ms=now, future_tolerance_ms=tolerance)
+            if isinstance(decoded, Rejection):
+                source = Source(topic, partition, msg.offset if msg.offset is not None else -1)
+                result.dead_letters.append(
+                    dead_letter(source, msg.value, decoded.reason, decoded.detail)
+                )
+                result.dropped[decoded.reason] += 1
+                continue
+            ts = decoded.ts
+            result.events_by_type[decoded.TYPE] += 1
+            if ts > clock:
+                clock = ts
+                late_day = clock // DAY_MS - RETENTION_DAYS
+                forgotten_slot = last_forgotten_slot(clock)
+            if ts // DAY_MS <= late_day:
+                result.dropped["late"] += 1
+                continue
+            slot = slot_of(ts)
+            if slot <= forgotten_slot:
+                result.unchecked.append(decoded)
+                continue
+            digest = id_digest(decoded.event_id)
+            key = dedup_key(slot, digest, shards)
+            batch = result.by_slot.get(key)
+            if batch is None:
+                result.by_slot[key] = [(digest, decoded)]
+            else:
+                batch.append((digest, decoded))
+        self.clock = clock
+        result.max_ts = clock
+        return result

@@ -1,0 +1,55 @@
+"""In-memory stand-ins for the pure-core flow tests (integration tests use the real services)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from bytewax.connectors.kafka import KafkaSourceMessage
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from dataflow.shard import StepResult
+from dataflow.sinks.redis import coalesce
+
+
+class MemoryStore:
+    """What Redis would hold after the sink's HSET/EXPIRE/DEL commands (TTL ignored)."""
+
+    def __init__(self, prefix: str = "feat") -> None:
+        self.prefix = prefix
+        self.hashes: dict[str, dict[str, str]] = {}
+        self.writes = 0
+
+    def apply(self, results: Iterable[StepResult]) -> None:
+        latest, _ = coalesce(results)
+        for suffix, fields in latest.values():
+            key = f"{self.prefix}:{suffix}"
+            self.writes += 1
+            if fields is None:
+                self.hashes.pop(key, None)
+            else:
+                self.hashes.setdefault(key, {}).update(fields)
+
+
+class MemoryStoreSink(DynamicSink[StepResult]):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> Any:
+        store = self.store
+
+        class _Part(StatelessSinkPartition[StepResult]):
+            def write_batch(self, items: list[StepResult]) -> None:
+                store.apply(items)
+
+        return _Part()
+
+
+def kafka_messages(
+    values: Iterable[bytes], topic: str = "search-events", partition: int = 0
+) -> list[KafkaSourceMessage[bytes | None, bytes]]:
+    """Wrap raw values as the consumer would deliver them, with increasing offsets."""
+    return [
+        KafkaSourceMessage(key=None, value=v, topic=topic, partition=partition, offset=i)
+        for i, v in enumerate(values)
+    ]

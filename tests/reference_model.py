@@ -1,0 +1,559 @@
+"""Brute-force reference model of the feature store: the test oracle.
+
+Why this exists: the pipeline keeps incremental, sharded, snapshotted state, and the only
+way to trust it is to compare it with something that has none of that. This module
+recomputes the final contents of the feature store from the whole event list, straight from
+``docs/contract.md`` (which wins over the upstream ``CONTRACT.md`` where they differ):
+
+1. dedup in stream order (first copy wins, per ``(event_id, 10-minute slot)``, only while
+   the slot is remembered);
+2. the final clock ``C`` = largest ``ts`` of every (valid) event, and its day ``bc``;
+3. every accepted event is turned into per-key *contributions* (one impression, click,
+   long click or select at a ``ts``);
+4. per key, the contributions inside the 30-day window at ``C`` are kept; a key with none
+   is absent; every field is recomputed from scratch from the kept list.
+
+It deliberately re-implements ``q_norm``, ``query_hash``, ``enc`` and the key formats from
+the contract text instead of importing ``dataflow``: a shared bug would otherwise be
+invisible. It compares event ids directly (no 64-bit digest), uses ``math.fsum`` for the
+decayed sums, and favours obviousness over speed (20k events take well under a second or
+two).
+
+Extending with the ``acq`` family: write a contribution rule that receives the whole
+accepted stream (it needs session joins, so it is not per-event) and a fields rule, and
+add a ``FamilySpec`` to ``FAMILIES``. Nothing else changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import unicodedata
+import urllib.parse
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+__all__ = [
+    "DAY_MS",
+    "FAMILIES",
+    "Contribution",
+    "Event",
+    "FamilySpec",
+    "ModelParams",
+    "Store",
+    "ac_key",
+    "as_redis_strings",
+    "bucket",
+    "decode_store",
+    "dedup_flags",
+    "diff_stores",
+    "doc_key",
+    "enc",
+    "expected_store",
+    "features_at",
+    "final_clock",
+    "model_dedup",
+    "q_norm",
+    "qd_key",
+    "query_hash",
+    "select_families",
+]
+
+DAY_MS = 86_400_000
+"""One UTC day in milliseconds: the bucket size of every window."""
+
+WINDOW_7D = 7
+WINDOW_30D = 30
+
+Event = Mapping[str, Any]
+"""One valid event: the JSON object of contract section 1, already validated."""
+
+FieldValue = int | float
+Store = dict[str, dict[str, FieldValue]]
+"""Redis key -> hash fields, with ints as ``int`` and floats as ``float``."""
+
+RawStore = Mapping[Any, Mapping[Any, Any]]
+"""A store as read back from Redis: keys, fields and values are ``str`` or ``bytes``."""
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Every knob of the contract that changes stored values, with the contract defaults.
+
+    Kept separate from the pipeline's config object on purpose: a test states the values it
+    runs the pipeline with, and the oracle is told the same values independently.
+    """
+
+    doc_alpha: float = 1
+    doc_beta: float = 20
+    qd_alpha: float = 1
+    qd_beta: float = 20
+    ac_alpha: float = 1
+    ac_beta: float = 20
+    acq_alpha: float = 1
+    acq_beta: float = 20
+    popularity_weight_click: float = 1
+    popularity_weight_impression: float = 0
+    popularity_weight_long_click: float = 0
+    long_dwell_ms: int = 30_000
+    half_life_ms: int = 604_800_000
+    dedup_slot_ms: int = 600_000
+    dedup_horizon_ms: int = 86_400_000
+
+    def smoothing(self, family: str) -> tuple[float, float]:
+        """``(alpha, beta)`` of a family; a table, so an unknown family fails loudly."""
+        table = {
+            "doc": (self.doc_alpha, self.doc_beta),
+            "qd": (self.qd_alpha, self.qd_beta),
+            "ac": (self.ac_alpha, self.ac_beta),
+            "acq": (self.acq_alpha, self.acq_beta),
+        }
+        return table[family]
+
+
+DEFAULT_PARAMS = ModelParams()
+
+
+# ------------------------------------------------------------------ normalisation, keys
+
+
+def q_norm(s: str | None) -> str:
+    """NFKC, casefold, collapse whitespace (contract section 2); ``None`` means no query."""
+    if s is None:
+        return ""
+    return " ".join(unicodedata.normalize("NFKC", s).casefold().split())
+
+
+def query_hash(q: str) -> str:
+    """16 hex chars of BLAKE2b-64 over the normalised query (contract section 2)."""
+    return hashlib.blake2b(q_norm(q).encode("utf-8"), digest_size=8).hexdigest()
+
+
+def enc(s: str) -> str:
+    """Percent-encode a key component taken from input, so ``:`` can never split a key."""
+    return urllib.parse.quote(s, safe="")
+
+
+def doc_key(prefix: str, doc_id: str) -> str:
+    """``P:doc:{enc(doc_id)}``; the doc id is used exactly as given (case and all)."""
+    return f"{prefix}:doc:{enc(doc_id)}"
+
+
+def qd_key(prefix: str, query: str, doc_id: str) -> str:
+    """``P:qd:{query_hash(query)}:{enc(doc_id)}``."""
+    return f"{prefix}:qd:{query_hash(query)}:{enc(doc_id)}"
+
+
+def ac_key(prefix: str, ac_prefix: str, candidate: str) -> str:
+    """``P:ac:{enc(q_norm(prefix))}:{enc(q_norm(candidate))}``."""
+    return f"{prefix}:ac:{enc(q_norm(ac_prefix))}:{enc(q_norm(candidate))}"
+
+
+# ------------------------------------------------------------------------------- time
+
+
+def bucket(t: int) -> int:
+    """UTC day of an epoch-millisecond time."""
+    return t // DAY_MS
+
+
+def in_window(ts: int, as_of: int, days: int) -> bool:
+    """Whether ``bucket(ts)`` is in ``(bucket(as_of) - days, bucket(as_of)]``."""
+    return bucket(as_of) - days < bucket(ts) <= bucket(as_of)
+
+
+def final_clock(events: Iterable[Event]) -> int:
+    """The clock after the whole stream: the largest ``ts`` of any valid event.
+
+    Duplicates and late events are valid events, so they count too (contract section 3:
+    valid means "not sent to the dead-letter topic").
+    """
+    stamps = [int(e["ts"]) for e in events]
+    if not stamps:
+        raise ValueError("final_clock of an empty stream: the clock has no value yet")
+    return max(stamps)
+
+
+# ------------------------------------------------------------------------------ dedup
+
+
+def dedup_slot(ts: int, params: ModelParams = DEFAULT_PARAMS) -> int:
+    """The 10-minute slot an event's id is remembered in."""
+    return ts // params.dedup_slot_ms
+
+
+def slot_forgotten(slot: int, clock: int, params: ModelParams = DEFAULT_PARAMS) -> bool:
+    """A slot is forgotten once the clock *passes* (strictly exceeds) its end + 24 h."""
+    return clock > (slot + 1) * params.dedup_slot_ms + params.dedup_horizon_ms
+
+
+def dedup_flags(events: Iterable[Event], *, params: ModelParams = DEFAULT_PARAMS) -> list[bool]:
+    """For each event in stream order, ``True`` if accepted and ``False`` if a duplicate.
+
+    An event is a duplicate when an earlier *accepted* event has the same ``event_id`` and
+    the same slot, and that slot is not forgotten at the running clock (the largest ``ts``
+    read so far, this event included). Including this event's own ``ts`` or not makes no
+    difference: a ``ts`` inside a slot is always before that slot's horizon. Because the
+    clock never goes back, "forgotten" is permanent, so a set of accepted ``(id, slot)``
+    pairs plus the forgotten test is exactly the rule, with no expiry bookkeeping.
+    """
+    accepted: set[tuple[str, int]] = set()
+    flags: list[bool] = []
+    clock: int | None = None
+    for event in events:
+        ts = int(event["ts"])
+        clock = ts if clock is None else max(clock, ts)
+        ident = (str(event["event_id"]), dedup_slot(ts, params))
+        duplicate = ident in accepted and not slot_forgotten(ident[1], clock, params)
+        flags.append(not duplicate)
+        if not duplicate:
+            accepted.add(ident)
+    return flags
+
+
+def model_dedup(events: Iterable[Event], *, params: ModelParams = DEFAULT_PARAMS) -> list[Event]:
+    """The accepted events, in stream order (see ``dedup_flags`` for the rule)."""
+    stream = list(events)
+    return [e for e, ok in zip(stream, dedup_flags(stream, params=params), strict=True) if ok]
+
+
+# ---------------------------------------------------------------------- contributions
+
+
+class Contribution(NamedTuple):
+    """One unit credited to one key at one event time.
+
+    ``kind`` is ``impression``, ``click``, ``long_click`` or ``select`` (``acq`` will add
+    its own kinds). Every field of a key is a function of its list of contributions.
+    """
+
+    family: str
+    key: str
+    kind: str
+    ts: int
+
+
+ContributionRule = Callable[[Sequence[Event], str, ModelParams], Iterator[Contribution]]
+"""``(accepted events, feature prefix, params) -> contributions`` of one family.
+
+It gets the whole accepted stream, not one event, so that a family defined by joins
+across events (``acq``: a select followed by a search in the same session) fits too.
+"""
+
+FieldsRule = Callable[[str, Sequence[Contribution], int, ModelParams], dict[str, FieldValue]]
+"""``(family, kept contributions, as_of, params) -> fields`` without ``as_of``."""
+
+
+def _distinct(items: Iterable[str]) -> list[str]:
+    """Distinct items, first occurrence order (an impression counts a doc once)."""
+    return list(dict.fromkeys(items))
+
+
+def _search_side(event: Event, params: ModelParams) -> list[tuple[str, str, str]]:
+    """``(kind, doc_id, normalised query)`` credits of one search-side event.
+
+    Shared by the doc and qd families, which count the same things at different keys.
+    """
+    etype = event["type"]
+    query = q_norm(event.get("query"))
+    if etype == "search_impression":
+        return [("impression", doc, query) for doc in _distinct(event["doc_ids"])]
+    if etype == "click":
+        return [("click", event["doc_id"], query)]
+    if etype == "dwell" and int(event["dwell_ms"]) >= params.long_dwell_ms:
+        return [("long_click", event["doc_id"], query)]
+    return []
+
+
+def doc_contributions(
+    accepted: Sequence[Event], prefix: str, params: ModelParams
+) -> Iterator[Contribution]:
+    """Impressions, clicks and long clicks per document (contract 4.1)."""
+    for event in accepted:
+        for kind, doc, _query in _search_side(event, params):
+            yield Contribution("doc", doc_key(prefix, doc), kind, int(event["ts"]))
+
+
+def qd_contributions(
+    accepted: Sequence[Event], prefix: str, params: ModelParams
+) -> Iterator[Contribution]:
+    """The same per (normalised query, doc); an empty normalised query gives nothing."""
+    for event in accepted:
+        for kind, doc, query in _search_side(event, params):
+            if query:
+                yield Contribution("qd", qd_key(prefix, query, doc), kind, int(event["ts"]))
+
+
+def ac_contributions(
+    accepted: Sequence[Event], prefix: str, params: ModelParams
+) -> Iterator[Contribution]:
+    """Impressions and selects per (normalised prefix, normalised candidate) (contract 4.3).
+
+    An empty normalised prefix or candidate contributes nothing; an impression counts each
+    distinct *normalised* candidate once.
+    """
+    del params  # no knob changes which autocomplete contributions exist
+    for event in accepted:
+        etype = event["type"]
+        if etype not in ("ac_impression", "ac_select"):
+            continue
+        ts = int(event["ts"])
+        ac_prefix = q_norm(event["prefix"])
+        if not ac_prefix:
+            continue
+        if etype == "ac_impression":
+            for cand in _distinct(q_norm(c) for c in event["candidates"]):
+                if cand:
+                    yield Contribution("ac", ac_key(prefix, ac_prefix, cand), "impression", ts)
+        else:
+            cand = q_norm(event["candidate"])
+            if cand:
+                yield Contribution("ac", ac_key(prefix, ac_prefix, cand), "select", ts)
+
+
+# ----------------------------------------------------------------------------- fields
+
+
+def window_count(kept: Sequence[Contribution], kind: str, as_of: int, days: int) -> int:
+    """Number of ``kind`` contributions in the ``days``-day window at ``as_of``."""
+    return sum(1 for c in kept if c.kind == kind and in_window(c.ts, as_of, days))
+
+
+def decayed_sum(kept: Sequence[Contribution], kind: str, as_of: int, params: ModelParams) -> float:
+    """``sum 2^(-(as_of - ts)/H)`` over the kept ``kind`` contributions, with ``fsum``.
+
+    ``fsum`` makes this the correctly rounded sum of the per-event weights: the pipeline's
+    fixed-point per-day sums must land within ``1e-9`` of it.
+    """
+    return math.fsum(2.0 ** (-(as_of - c.ts) / params.half_life_ms) for c in kept if c.kind == kind)
+
+
+def smoothed(k: float, n: float, alpha: float, beta: float) -> float:
+    """``(k + alpha) / (n + alpha + beta)``: a rate that is the prior when nothing is seen."""
+    return float((k + alpha) / (n + alpha + beta))
+
+
+def _popularity(clicks: int, impressions: int, long_clicks: int, params: ModelParams) -> float:
+    """Weighted sum, always a float (contract 4.1 Choice: weights may be fractional)."""
+    return float(
+        params.popularity_weight_click * clicks
+        + params.popularity_weight_impression * impressions
+        + params.popularity_weight_long_click * long_clicks
+    )
+
+
+def click_fields(
+    family: str, kept: Sequence[Contribution], as_of: int, params: ModelParams
+) -> dict[str, FieldValue]:
+    """Fields shared by ``doc`` and ``qd``; ``doc`` also gets the popularity pair."""
+    alpha, beta = params.smoothing(family)
+    imp7 = window_count(kept, "impression", as_of, WINDOW_7D)
+    clk7 = window_count(kept, "click", as_of, WINDOW_7D)
+    long7 = window_count(kept, "long_click", as_of, WINDOW_7D)
+    imp30 = window_count(kept, "impression", as_of, WINDOW_30D)
+    clk30 = window_count(kept, "click", as_of, WINDOW_30D)
+    long30 = window_count(kept, "long_click", as_of, WINDOW_30D)
+    imp_decay = decayed_sum(kept, "impression", as_of, params)
+    clk_decay = decayed_sum(kept, "click", as_of, params)
+    fields: dict[str, FieldValue] = {
+        "impressions_7d": imp7,
+        "clicks_7d": clk7,
+        "impressions_30d": imp30,
+        "clicks_30d": clk30,
+        "long_clicks_30d": long30,
+        "ctr_7d": smoothed(clk7, imp7, alpha, beta),
+        "ctr_30d": smoothed(clk30, imp30, alpha, beta),
+        "impressions_decay": imp_decay,
+        "clicks_decay": clk_decay,
+        "ctr_decay": smoothed(clk_decay, imp_decay, alpha, beta),
+    }
+    if family == "doc":
+        fields["popularity_7d"] = _popularity(clk7, imp7, long7, params)
+        fields["popularity_30d"] = _popularity(clk30, imp30, long30, params)
+    return fields
+
+
+def ac_fields(
+    family: str, kept: Sequence[Contribution], as_of: int, params: ModelParams
+) -> dict[str, FieldValue]:
+    """Autocomplete candidate fields (contract 4.3)."""
+    alpha, beta = params.smoothing(family)
+    imp7 = window_count(kept, "impression", as_of, WINDOW_7D)
+    sel7 = window_count(kept, "select", as_of, WINDOW_7D)
+    imp30 = window_count(kept, "impression", as_of, WINDOW_30D)
+    sel30 = window_count(kept, "select", as_of, WINDOW_30D)
+    return {
+        "impressions_7d": imp7,
+        "selects_7d": sel7,
+        "impressions_30d": imp30,
+        "selects_30d": sel30,
+        "select_rate_7d": smoothed(sel7, imp7, alpha, beta),
+        "select_rate_30d": smoothed(sel30, imp30, alpha, beta),
+    }
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How one key family is derived: which contributions exist, and what they make."""
+
+    name: str
+    contributions: ContributionRule
+    fields: FieldsRule
+
+
+FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec("doc", doc_contributions, click_fields),
+    FamilySpec("qd", qd_contributions, click_fields),
+    FamilySpec("ac", ac_contributions, ac_fields),
+    # FamilySpec("acq", acq_contributions, acq_fields) once contract 4.4 is pinned.
+)
+
+
+# ------------------------------------------------------------------------------ store
+
+
+def features_at(
+    accepted: Sequence[Event],
+    clock: int,
+    *,
+    prefix: str = "feat",
+    params: ModelParams = DEFAULT_PARAMS,
+    families: Sequence[FamilySpec] = FAMILIES,
+) -> Store:
+    """The store as a pure function of (accepted events, clock), per docs/contract.md 3.
+
+    Per key: keep the contributions whose day is inside the 30-day window of the clock's
+    day; no kept contribution means no key; otherwise
+    ``as_of = max(newest kept ts, start of the clock's day)`` and every field is computed
+    from the kept list at that ``as_of``.
+    """
+    bc = bucket(clock)
+    day_start = bc * DAY_MS
+    store: Store = {}
+    for spec in families:
+        by_key: dict[str, list[Contribution]] = defaultdict(list)
+        for contrib in spec.contributions(accepted, prefix, params):
+            if contrib.ts > clock:
+                raise ValueError(f"event at ts={contrib.ts} is after the clock {clock}")
+            by_key[contrib.key].append(contrib)
+        for key, contribs in by_key.items():
+            kept = [c for c in contribs if bucket(c.ts) > bc - WINDOW_30D]
+            if not kept:
+                continue
+            newest = max(c.ts for c in kept)
+            as_of = max(newest, day_start)
+            fields = spec.fields(spec.name, kept, as_of, params)
+            fields["as_of"] = as_of
+            store[key] = fields
+    return store
+
+
+def expected_store(
+    events: Iterable[Event],
+    *,
+    prefix: str = "feat",
+    params: ModelParams = DEFAULT_PARAMS,
+) -> Store:
+    """The final store after the whole stream of valid events (in stream order)."""
+    stream = list(events)
+    if not stream:
+        return {}
+    return features_at(
+        model_dedup(stream, params=params), final_clock(stream), prefix=prefix, params=params
+    )
+
+
+def as_redis_strings(store: Mapping[str, Mapping[str, FieldValue]]) -> dict[str, dict[str, str]]:
+    """The stored representation: ints as ``str(int)``, floats as ``repr(float)``."""
+    out: dict[str, dict[str, str]] = {}
+    for key, fields in store.items():
+        out[key] = {}
+        for name, value in fields.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{key} {name}: unexpected value {value!r}")
+            out[key][name] = str(value) if isinstance(value, int) else repr(value)
+    return out
+
+
+# ------------------------------------------------------------------------- comparison
+
+
+def _text(x: str | bytes) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def decode_store(actual: RawStore) -> dict[str, dict[str, str]]:
+    """Decode a store read from Redis (``bytes`` or ``str`` everywhere) to ``str``."""
+    return {
+        _text(key): {_text(f): _text(v) for f, v in fields.items()}
+        for key, fields in actual.items()
+    }
+
+
+def select_families(
+    store: Mapping[str, Mapping[str, Any]], families: Collection[str], *, prefix: str = "feat"
+) -> dict[str, dict[str, Any]]:
+    """The keys of the given families only, e.g. to ignore ``acq`` until it is modelled."""
+    heads = tuple(f"{prefix}:{family}:" for family in families)
+    return {key: dict(fields) for key, fields in store.items() if key.startswith(heads)}
+
+
+def diff_stores(
+    actual: RawStore,
+    expected: Mapping[str, Mapping[str, FieldValue]],
+    rel_tol: float = 1e-9,
+    *,
+    abs_tol: float = 1e-12,
+    check_float_repr: bool = True,
+) -> list[str]:
+    """Human-readable differences between a store read back and the model; empty if equal.
+
+    Ints (``as_of`` included) must be written exactly as ``str(int)``. Floats must be
+    within ``rel_tol`` (or ``abs_tol``, for sums that are practically zero) and, with
+    ``check_float_repr``, spelled as ``repr(float)`` so ``"3"`` for a float field is caught.
+    """
+    got = decode_store(actual)
+    problems: list[str] = []
+    for key in sorted(expected.keys() - got.keys()):
+        problems.append(f"missing key {key!r}")
+    for key in sorted(got.keys() - expected.keys()):
+        problems.append(f"extra key {key!r}: {got[key]!r}")
+    for key in sorted(expected.keys() & got.keys()):
+        want, have = expected[key], got[key]
+        for name in sorted(want.keys() - have.keys()):
+            problems.append(f"{key!r}: missing field {name!r} (expected {want[name]!r})")
+        for name in sorted(have.keys() - want.keys()):
+            problems.append(f"{key!r}: extra field {name!r} = {have[name]!r}")
+        for name in sorted(want.keys() & have.keys()):
+            problem = _diff_value(want[name], have[name], rel_tol, abs_tol, check_float_repr)
+            if problem:
+                problems.append(f"{key!r} {name}: {problem}")
+    return problems
+
+
+def _diff_value(
+    want: FieldValue, have: str, rel_tol: float, abs_tol: float, check_float_repr: bool
+) -> str | None:
+    """One field's difference, or ``None``."""
+    if isinstance(want, int) and not isinstance(want, bool):
+        if have != str(want):
+            return f"expected int {want}, got {have!r}"
+        return None
+    try:
+        value = float(have)
+    except ValueError:
+        return f"expected float {want!r}, got non-number {have!r}"
+    if check_float_repr and repr(value) != have:
+        return f"got {have!r}, which is not repr(float) (that would be {value!r})"
+    if not math.isclose(value, want, rel_tol=rel_tol, abs_tol=abs_tol):
+        return f"expected {want!r}, got {have!r} (rel err {_rel_err(value, want):.3g})"
+    return None
+
+
+def _rel_err(value: float, want: float) -> float:
+    return abs(value - want) / max(abs(want), abs(value), 1e-300)
