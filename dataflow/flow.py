@@ -224,10 +224,11 @@ def build_flow(
     source: Source[Any] | None = None,
     redis_sink: Sink[StepResult] | None = None,
     dlq_sink: Sink[DeadLetter] | None = None,
-    opensearch_sink: Sink[Any] | None = None,
+    with_opensearch: bool = True,
     flow_id: str = "search_features",
 ) -> Dataflow:
-    """Wire the dataflow. Sinks default to the real ones built from `config`."""
+    """Wire the dataflow. Sinks default to the real ones built from `config`; the OpenSearch
+    sink is added when `OPENSEARCH_URL` is set and `with_opensearch` is true."""
     flow = Dataflow(flow_id)
     messages = op.input("kafka_in", flow, source or kafka_source(config))
 
@@ -263,8 +264,10 @@ def build_flow(
     writes = op.key_rm("writes", results)
 
     op.output("redis", writes, redis_sink or RedisFeatureSink(config.redis))
-    if opensearch_sink is not None:
-        op.output("opensearch", writes, opensearch_sink)
+    if with_opensearch and config.opensearch.enabled:
+        from dataflow.sinks import opensearch
+
+        opensearch.attach(writes, config.opensearch)
     op.output("dlq", dead_letters, dlq_sink or DeadLetterSink(config.kafka))
     return flow
 

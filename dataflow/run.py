@@ -1,0 +1,79 @@
+"""`python -m dataflow.run`: validate the configuration, prepare recovery, run the dataflow.
+
+A thin wrapper over `python -m bytewax.run dataflow.flow` that takes the same flags, and:
+
+- fails before touching Kafka if any setting is invalid (the message names the variable);
+- with `RECOVERY_DIR` set (or `-r DIR`), creates the recovery partitions on first use
+  (`RECOVERY_PARTITIONS`, default 1) and passes `-s SNAPSHOT_INTERVAL_SECONDS -b 0`;
+- serves `/metrics` (the Bytewax dataflow API server) unless `METRICS_ENABLED=false`.
+
+Every other flag (`-w`, `-i`, `-a`, ...) passes through to Bytewax unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import runpy
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from dataflow.config import Config, _Reader
+from dataflow.errors import ConfigError, PipelineError
+from dataflow.logs import configure_logging
+
+log = logging.getLogger("dataflow.run")
+
+FLOW = "dataflow.flow:flow"
+
+
+def recovery_args(env: Mapping[str, str], argv: Sequence[str]) -> list[str]:
+    """The recovery flags to add, creating the partitions if the directory is new."""
+    if "-r" in argv or "--recovery-directory" in argv:
+        return []
+    directory = env.get("RECOVERY_DIR", "").strip()
+    if not directory:
+        return []
+    reader = _Reader(env)
+    partitions = reader.integer("RECOVERY_PARTITIONS", 1, 1, 1024)
+    interval = reader.integer("SNAPSHOT_INTERVAL_SECONDS", 10, 1, 3600)
+    ensure_recovery_dir(Path(directory), partitions)
+    return ["-r", directory, "-s", str(interval), "-b", "0"]
+
+
+def ensure_recovery_dir(directory: Path, partitions: int) -> None:
+    """Create `partitions` empty recovery partitions unless the directory already has some."""
+    from bytewax.recovery import init_db_dir
+
+    if directory.is_dir() and any(directory.glob("part-*.sqlite3")):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    init_db_dir(directory, partitions)
+    log.info("created recovery partitions", extra={"dir": str(directory), "count": partitions})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    try:
+        config = Config.from_env(env)
+        configure_logging(config.log_level, config.log_format)
+        extra = recovery_args(env, args)
+        metrics_on = _Reader(env).flag("METRICS_ENABLED", True)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if metrics_on:
+        os.environ.setdefault("BYTEWAX_DATAFLOW_API_ENABLED", "true")
+    sys.argv = ["bytewax.run", FLOW, *extra, *args]
+    try:
+        runpy.run_module("bytewax.run", run_name="__main__", alter_sys=True)
+    except PipelineError as exc:
+        log.error("pipeline stopped: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
