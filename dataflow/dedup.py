@@ -1,10 +1,20 @@
 """Event-id dedup over 24 hours of event time (contract §5), split by time slot.
 
-Ids are grouped by the 10-minute slot of their `ts` and by a stable hash shard; each
-(slot, shard) pair is one Bytewax key holding a set of 64-bit id digests. A recovery
-snapshot then re-writes only the slots that received events in that epoch (not 24 hours
-of ids), and a whole slot is forgotten at once when the clock is 24 hours past its end:
-no per-id timers, no per-id tombstones in the recovery store. See docs/contract.md §5.
+Ids are grouped by the 10-minute slot of their `ts` and by a stable hash shard. The slots
+live in a fixed ring of `RING_SLOTS` Bytewax keys per shard (`slot % RING_SLOTS`): a ring
+entry holds the ids of one slot and is recycled when an event of a newer slot that maps to
+it arrives. So:
+
+- a recovery snapshot re-writes only the entries that received events in that epoch (a few
+  minutes of ids), never 24 hours of them;
+- the key space is fixed (`RING_SLOTS × DEDUP_SHARDS`): no per-id or per-slot keys that
+  would each leave a tombstone in the recovery store forever, no timers;
+- an entry is recycled 72 hours after its slot, so the 24-hour horizon holds even while one
+  Kafka partition runs up to 48 hours of event time ahead of another (a backfill).
+
+Which events are checked at all is decided per source partition (`Intake`): an event whose
+slot its own partition's clock has passed by more than 24 hours has nothing to be checked
+against and is accepted (docs/contract.md §5).
 """
 
 from __future__ import annotations
@@ -16,9 +26,8 @@ from typing import Final, TypeVar
 
 SLOT_MS: Final = 600_000
 HORIZON_MS: Final = 86_400_000
-MAX_EXPIRY_SLOTS: Final = 31 * 144
-"""A clock jump never expires more than the 30-day late horizon's worth of slots; older
-slots cannot receive events (those are late and dropped before dedup)."""
+RING_SLOTS: Final = 432
+"""72 hours of slots: 24 h of horizon plus 48 h of tolerated skew between partitions."""
 
 E = TypeVar("E")
 
@@ -33,38 +42,31 @@ def slot_of(ts_ms: int) -> int:
 
 
 def dedup_key(slot: int, digest: int, shards: int) -> str:
-    """The Bytewax key of the (slot, shard) an event id is looked up in."""
-    return f"{slot}:{digest % shards}"
+    """The Bytewax key (ring entry) an event id is looked up in."""
+    return f"{slot % RING_SLOTS}:{digest % shards}"
 
 
 def last_forgotten_slot(clock_ms: int) -> int:
-    """The newest slot whose ids are forgotten at `clock_ms`: the clock has passed its end
-    by more than 24 hours (`clock > (slot + 1) * SLOT_MS + HORIZON_MS`)."""
+    """The newest slot past the horizon at `clock_ms`: the clock has passed its end by more
+    than 24 hours (`clock > (slot + 1) * SLOT_MS + HORIZON_MS`)."""
     return (clock_ms - HORIZON_MS - 1) // SLOT_MS - 1
 
 
-def slots_to_forget(old_clock_ms: int, new_clock_ms: int) -> range:
-    """Slots that the clock moving from `old` to `new` makes forgettable (none at start)."""
-    if old_clock_ms <= 0:
-        return range(0)
-    end = last_forgotten_slot(new_clock_ms) + 1
-    start = max(last_forgotten_slot(old_clock_ms) + 1, end - MAX_EXPIRY_SLOTS)
-    return range(start, max(start, end))
+class SlotIds:
+    """One ring entry: the id digests accepted for `slot` (first copy wins)."""
 
+    __slots__ = ("seen", "slot")
 
-class SeenIds:
-    """The ids accepted in one (slot, shard). After `forget()` it stays as a small marker,
-    so that stragglers for a forgotten slot pass through instead of re-growing state."""
-
-    __slots__ = ("forgotten", "seen")
-
-    def __init__(self, seen: set[int] | None = None, forgotten: bool = False) -> None:
+    def __init__(self, slot: int = -1, seen: set[int] | None = None) -> None:
+        self.slot = slot
         self.seen: set[int] = set() if seen is None else seen
-        self.forgotten = forgotten
 
-    def admit(self, events: Iterable[tuple[int, E]]) -> Iterator[E]:
-        """Yield the events whose digest is new (first copy wins); remember them."""
-        if self.forgotten:
+    def admit(self, slot: int, events: Iterable[tuple[int, E]]) -> Iterator[E]:
+        """Yield the events whose digest is new for `slot`; remember them."""
+        if slot > self.slot:  # the entry's old slot is 72 h behind: recycle it
+            self.slot = slot
+            self.seen = set()
+        elif slot < self.slot:  # the ring has moved on: nothing left to check against
             for _, event in events:
                 yield event
             return
@@ -74,15 +76,11 @@ class SeenIds:
                 seen.add(digest)
                 yield event
 
-    def forget(self) -> None:
-        self.seen = set()
-        self.forgotten = True
-
     def snapshot(self) -> bytes:
         # Immutable bytes: Bytewax pickles snapshots later, after more items may arrive.
-        return pickle.dumps((self.forgotten, self.seen), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((self.slot, self.seen), protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
-    def restore(cls, blob: bytes) -> SeenIds:
-        forgotten, seen = pickle.loads(blob)  # noqa: S301 - our own recovery snapshot
-        return cls(seen, forgotten)
+    def restore(cls, blob: bytes) -> SlotIds:
+        slot, seen = pickle.loads(blob)  # noqa: S301 - our own recovery snapshot
+        return cls(slot, seen)

@@ -1,10 +1,10 @@
 """The Bytewax dataflow: Kafka → intake → dedup → fan-out → state shards → sinks.
 
 ```
-kafka_in ─► intake ─┬─ dead letters ──────────────────────────────► dlq (Kafka)
+kafka_in ─► intake ─┬─ dead letters ─────────────────────────────► dlq (Kafka)
                     ├─ events by (slot, shard) ─► dedup ─► fan_out ─► features ─┬─► redis
-                    └─ clock readings ─► clock ─┬─ forget slot ─► dedup          └─► opensearch
-                                                └─ new day ─────► features
+                    ├─ events past the dedup horizon ─────► fan_out             └─► opensearch
+                    └─ clock readings ─► clock ─► new day ─────────► features
 ```
 
 `python -m bytewax.run dataflow.flow` finds `flow` here, built from the environment
@@ -32,9 +32,10 @@ from confluent_kafka import OFFSET_BEGINNING
 from dataflow import metrics
 from dataflow.config import Config
 from dataflow.deadletter import DeadLetter
-from dataflow.dedup import SeenIds, slots_to_forget
+from dataflow.dedup import SlotIds
 from dataflow.families import FeatureParams, Update, updates_for
 from dataflow.intake import Intake, IntakeResult
+from dataflow.lag import KafkaOffsets, LagTracker, LagTrackingSource
 from dataflow.logs import configure_logging
 from dataflow.shard import FeatureShard, ShardItem, StepResult
 from dataflow.sinks.deadletters import DeadLetterSink
@@ -44,8 +45,6 @@ from dataflow.windows import DAY_MS
 log = logging.getLogger(__name__)
 
 CLOCK_KEY = "clock"
-FORGET = None
-"""A dedup input meaning: this slot is past the 24-hour horizon; forget its ids."""
 
 
 def shard_of(suffix: str, shards: int) -> int:
@@ -56,49 +55,42 @@ def shard_of(suffix: str, shards: int) -> int:
 # --- stateful logics ---------------------------------------------------------------------
 
 
-class ClockLogic(StatefulBatchLogic[int, list[tuple[str, Any]], int]):
+class ClockLogic(StatefulBatchLogic[int, list[tuple[str, int]], int]):
     """The global event-time clock (one key, so one worker holds it).
 
-    Turns readings into the ticks other steps need: a new day for every state shard, and
-    the dedup slots that have passed the 24-hour horizon.
+    When the clock enters a new UTC day it tells every state shard, so that shards whose
+    own updates lag (other workers' partitions) still re-state and expire their keys.
     """
 
-    def __init__(self, feature_shards: int, dedup_shards: int, clock: int | None) -> None:
+    def __init__(self, feature_shards: int, clock: int | None) -> None:
         self.feature_shards = feature_shards
-        self.dedup_shards = dedup_shards
         self.clock = clock or 0
 
-    def on_batch(self, values: list[int]) -> tuple[Iterable[list[tuple[str, Any]]], bool]:
+    def on_batch(self, values: list[int]) -> tuple[Iterable[list[tuple[str, int]]], bool]:
         reading = max(values)
         if reading <= self.clock:
             return [], self.RETAIN
         old, self.clock = self.clock, reading
-        ticks: list[tuple[str, Any]] = []
-        if old // DAY_MS != reading // DAY_MS:
-            ticks.extend((str(i), reading) for i in range(self.feature_shards))
-        for slot in slots_to_forget(old, reading):
-            ticks.extend((f"{slot}:{j}", FORGET) for j in range(self.dedup_shards))
-        return ([ticks] if ticks else []), self.RETAIN
+        if old // DAY_MS == reading // DAY_MS:
+            return [], self.RETAIN
+        return [[(str(i), reading) for i in range(self.feature_shards)]], self.RETAIN
 
     def snapshot(self) -> int:
         return self.clock
 
 
 class DedupLogic(StatefulBatchLogic[Any, list[Any], bytes]):
-    """One (slot, shard) of seen event ids; emits the first copy of each event."""
+    """One dedup ring entry of seen event ids; emits the first copy of each event."""
 
     def __init__(self, resume: bytes | None) -> None:
-        self.ids = SeenIds() if resume is None else SeenIds.restore(resume)
+        self.ids = SlotIds() if resume is None else SlotIds.restore(resume)
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[list[Any]], bool]:
         accepted: list[Any] = []
         offered = 0
-        for value in values:
-            if value is FORGET:
-                self.ids.forget()
-                continue
-            offered += len(value)
-            accepted.extend(self.ids.admit(value))
+        for slot, pairs in values:
+            offered += len(pairs)
+            accepted.extend(self.ids.admit(slot, pairs))
         duplicates = offered - len(accepted)
         if duplicates:
             metrics.DROPPED.labels(reason="duplicate").inc(duplicates)
@@ -136,8 +128,9 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
 class IntakeStep:
     """`flat_map_batch` mapper around `Intake`: tags each output for the branches below."""
 
-    def __init__(self, intake: Intake) -> None:
+    def __init__(self, intake: Intake, lag: LagTracker | None = None) -> None:
         self.intake = intake
+        self.lag = lag
 
     def __call__(self, items: list[Any]) -> list[tuple[str, Any]]:
         messages = [item for item in items if not isinstance(item, KafkaError)]
@@ -145,10 +138,15 @@ class IntakeStep:
             for item in items:
                 if isinstance(item, KafkaError):
                     _log_consumer_error(item)
+        if self.lag is not None and messages:
+            # Offsets ascend within a partition, so the last one per partition wins.
+            self.lag.consumed({(m.topic, m.partition): m.offset for m in messages})
         result = self.intake.route(messages)
         _count(result)
         out: list[tuple[str, Any]] = [("dlq", letter) for letter in result.dead_letters]
-        out.extend(("dedup", item) for item in result.by_slot.items())
+        out.extend(
+            ("dedup", (key, (slot, pairs))) for (key, slot), pairs in result.by_slot.items()
+        )
         if result.unchecked:
             out.append(("direct", ("unchecked", result.unchecked)))
         if result.by_slot or result.events_by_type:
@@ -203,9 +201,10 @@ def _log_consumer_error(err: Any) -> None:
 # --- the dataflow ------------------------------------------------------------------------
 
 
-def kafka_source(config: Config) -> KafkaSource:
-    """The input: every partition of `KAFKA_TOPICS`, offsets kept in recovery snapshots."""
-    return KafkaSource(
+def kafka_source(config: Config, lag: LagTracker | None = None) -> Source[Any]:
+    """The input: every partition of `KAFKA_TOPICS`, offsets kept in recovery snapshots.
+    With `lag`, the partitions this process reads are reported to it (consumer lag)."""
+    source = KafkaSource(
         brokers=list(config.kafka.brokers),
         topics=list(config.kafka.topics),
         tail=not config.kafka.stop_at_end,
@@ -216,6 +215,7 @@ def kafka_source(config: Config) -> KafkaSource:
         batch_size=config.kafka.batch_size,
         raise_on_errors=False,
     )
+    return source if lag is None else LagTrackingSource(source, lag)
 
 
 def build_flow(
@@ -230,14 +230,18 @@ def build_flow(
     """Wire the dataflow. Sinks default to the real ones built from `config`; the OpenSearch
     sink is added when `OPENSEARCH_URL` is set and `with_opensearch` is true."""
     flow = Dataflow(flow_id)
-    messages = op.input("kafka_in", flow, source or kafka_source(config))
+    lag = None
+    if source is None:
+        lag = LagTracker(lambda: KafkaOffsets(config.kafka))
+        source = kafka_source(config, lag)
+    messages = op.input("kafka_in", flow, source)
 
     intake = Intake(
         future_tolerance_ms=config.future_tolerance_ms,
         dedup_shards=config.dedup_shards,
         now_ms=lambda: int(time.time() * 1000),
     )
-    routed = op.flat_map_batch("intake", messages, IntakeStep(intake))
+    routed = op.flat_map_batch("intake", messages, IntakeStep(intake, lag))
     dead_letters = op.filter_map("dead_letters", routed, _tagged("dlq"))
     to_dedup = op.filter_map("to_dedup", routed, _tagged("dedup"))
     readings = op.filter_map("clock_readings", routed, _tagged("clock"))
@@ -246,18 +250,16 @@ def build_flow(
     clock = op.stateful_batch(
         "clock",
         readings,
-        lambda resume: ClockLogic(config.feature_shards, config.dedup_shards, resume),
+        lambda resume: ClockLogic(config.feature_shards, resume),
     )
-    ticks = op.flat_map("ticks", clock, lambda keyed: keyed[1])
-    tick_branch = op.branch("tick_kind", ticks, lambda tick: tick[1] is FORGET)
-    dedup_in = op.merge("dedup_in", to_dedup, tick_branch.trues)
+    day_ticks = op.flat_map("day_ticks", clock, lambda keyed: keyed[1])
 
-    accepted = op.stateful_batch("dedup", dedup_in, DedupLogic)
+    accepted = op.stateful_batch("dedup", to_dedup, DedupLogic)
     to_count = op.merge("to_count", accepted, unchecked)
     updates = op.flat_map_batch(
         "fan_out", to_count, FanOut(config.features, config.feature_shards)
     )
-    shard_in = op.merge("shard_in", updates, tick_branch.falses)
+    shard_in = op.merge("shard_in", updates, day_ticks)
     results = op.stateful_batch(
         "features", shard_in, lambda resume: ShardLogic(config.features, resume)
     )

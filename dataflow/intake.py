@@ -31,14 +31,15 @@ class KafkaMessage(Protocol):
     def value(self) -> bytes | None: ...
 
 
-DedupBatch = list[tuple[int, Event]]
-"""(id digest, event) pairs bound for one dedup (slot, shard)."""
+DedupBatch = tuple[int, list[tuple[int, Event]]]
+"""(slot, [(id digest, event), ...]) bound for one dedup ring entry."""
 
 
 @dataclass(slots=True)
 class IntakeResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    by_slot: dict[str, DedupBatch] = field(default_factory=dict)
+    by_slot: dict[tuple[str, int], list[tuple[int, Event]]] = field(default_factory=dict)
+    """Events to check, by (ring key, slot)."""
     unchecked: list[Event] = field(default_factory=list)
     """Valid events whose dedup slot is already past the 24-hour horizon: nothing to check
     them against, so they skip dedup (docs/contract.md §5)."""
@@ -49,11 +50,13 @@ class IntakeResult:
 
 
 class Intake:
-    """Decode-and-route, with this process's view of the clock for the late rule.
+    """Decode-and-route, with this process's view of the clock.
 
-    The late rule needs *a* clock before dedup, so that events older than the 30-day window
-    never create dedup state. This process's largest valid `ts` is a lower bound of the
-    global clock; the state shards re-apply the rule with their own copy (docs/contract.md §3).
+    - The late rule needs *a* clock before dedup, so that events older than the 30-day
+      window never reach dedup state. This process's largest valid `ts` is a lower bound of
+      the global clock; the state shards re-apply the rule with their own copy.
+    - The dedup horizon is judged by the clock of the event's own Kafka partition, so that a
+      partition reading behind the others (a backfill) still has its duplicates checked.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class Intake:
         self.dedup_shards = dedup_shards
         self.now_ms = now_ms
         self.clock = 0
+        self.partition_clocks: dict[tuple[str, int], int] = {}
 
     def route(self, messages: Iterable[KafkaMessage]) -> IntakeResult:
         result = IntakeResult()
@@ -71,7 +75,7 @@ class Intake:
         shards = self.dedup_shards
         clock = self.clock
         late_day = clock // DAY_MS - RETENTION_DAYS
-        forgotten_slot = last_forgotten_slot(clock)
+        partition_clocks = self.partition_clocks
         for msg in messages:
             topic = msg.topic or ""
             partition = msg.partition if msg.partition is not None else -1
@@ -89,19 +93,22 @@ class Intake:
             if ts > clock:
                 clock = ts
                 late_day = clock // DAY_MS - RETENTION_DAYS
-                forgotten_slot = last_forgotten_slot(clock)
+            source = (topic, partition)
+            partition_clock = partition_clocks.get(source, 0)
+            if ts > partition_clock:
+                partition_clocks[source] = partition_clock = ts
             if ts // DAY_MS <= late_day:
                 result.dropped["late"] += 1
                 continue
             slot = slot_of(ts)
-            if slot <= forgotten_slot:
+            if slot <= last_forgotten_slot(partition_clock):
                 result.unchecked.append(decoded)
                 continue
             digest = id_digest(decoded.event_id)
-            key = dedup_key(slot, digest, shards)
-            batch = result.by_slot.get(key)
+            entry = (dedup_key(slot, digest, shards), slot)
+            batch = result.by_slot.get(entry)
             if batch is None:
-                result.by_slot[key] = [(digest, decoded)]
+                result.by_slot[entry] = [(digest, decoded)]
             else:
                 batch.append((digest, decoded))
         self.clock = clock
