@@ -111,6 +111,7 @@ class Intake:
                 result.by_slot[entry] = [(digest, decoded)]
             else:
                 batch.append((digest, decoded))
-        self.clock = clock
+        # Worker threads of one process share this object: never move the clock backwards.
+        self.clock = max(self.clock, clock)
         result.max_ts = clock
         return result
