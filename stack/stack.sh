@@ -1,0 +1,811 @@
+#!/usr/bin/env bash
+# The local service stack: Kafka, Redis, OpenSearch and Prometheus as plain processes on
+# 127.0.0.1. There is no Docker here or in CI, so everything comes from what the machine
+# can reach: Maven Central (Kafka, OpenSearch) and Debian (redis-server, prometheus).
+#
+#   stack/stack.sh up | down | status            the whole stack
+#   stack/stack.sh start|stop|restart SVC...     one service (kafka redis opensearch prometheus)
+#   stack/stack.sh start-opensearch | stop-opensearch   (and the same for every service)
+#   stack/stack.sh reload-prometheus             re-read ops/prometheus/*.rules.yml
+#   stack/stack.sh logs SVC [N]                  last N lines of a service's log
+#   stack/stack.sh kafka-class MAIN.Class ARGS   run a Kafka CLI class (e.g. TopicCommand)
+#
+# Layout, environment variables and gotchas: stack/README.md.
+set -euo pipefail
+
+STACK_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$STACK_SRC/.." && pwd)
+
+STACK_DIR=${STACK_DIR:-$REPO_DIR/.stack}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
+REDIS_PORT=${REDIS_PORT:-6379}
+OPENSEARCH_PORT=${OPENSEARCH_PORT:-9200}
+PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
+METRICS_PORTS=${METRICS_PORTS:-3030,3031}
+
+# Pinned so that every machine runs the same bits; newest patch releases on Maven Central
+# when this was written. Override to try another release (the download is cached per version).
+KAFKA_VERSION=${KAFKA_VERSION:-3.9.2}
+OPENSEARCH_VERSION=${OPENSEARCH_VERSION:-2.19.6}
+OPENSEARCH_USER=${OPENSEARCH_USER:-opensearch}
+KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}
+OPENSEARCH_HEAP=${OPENSEARCH_HEAP:-512m}
+# Seconds to wait for a graceful stop before SIGKILL (Kafka's controlled shutdown is the slow one).
+STOP_TIMEOUT=${STOP_TIMEOUT:-30}
+
+SERVICES=(kafka redis opensearch prometheus)
+
+# Seconds since the command started, so a slow CI run shows where the time went.
+log() { printf '[stack %3ss] %s\n' "$SECONDS" "$*"; }
+die() { printf '[stack] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# --------------------------------------------------------------------------- layout
+
+# OpenSearch runs as another user and gets these paths in config files: make them absolute.
+mkdir -p "$STACK_DIR"
+STACK_DIR=$(cd "$STACK_DIR" && pwd)
+DIST=$STACK_DIR/dist
+CONF=$STACK_DIR/conf
+DATA=$STACK_DIR/data
+LOGS=$STACK_DIR/logs
+RUN=$STACK_DIR/run
+TMP=$STACK_DIR/tmp
+
+KAFKA_JARS=$DIST/kafka-$KAFKA_VERSION/jars
+KAFKA_PROPS=$CONF/kafka/server.properties
+OS_HOME=$DIST/opensearch-$OPENSEARCH_VERSION
+OS_CONF=$CONF/opensearch
+OS_PIDFILE=$RUN/opensearch/opensearch.pid  # written by OpenSearch itself, hence its own dir
+PROM_CONF=$CONF/prometheus/prometheus.yml
+
+log_file() { echo "$LOGS/$1.log"; }
+
+pid_file() {
+  case $1 in
+    opensearch) echo "$OS_PIDFILE" ;;
+    *) echo "$RUN/$1.pid" ;;
+  esac
+}
+
+port_of() {
+  case $1 in
+    kafka) echo "$KAFKA_PORT" ;;
+    redis) echo "$REDIS_PORT" ;;
+    opensearch) echo "$OPENSEARCH_PORT" ;;
+    prometheus) echo "$PROMETHEUS_PORT" ;;
+  esac
+}
+
+port_var_of() {
+  case $1 in
+    kafka) echo KAFKA_PORT ;;
+    redis) echo REDIS_PORT ;;
+    opensearch) echo OPENSEARCH_PORT ;;
+    prometheus) echo PROMETHEUS_PORT ;;
+  esac
+}
+
+# A string that only our instance has on its command line (arguments joined by spaces), so
+# a recycled pid, the same service from another STACK_DIR, or one of OpenSearch's helper
+# JVMs (they get the same -Dopensearch.path.conf) is never mistaken for ours. Redis
+# rewrites its process title to "redis-server 127.0.0.1:PORT", so that title is the marker.
+marker_of() {
+  case $1 in
+    kafka) echo "$KAFKA_PROPS" ;;
+    redis) echo "redis-server 127.0.0.1:$REDIS_PORT" ;;
+    opensearch) echo "org.opensearch.bootstrap.OpenSearch -p $OS_PIDFILE" ;;
+    prometheus) echo "--config.file=$PROM_CONF" ;;
+  esac
+}
+
+start_timeout_of() {
+  if [[ -n ${STACK_START_TIMEOUT:-} ]]; then echo "$STACK_START_TIMEOUT"; return; fi
+  case $1 in
+    kafka) echo 90 ;;
+    redis) echo 20 ;;
+    opensearch) echo 180 ;;
+    prometheus) echo 60 ;;
+  esac
+}
+
+is_service() {
+  local s
+  for s in "${SERVICES[@]}"; do [[ $s == "$1" ]] && return 0; done
+  return 1
+}
+
+# --------------------------------------------------------------------------- processes
+
+# kill -0 also succeeds for a zombie, which would make a stop wait for the full timeout.
+pid_alive() {
+  local state
+  [[ -r /proc/$1/stat ]] || return 1
+  state=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ $state != Z && $state != X ]]
+}
+
+# The executable name as well as the marker: the grep in svc_pid, or a shell that merely
+# mentions the path, must not pass for the service.
+comm_of() {
+  case $1 in
+    kafka | opensearch) echo java ;;
+    redis) echo redis-server ;;
+    prometheus) echo prometheus ;;
+  esac
+}
+
+is_our_process() {
+  local cmdline comm
+  pid_alive "$1" || return 1
+  comm=$(cat "/proc/$1/comm" 2>/dev/null) || return 1
+  [[ $comm == "$(comm_of "$2")" ]] || return 1
+  cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+  [[ $cmdline == *"$(marker_of "$2")"* ]]
+}
+
+# Prints the pid of our running instance of a service; fails when it is not running.
+# The pid file is the fast path; without one (OpenSearch writes its own only once the JVM
+# is up, or someone deleted run/) the process is found by its marker.
+svc_pid() {
+  local pidfile pid path
+  pidfile=$(pid_file "$1")
+  if [[ -s $pidfile ]]; then
+    pid=$(tr -dc '0-9' <"$pidfile")
+    if [[ -n $pid ]] && is_our_process "$pid" "$1"; then
+      echo "$pid"
+      return 0
+    fi
+  fi
+  # /proc/*/cmdline separates arguments with NULs, so grep for the marker's last word only
+  # and let is_our_process compare the whole marker.
+  while read -r path; do
+    pid=${path#/proc/}
+    pid=${pid%/cmdline}
+    if [[ $pid != "$$" && $pid != "$BASHPID" ]] && is_our_process "$pid" "$1"; then
+      echo "$pid"
+      return 0
+    fi
+  done < <(marker=$(marker_of "$1") && grep -alsF -- "${marker##* }" /proc/[0-9]*/cmdline)
+  return 1
+}
+
+# "who has this TCP port", for the message that refuses to start a service on a taken
+# port instead of timing out with a confusing "address already in use" in a log.
+port_listener() {
+  local who
+  who=$(ss -Hltnp "sport = :$1" 2>/dev/null | sed -nE 's/.*users:\(\("([^"]*)",pid=([0-9]+).*/\1 (pid \2)/p' | head -n1)
+  echo "${who:-another process}"
+}
+
+port_busy() {
+  [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]
+}
+
+fail_with_log() {
+  local svc=$1 msg=$2 logf
+  logf=$(log_file "$svc")
+  {
+    printf '[stack] ERROR: %s: %s\n' "$svc" "$msg"
+    if [[ -s $logf ]]; then
+      printf '[stack] last 30 lines of %s:\n' "$logf"
+      tail -n 30 "$logf" | sed 's/^/    /'
+    else
+      printf '[stack] (log %s is empty or missing)\n' "$logf"
+    fi
+  } >&2
+  exit 1
+}
+
+# Appended rather than truncated, so a crash followed by a restart keeps the crash's story;
+# the banner marks where each run starts.
+log_banner() {
+  mkdir -p "$LOGS"
+  printf '\n===== stack.sh: starting %s at %s =====\n' "$1" "$(date -Is)" >>"$(log_file "$1")"
+}
+
+# --------------------------------------------------------------------------- health checks
+
+healthy() {
+  local port
+  port=$(port_of "$1")
+  case $1 in
+    kafka) python3 "$STACK_SRC/kafka_probe.py" 127.0.0.1 "$port" 1 2>/dev/null ;;
+    redis) [[ $(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null) == PONG ]] ;;
+    opensearch)
+      curl -fsS --max-time 3 "http://127.0.0.1:$port/_cluster/health" 2>/dev/null |
+        grep -Eq '"status":"(green|yellow)"' ;;
+    prometheus) curl -fsS --max-time 3 -o /dev/null "http://127.0.0.1:$port/-/ready" 2>/dev/null ;;
+  esac
+}
+
+wait_healthy() {
+  local svc=$1 timeout deadline
+  timeout=$(start_timeout_of "$svc")
+  deadline=$((SECONDS + timeout))
+  until healthy "$svc"; do
+    # A process that already died will not become healthy: say so now, not at the deadline.
+    svc_pid "$svc" >/dev/null || fail_with_log "$svc" "the process exited during startup"
+    ((SECONDS < deadline)) || fail_with_log "$svc" "not healthy after ${timeout}s on port $(port_of "$svc")"
+    sleep 0.5
+  done
+}
+
+# --------------------------------------------------------------------------- installs
+
+java_home() {
+  if [[ -n ${JAVA_HOME:-} && -x $JAVA_HOME/bin/java ]]; then echo "$JAVA_HOME"; return; fi
+  local java
+  java=$(command -v java) || die "java not found (Java 17 is needed for Kafka and OpenSearch)"
+  java=$(readlink -f "$java")
+  echo "${java%/bin/java}"
+}
+
+# Debian packages are installed only when their binary is missing. On a fresh machine the
+# package lists may be empty, so an install that fails is retried once after apt-get update.
+apt_install() {
+  local pkgs=("$@") created_policy=0 rc=0
+  ((${#pkgs[@]})) || return 0
+  [[ $(id -u) == 0 ]] || die "missing ${pkgs[*]}: run 'sudo apt-get install -y ${pkgs[*]}' or run this as root"
+  # Without systemd, the packages' postinst would start their own redis/prometheus on the
+  # default ports (and as other users). policy-rc.d exit 101 tells invoke-rc.d not to; we
+  # only add it when the machine has none, and remove it again.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\n# temporary, from stack/stack.sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    created_policy=1
+  fi
+  local apt_log=$LOGS/install.log
+  mkdir -p "$LOGS"
+  log "apt: installing ${pkgs[*]} (output in $apt_log)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -q --no-install-recommends "${pkgs[@]}" >>"$apt_log" 2>&1; then
+    log "apt: not installable with the current package lists; running apt-get update"
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >>"$apt_log" 2>&1 || rc=$?
+  fi
+  if ((created_policy)); then rm -f /usr/sbin/policy-rc.d; fi
+  if ((rc)); then
+    tail -n 30 "$apt_log" >&2
+    die "apt-get install ${pkgs[*]} failed (exit $rc); full output in $apt_log"
+  fi
+}
+
+# mvn only on a cold cache: the result is kept under dist/, named by version.
+mvn_fetch() {
+  local profile=$1 out=$2
+  shift 2
+  local mvn_log=$LOGS/install.log
+  command -v mvn >/dev/null || die "mvn not found (needed once, to fetch $profile from Maven Central)"
+  mkdir -p "$LOGS"
+  local args=(-B -q -f "$STACK_SRC/pom.xml" -P "$profile"
+    -Dkafka.version="$KAFKA_VERSION" -Dopensearch.version="$OPENSEARCH_VERSION"
+    -Dstack.build.dir="$TMP/mvn"
+    dependency:copy-dependencies -DoutputDirectory="$out" "$@")
+  # Offline first: with a warm ~/.m2 (a new STACK_DIR, a CI cache) that skips Maven's
+  # remote metadata checks. Output goes to the install log: even with -q, Maven 3.8
+  # prints stray terminal escapes.
+  mvn -o "${args[@]}" >>"$mvn_log" 2>&1 && return 0
+  if ! mvn "${args[@]}" >>"$mvn_log" 2>&1; then
+    tail -n 30 "$mvn_log" >&2
+    die "mvn could not fetch the $profile artifacts; full output in $mvn_log"
+  fi
+}
+
+install_kafka() {
+  [[ -f $KAFKA_JARS/.complete ]] && return 0
+  log "kafka: fetching kafka_2.13:$KAFKA_VERSION and its runtime jars from Maven Central"
+  local staging=$KAFKA_JARS.partial
+  rm -rf "$staging"
+  mvn_fetch kafka "$staging" -DincludeScope=runtime
+  ls "$staging"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null || die "kafka: kafka_2.13-$KAFKA_VERSION.jar was not fetched"
+  touch "$staging/.complete"
+  rm -rf "$KAFKA_JARS" && mv "$staging" "$KAFKA_JARS"
+}
+
+install_opensearch() {
+  [[ -f $OS_HOME/.complete ]] && return 0
+  local artifacts=$DIST/opensearch-$OPENSEARCH_VERSION-artifacts staging=$OS_HOME.partial
+  if [[ ! -f $artifacts/.complete ]]; then
+    log "opensearch: fetching integ-test-zip:$OPENSEARCH_VERSION and mapper-extras from Maven Central"
+    rm -rf "$artifacts"
+    mvn_fetch opensearch "$artifacts" -DexcludeTransitive=true
+    touch "$artifacts/.complete"
+  fi
+  rm -rf "$staging" "$staging.unzip"
+  unzip -q "$artifacts/opensearch-$OPENSEARCH_VERSION.zip" -d "$staging.unzip"
+  mv "$staging.unzip/opensearch-$OPENSEARCH_VERSION" "$staging" && rmdir "$staging.unzip"
+  # rank_feature lives in the mapper-extras module, which the integ-test zip leaves out.
+  # Maven Central has its classes as mapper-extras-client; a module is that jar plus a
+  # descriptor (fields as in OpenSearch's PluginInfo).
+  mkdir -p "$staging/modules/mapper-extras"
+  cp "$artifacts/mapper-extras-client-$OPENSEARCH_VERSION.jar" "$staging/modules/mapper-extras/"
+  cat >"$staging/modules/mapper-extras/plugin-descriptor.properties" <<EOF
+description=Adds advanced field mappers (rank_feature, rank_features, scaled_float, ...)
+version=$OPENSEARCH_VERSION
+name=mapper-extras
+classname=org.opensearch.index.mapper.MapperExtrasPlugin
+java.version=11
+opensearch.version=$OPENSEARCH_VERSION
+extended.plugins=
+has.native.controller=false
+EOF
+  touch "$staging/.complete"
+  rm -rf "$OS_HOME" && mv "$staging" "$OS_HOME"
+}
+
+# Debian packages the named services need and this machine lacks, as one list so that
+# they go into one apt transaction (and at most one apt-get update).
+missing_packages() {
+  local svc
+  for svc in "$@"; do
+    case $svc in
+      redis) command -v redis-server >/dev/null && command -v redis-cli >/dev/null || echo redis-server ;;
+      prometheus) command -v prometheus >/dev/null && command -v promtool >/dev/null || echo prometheus ;;
+      opensearch) [[ -f $OS_HOME/.complete ]] || command -v unzip >/dev/null || echo unzip ;;
+    esac
+  done
+  # Slim images lack even these.
+  command -v ss >/dev/null || echo iproute2
+  command -v pgrep >/dev/null || echo procps
+  command -v curl >/dev/null || echo curl
+}
+
+install_services() {
+  local svc apt_pid="" pkgs
+  mapfile -t pkgs < <(missing_packages "$@")
+  # apt and Maven both spend their time downloading: run them side by side.
+  if ((${#pkgs[@]})); then
+    apt_install "${pkgs[@]}" &
+    apt_pid=$!
+  fi
+  for svc in "$@"; do
+    case $svc in
+      kafka) install_kafka ;;
+      opensearch)
+        # unzip may be one of the packages still being installed.
+        if [[ -n $apt_pid && ! -f $OS_HOME/.complete ]] && ! command -v unzip >/dev/null; then
+          wait "$apt_pid" || die "apt-get failed (see $LOGS/install.log)"
+          apt_pid=""
+        fi
+        install_opensearch
+        ;;
+    esac
+  done
+  if [[ -n $apt_pid ]]; then
+    wait "$apt_pid" || die "apt-get failed (see $LOGS/install.log)"
+  fi
+}
+
+# --------------------------------------------------------------------------- configs
+
+configure_kafka() {
+  mkdir -p "$CONF/kafka" "$DATA/kafka"
+  cp "$STACK_SRC/kafka-log4j.properties" "$CONF/kafka/log4j.properties"
+  cat >"$KAFKA_PROPS" <<EOF
+# Generated by stack/stack.sh on every start; edit the script, not this file.
+# One KRaft node that is both broker and controller, loopback only.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$DATA/kafka
+
+num.partitions=1
+auto.create.topics.enable=true
+delete.topic.enable=true
+# A single broker cannot hold more than one replica of anything.
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Fewer internal partitions than the default 50: the first consumer group on a fresh
+# broker waits for __consumer_offsets to be created, and small is faster on 2 cores.
+offsets.topic.num.partitions=10
+transaction.state.log.num.partitions=10
+# Tests join and leave groups constantly; the 3 s default delay would slow every one.
+group.initial.rebalance.delay.ms=0
+# Replay and recovery tests read old offsets: keep a month rather than a week.
+log.retention.hours=720
+EOF
+}
+
+# Formatting writes meta.properties; doing it again would fail (or, forced, lose data).
+format_kafka_storage() {
+  [[ -f $DATA/kafka/meta.properties ]] && return 0
+  local cluster_id
+  # Kafka cluster ids are 16 random bytes in URL-safe base64 without padding.
+  cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())')
+  log "kafka: formatting storage in $DATA/kafka (cluster id $cluster_id)"
+  java -Dlog4j.configuration="file:$CONF/kafka/log4j.properties" -cp "$KAFKA_JARS/*" \
+    kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" \
+    >>"$(log_file kafka)" 2>&1 || fail_with_log kafka "storage format failed"
+}
+
+configure_redis() {
+  mkdir -p "$DATA/redis"
+}
+
+# OpenSearch refuses to run as root: root runs it as OPENSEARCH_USER (created on first use),
+# anyone else simply as themselves.
+opensearch_runas() {
+  if [[ $(id -u) == 0 ]]; then
+    echo runuser -u "$OPENSEARCH_USER" --
+  fi
+}
+
+ensure_opensearch_user() {
+  id -u "$OPENSEARCH_USER" >/dev/null 2>&1 && return 0
+  log "opensearch: creating system user $OPENSEARCH_USER (OpenSearch refuses to run as root)"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin "$OPENSEARCH_USER"
+}
+
+configure_opensearch() {
+  mkdir -p "$OS_CONF" "$DATA/opensearch" "$LOGS/opensearch" "$RUN/opensearch" "$TMP/opensearch"
+  # The config dir must be writable by OpenSearch (it creates its keystore there), so it is
+  # a copy of the distribution's, not the distribution's own (refreshed on a version change).
+  if [[ $(cat "$OS_CONF/.from-version" 2>/dev/null) != "$OPENSEARCH_VERSION" ]]; then
+    cp -r "$OS_HOME/config/." "$OS_CONF/"
+    echo "$OPENSEARCH_VERSION" >"$OS_CONF/.from-version"
+  fi
+  # jvm.options names gc logs, heap dumps and crash logs relative to the working dir
+  # (OpenSearch's home, owned by root): point them into the stack's logs and data.
+  sed -E \
+    -e "s#file=logs/gc\.log#file=$LOGS/opensearch/gc.log#" \
+    -e "s#^-XX:HeapDumpPath=data#-XX:HeapDumpPath=$DATA/opensearch#" \
+    -e "s#^-XX:ErrorFile=logs/#-XX:ErrorFile=$LOGS/opensearch/#" \
+    -e "s#^-Xms.*#-Xms$OPENSEARCH_HEAP#" -e "s#^-Xmx.*#-Xmx$OPENSEARCH_HEAP#" \
+    "$OS_HOME/config/jvm.options" >"$OS_CONF/jvm.options"
+  cat >"$OS_CONF/opensearch.yml" <<EOF
+# Generated by stack/stack.sh on every start; edit the script, not this file.
+cluster.name: search-features-local
+node.name: local-1
+network.host: 127.0.0.1
+http.port: $OPENSEARCH_PORT
+# single-node also skips the production bootstrap checks (vm.max_map_count and friends).
+discovery.type: single-node
+path.data: $DATA/opensearch
+path.logs: $LOGS/opensearch
+# CI disks are small and often past the 85/90 % watermarks, which would block writes.
+cluster.routing.allocation.disk.threshold_enabled: false
+# (cluster.default_number_of_replicas is set through the API, see opensearch_defaults.)
+EOF
+  [[ $(id -u) == 0 ]] || return 0
+  ensure_opensearch_user
+  # Everything OpenSearch writes; the distribution itself stays root-owned and read-only.
+  chown -R "$OPENSEARCH_USER:" "$OS_CONF" "$DATA/opensearch" "$LOGS/opensearch" \
+    "$RUN/opensearch" "$TMP/opensearch"
+  # The user must be able to reach those paths (STACK_DIR under /root would not work).
+  runuser -u "$OPENSEARCH_USER" -- test -r "$OS_HOME/lib" -a -w "$DATA/opensearch" ||
+    die "opensearch: user $OPENSEARCH_USER cannot reach $STACK_DIR; put STACK_DIR where other users can traverse"
+}
+
+# One node cannot place a replica, so by default every new index would stay yellow and
+# wait_for_status=green would hang. With a default of 0 they are green; an index can still
+# ask for replicas. It has to be a persistent cluster setting: OpenSearch 2.19 ignores this
+# one in opensearch.yml when creating an index (it reads only the cluster metadata).
+opensearch_defaults() {
+  local url="http://127.0.0.1:$OPENSEARCH_PORT/_cluster/settings"
+  curl -fsS --max-time 10 "$url?flat_settings=true" | grep -q '"cluster.default_number_of_replicas":"0"' &&
+    return 0
+  curl -fsS --max-time 30 -X PUT -H 'Content-Type: application/json' \
+    -d '{"persistent":{"cluster.default_number_of_replicas":0}}' "$url" >/dev/null ||
+    fail_with_log opensearch "could not set cluster.default_number_of_replicas"
+}
+
+# Written on every start and every `up`; a running Prometheus is told to reload when it changed.
+write_prometheus_config() {
+  local out=$1 targets="" port
+  IFS=, read -ra ports <<<"$METRICS_PORTS"
+  for port in "${ports[@]}"; do
+    port=${port// /}
+    [[ -n $port ]] && targets+="${targets:+, }'127.0.0.1:$port'"
+  done
+  cat >"$out" <<EOF
+# Generated by stack/stack.sh; edit the script, not this file.
+global:
+  # Short intervals so that tests see a scrape or a rule evaluation within seconds.
+  scrape_interval: 2s
+  scrape_timeout: 2s
+  evaluation_interval: 2s
+
+# The glob may match nothing yet; Prometheus accepts that.
+rule_files:
+  - '$REPO_DIR/ops/prometheus/*.rules.yml'
+
+scrape_configs:
+  # The pipeline's metrics endpoints (METRICS_PORTS); "down" until a pipeline runs.
+  - job_name: search-features
+    static_configs:
+      - targets: [$targets]
+  - job_name: prometheus
+    static_configs:
+      - targets: ['127.0.0.1:$PROMETHEUS_PORT']
+EOF
+}
+
+# promtool also checks every rule file the glob matches; its output names the bad one.
+check_prometheus_config() {
+  local out
+  out=$(promtool check config "$1" 2>&1) || die "prometheus: invalid config or rule files:
+$out"
+}
+
+configure_prometheus() {
+  mkdir -p "$CONF/prometheus" "$DATA/prometheus"
+  write_prometheus_config "$PROM_CONF"
+  check_prometheus_config "$PROM_CONF"
+}
+
+# --------------------------------------------------------------------------- launchers
+# Every launcher detaches the service (setsid, stdin from /dev/null, output to its log) and
+# closes fd 9, the stack lock, which a long-lived child would otherwise hold forever.
+
+# Runs "$@" detached in its own session. The wrapper shell writes its own pid and then execs
+# the command, so the pid file names the service process itself, not a wrapper.
+spawn() {
+  local pidfile=$1 logf=$2
+  shift 2
+  # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
+  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" </dev/null >>"$logf" 2>&1 9>&- &
+}
+
+launch_kafka() {
+  format_kafka_storage
+  # KAFKA_HEAP_OPTS is a list of JVM flags: unquoted on purpose.
+  # shellcheck disable=SC2086
+  spawn "$(pid_file kafka)" "$(log_file kafka)" \
+    java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+    -Djava.awt.headless=true \
+    -Dlog4j.configuration="file:$CONF/kafka/log4j.properties" \
+    -Dkafka.logs.dir="$LOGS" \
+    -cp "$KAFKA_JARS/*" kafka.Kafka "$KAFKA_PROPS"
+}
+
+launch_redis() {
+  # Redis daemonizes itself and writes its pid file. No snapshots: the feature store is
+  # rebuilt from Kafka, and a stale dump.rdb would only confuse tests after a restart.
+  # Our redirect only catches errors printed before it daemonizes and opens --logfile.
+  # shellcheck disable=SC2094
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --protected-mode yes \
+    --daemonize yes --pidfile "$(pid_file redis)" \
+    --dir "$DATA/redis" --logfile "$(log_file redis)" \
+    --save "" --appendonly no \
+    </dev/null >>"$(log_file redis)" 2>&1 9>&- ||
+    fail_with_log redis "redis-server did not start"
+}
+
+launch_opensearch() {
+  local runas
+  read -ra runas <<<"$(opensearch_runas)"
+  rm -f "$OS_PIDFILE"
+  # Its start script runs bin/opensearch-keystore by a relative path, so start it from its
+  # home. env -i: nothing from the caller's environment (JAVA_OPTS, a venv) leaks in.
+  (
+    cd "$OS_HOME"
+    setsid "${runas[@]}" env -i \
+      PATH=/usr/local/bin:/usr/bin:/bin \
+      OPENSEARCH_JAVA_HOME="$(java_home)" \
+      OPENSEARCH_PATH_CONF="$OS_CONF" \
+      OPENSEARCH_TMPDIR="$TMP/opensearch" \
+      OPENSEARCH_JAVA_OPTS="${OPENSEARCH_JAVA_OPTS:-}" \
+      "$OS_HOME/bin/opensearch" -p "$OS_PIDFILE" \
+      </dev/null >>"$(log_file opensearch)" 2>&1 9>&- &
+  )
+}
+
+launch_prometheus() {
+  spawn "$(pid_file prometheus)" "$(log_file prometheus)" \
+    prometheus --config.file="$PROM_CONF" \
+    --storage.tsdb.path="$DATA/prometheus" \
+    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+    --web.enable-lifecycle
+}
+
+# Until the JVM writes it, OpenSearch's pid file is missing; give the launcher a moment so
+# that the "died during startup" check in wait_healthy does not fire too early.
+wait_for_pidfile() {
+  local svc=$1 i
+  for ((i = 0; i < 120; i++)); do
+    svc_pid "$svc" >/dev/null && return 0
+    # While its start script (or runuser) still runs, the JVM is on its way.
+    if [[ $svc == opensearch ]] && pgrep -f -- "$OS_PIDFILE" >/dev/null; then
+      sleep 0.5
+      continue
+    fi
+    ((i < 10)) || break
+    sleep 0.5
+  done
+  svc_pid "$svc" >/dev/null || fail_with_log "$svc" "the process exited right after it was launched"
+}
+
+# --------------------------------------------------------------------------- start/stop
+
+# Starts a service unless our instance already runs. Waits for nothing: see start_services.
+start_one() {
+  local svc=$1 pid port
+  if pid=$(svc_pid "$svc"); then
+    log "$svc: already running (pid $pid)"
+    [[ $svc == prometheus ]] && refresh_prometheus "$pid"
+    return 0
+  fi
+  port=$(port_of "$svc")
+  if port_busy "$port"; then
+    die "$svc: port $port is taken by $(port_listener "$port"), which is not this stack's $svc; stop it or set $(port_var_of "$svc")"
+  fi
+  if [[ $svc == kafka ]] && port_busy "$KAFKA_CONTROLLER_PORT"; then
+    die "kafka: controller port $KAFKA_CONTROLLER_PORT is taken by $(port_listener "$KAFKA_CONTROLLER_PORT"); stop it or set KAFKA_CONTROLLER_PORT"
+  fi
+  mkdir -p "$RUN" "$LOGS"
+  "configure_$svc"
+  log_banner "$svc"
+  log "$svc: starting on 127.0.0.1:$port (log $(log_file "$svc"))"
+  "launch_$svc"
+}
+
+# `up` regenerates the scrape config (METRICS_PORTS may differ); reload only on a change.
+refresh_prometheus() {
+  local pid=$1 fresh=$TMP/prometheus.yml.new
+  mkdir -p "$TMP"
+  write_prometheus_config "$fresh"
+  if cmp -s "$fresh" "$PROM_CONF"; then
+    rm -f "$fresh"
+    return 0
+  fi
+  check_prometheus_config "$fresh"
+  mv "$fresh" "$PROM_CONF"
+  log "prometheus: config changed, reloading (pid $pid)"
+  kill -HUP "$pid"
+}
+
+reload_prometheus() {
+  local pid
+  pid=$(svc_pid prometheus) || die "prometheus is not running; run 'stack/stack.sh up'"
+  mkdir -p "$TMP"
+  write_prometheus_config "$TMP/prometheus.yml.new"
+  check_prometheus_config "$TMP/prometheus.yml.new"
+  mv "$TMP/prometheus.yml.new" "$PROM_CONF"
+  # The HTTP endpoint answers only after the reload finished, and says whether it worked.
+  curl -fsS -X POST --max-time 30 "http://127.0.0.1:$PROMETHEUS_PORT/-/reload" ||
+    fail_with_log prometheus "reload failed"
+  log "prometheus: reloaded config and rule files (pid $pid)"
+}
+
+stop_one() {
+  local svc=$1 pid deadline
+  if ! pid=$(svc_pid "$svc"); then
+    log "$svc: not running"
+    rm -f "$(pid_file "$svc")"
+    return 0
+  fi
+  log "$svc: stopping (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  deadline=$((SECONDS + STOP_TIMEOUT))
+  while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+  if pid_alive "$pid"; then
+    log "$svc: still running after ${STOP_TIMEOUT}s, sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    while pid_alive "$pid"; do sleep 0.1; done
+  fi
+  rm -f "$(pid_file "$svc")"
+}
+
+start_services() {
+  local svc
+  install_services "$@"
+  # Launch everything first and wait afterwards: the JVMs start up in parallel.
+  for svc in "$@"; do start_one "$svc"; done
+  for svc in "$@"; do
+    wait_for_pidfile "$svc"
+    wait_healthy "$svc"
+    if [[ $svc == opensearch ]]; then opensearch_defaults; fi
+    log "$svc: healthy on 127.0.0.1:$(port_of "$svc")"
+  done
+}
+
+status_line() {
+  local svc=$1 pid state
+  if pid=$(svc_pid "$svc"); then
+    if healthy "$svc"; then state=running; else state="running (not ready)"; fi
+  else
+    pid=- state=stopped
+  fi
+  printf '%-11s %-20s port %-6s pid %-8s log %s\n' "$svc" "$state" "$(port_of "$svc")" "$pid" "$(log_file "$svc")"
+}
+
+# --------------------------------------------------------------------------- commands
+
+# One stack-changing command at a time: two `up`s racing would start a service twice.
+take_lock() {
+  mkdir -p "$RUN"
+  exec 9>"$RUN/stack.lock"
+  flock -w 600 9 || die "another stack.sh holds $RUN/stack.lock"
+}
+
+services_from_args() {
+  local svc
+  (($#)) || die "name a service: ${SERVICES[*]}"
+  for svc in "$@"; do is_service "$svc" || die "unknown service '$svc' (known: ${SERVICES[*]})"; done
+}
+
+usage() {
+  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+main() {
+  local cmd=${1:-}
+  (($#)) && shift
+  # start-opensearch, stop-kafka, ... are spellings of "start opensearch", "stop kafka".
+  if [[ $cmd =~ ^(start|stop|restart)-(.+)$ ]]; then
+    cmd=${BASH_REMATCH[1]}
+    set -- "${BASH_REMATCH[2]}" "$@"
+  fi
+  case $cmd in
+    up)
+      take_lock
+      if (($#)); then services_from_args "$@"; else set -- "${SERVICES[@]}"; fi
+      local started=$SECONDS
+      start_services "$@"
+      log "stack is up (${STACK_DIR}, $((SECONDS - started))s)"
+      ;;
+    down)
+      take_lock
+      local svc
+      # Reverse order: Prometheus and OpenSearch first, Kafka last (its shutdown is slowest).
+      for svc in prometheus opensearch redis kafka; do stop_one "$svc"; done
+      ;;
+    start)
+      take_lock
+      services_from_args "$@"
+      start_services "$@"
+      ;;
+    stop)
+      take_lock
+      services_from_args "$@"
+      local svc
+      for svc in "$@"; do stop_one "$svc"; done
+      ;;
+    restart)
+      take_lock
+      services_from_args "$@"
+      local svc
+      for svc in "$@"; do stop_one "$svc"; done
+      start_services "$@"
+      ;;
+    status)
+      local svc
+      for svc in "${SERVICES[@]}"; do status_line "$svc"; done
+      ;;
+    reload-prometheus | reload)
+      take_lock
+      reload_prometheus
+      ;;
+    logs)
+      services_from_args "${1:-}"
+      tail -n "${2:-50}" "$(log_file "$1")"
+      ;;
+    kafka-class)
+      (($#)) || die "usage: stack.sh kafka-class MAIN.Class [ARGS...]"
+      [[ -f $KAFKA_JARS/.complete ]] || die "Kafka jars are not installed yet; run 'stack/stack.sh up'"
+      # CLI tools log to stderr at WARN so their stdout stays parseable.
+      exec java -Xmx256m -Dlog4j.configuration="file:$STACK_SRC/kafka-cli-log4j.properties" \
+        -cp "$KAFKA_JARS/*" "$@"
+      ;;
+    -h | --help | help) usage ;;
+    *)
+      [[ -n $cmd ]] && printf "[stack] ERROR: unknown command '%s'\n\n" "$cmd" >&2
+      usage >&2
+      exit 2
+      ;;
+  esac
+}
+
+main "$@"
