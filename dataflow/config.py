@@ -125,6 +125,7 @@ class Config:
     opensearch: OpenSearchSettings = field(default_factory=OpenSearchSettings)
     features: FeatureParams = field(default_factory=FeatureParams)
     future_tolerance_ms: int = 600_000
+    flush_interval_ms: int = 1000
     feature_shards: int = 128
     dedup_shards: int = 16
     log_level: str = "INFO"
@@ -191,6 +192,7 @@ class Config:
             opensearch=opensearch,
             features=features,
             future_tolerance_ms=1000 * r.integer("FUTURE_TOLERANCE_SECONDS", 600, 0, 7 * 86_400),
+            flush_interval_ms=r.integer("FEATURE_FLUSH_INTERVAL_MS", 1000, 0, 600_000),
             feature_shards=r.integer("FEATURE_SHARDS", 128, 1, 65_536),
             dedup_shards=r.integer("DEDUP_SHARDS", 16, 1, 4096),
             log_level=r.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -32,38 +32,55 @@ class StepResult:
 
 
 class FeatureShard:
-    """The counters of the keys in one shard, and what to write when they change."""
+    """The counters of the keys in one shard, and which keys need writing.
 
-    __slots__ = ("clock", "keys", "params")
+    `step` applies inputs and marks keys dirty; `flush` turns the dirty keys into writes.
+    Between the two, many updates of a hot key coalesce into one write. The dirty set is
+    part of the snapshot, so a crash between a step and its flush loses no write.
+    """
 
-    def __init__(self, params: FeatureParams, clock: int = 0, keys: dict[str, KeyState] | None = None):
+    __slots__ = ("clock", "deleted", "dirty", "keys", "params", "restate")
+
+    def __init__(
+        self,
+        params: FeatureParams,
+        clock: int = 0,
+        keys: dict[str, KeyState] | None = None,
+        dirty: set[str] | None = None,
+        deleted: set[str] | None = None,
+        restate: bool = False,
+    ):
         self.params = params
         self.clock = clock
         self.keys: dict[str, KeyState] = {} if keys is None else keys
+        self.dirty: set[str] = set() if dirty is None else dirty
+        self.deleted: set[str] = set() if deleted is None else deleted
+        self.restate = restate  # the next flush follows a new day (for freshness metrics)
 
     # Recovery: Bytewax pickles snapshots *after* the logic may already have processed the
     # next epoch, so a snapshot must not share mutable objects with the live state. Pickling
     # here costs what Bytewax would spend anyway, and returns immutable bytes.
     def snapshot(self) -> bytes:
-        return pickle.dumps((self.clock, self.keys), protocol=pickle.HIGHEST_PROTOCOL)
+        state = (self.clock, self.keys, self.dirty, self.deleted, self.restate)
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
     def restore(cls, params: FeatureParams, blob: bytes) -> FeatureShard:
-        clock, keys = pickle.loads(blob)  # noqa: S301 - our own recovery snapshot
-        return cls(params, clock, keys)
+        clock, keys, dirty, deleted, restate = pickle.loads(blob)  # noqa: S301 - our own snapshot
+        return cls(params, clock, keys, dirty, deleted, restate)
 
     def step(self, items: list[ShardItem]) -> StepResult:
-        """Apply clock readings and update batches in order; return the writes to make.
+        """Apply clock readings and update batches in order; mark what needs writing.
 
-        Each touched key is written once, with its values after the whole step. When the
-        clock enters a new day, every key is re-stated (or deleted once its 30 days are
-        empty), which keeps each value a pure function of the events and the clock's day.
+        When the clock enters a new day every key needs re-stating (or deleting once its
+        30 days are empty), which keeps each value a pure function of the events and the
+        clock's day. The returned result carries counts only; `flush` makes the writes.
         """
         result = StepResult()
         start_day = self.clock // DAY_MS
         clock = self.clock
         late_before = (clock // DAY_MS) - RETENTION_DAYS  # a day <= this is late
-        touched: dict[str, int] = {}
+        dirty = self.dirty
         keys = self.keys
         for item in items:
             if isinstance(item, int):
@@ -81,38 +98,48 @@ class FeatureShard:
                 state = keys.get(suffix)
                 if state is None:
                     keys[suffix] = add(None, LAYOUTS[family], ts, counts)
+                    self.deleted.discard(suffix)
                 else:
                     add(state, LAYOUTS[family], ts, counts)
-                touched[suffix] = family
+                dirty.add(suffix)
         self.clock = clock
         day = clock // DAY_MS
-        day_start = day * DAY_MS
         if day != start_day:
             result.new_day = True
-            result.writes = self._restate_all(day, day_start)
-        else:
-            params = self.params
-            result.writes = [
-                (suffix, fields_for(family, keys[suffix], max(keys[suffix][0], day_start), params))
-                for suffix, family in touched.items()
+            self.restate = True
+            first_kept = day - RETENTION_DAYS + 1
+            expired = [
+                suffix
+                for suffix, state in keys.items()
+                if prune(state, LAYOUTS[family_of(suffix)], first_kept)
             ]
+            for suffix in expired:
+                del keys[suffix]
+                dirty.discard(suffix)
+            self.deleted.update(expired)
+            dirty.update(keys)
         return result
 
-    def _restate_all(self, day: int, day_start: int) -> list[Write]:
-        first_kept = day - RETENTION_DAYS + 1
-        writes: list[Write] = []
-        expired: list[str] = []
+    def flush(self) -> StepResult:
+        """The writes for every dirty key (its values now) and every deleted key."""
+        day_start = (self.clock // DAY_MS) * DAY_MS
         params = self.params
-        for suffix, state in self.keys.items():
-            family = family_of(suffix)
-            if prune(state, LAYOUTS[family], first_kept):
-                expired.append(suffix)
-                writes.append((suffix, None))
-            else:
-                writes.append((suffix, fields_for(family, state, max(state[0], day_start), params)))
-        for suffix in expired:
-            del self.keys[suffix]
-        return writes
+        keys = self.keys
+        writes: list[Write] = [(suffix, None) for suffix in self.deleted]
+        for suffix in self.dirty:
+            state = keys[suffix]
+            writes.append(
+                (suffix, fields_for(family_of(suffix), state, max(state[0], day_start), params))
+            )
+        result = StepResult(writes=writes, new_day=self.restate)
+        self.dirty = set()
+        self.deleted = set()
+        self.restate = False
+        return result
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.dirty or self.deleted)
 
     def __len__(self) -> int:
         return len(self.keys)

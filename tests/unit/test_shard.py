@@ -33,7 +33,8 @@ def run(batches: list[list[Update]]) -> tuple[FeatureShard, dict[str, dict[str, 
     shard = FeatureShard(PARAMS)
     store: dict[str, dict[str, str] | None] = {}
     for batch in batches:
-        for suffix, fields in shard.step([batch]).writes:
+        shard.step([batch])
+        for suffix, fields in shard.flush().writes:
             store[suffix] = fields
     return shard, store
 
@@ -57,10 +58,12 @@ def test_final_writes_do_not_depend_on_order_or_batching(
 
 def test_new_day_restates_idle_keys_with_day_start_as_of() -> None:
     shard = FeatureShard(PARAMS)
-    first = shard.step([[upd(DOC, "doc:idle", BASE + 1000, (1, 0, 0))]])
+    shard.step([[upd(DOC, "doc:idle", BASE + 1000, (1, 0, 0))]])
+    first = shard.flush()
     assert first.writes[0][1] is not None and first.writes[0][1]["as_of"] == str(BASE + 1000)
     # Another key's event on a later day moves the clock: the idle key is re-stated.
-    result = shard.step([[upd(DOC, "doc:busy", BASE + 3 * DAY_MS + 5, (0, 1, 0))]])
+    assert shard.step([[upd(DOC, "doc:busy", BASE + 3 * DAY_MS + 5, (0, 1, 0))]]).new_day
+    result = shard.flush()
     assert result.new_day
     by_key = dict(result.writes)
     idle = by_key["doc:idle"]
@@ -73,7 +76,9 @@ def test_new_day_restates_idle_keys_with_day_start_as_of() -> None:
 def test_clock_tick_alone_restates_and_expires() -> None:
     shard = FeatureShard(PARAMS)
     shard.step([[upd(DOC, "doc:old", BASE, (1, 0, 0)), upd(DOC, "doc:new", BASE + 20 * DAY_MS, (1, 0, 0))]])
-    result = shard.step([BASE + 30 * DAY_MS])  # a clock reading from another worker
+    shard.flush()
+    shard.step([BASE + 30 * DAY_MS])  # a clock reading from another worker
+    result = shard.flush()
     assert dict(result.writes)["doc:old"] is None  # 30 days empty: deleted
     assert dict(result.writes)["doc:new"] is not None
     assert "doc:old" not in shard.keys
@@ -97,3 +102,20 @@ def test_snapshot_is_detached_from_live_state() -> None:
     restored = FeatureShard.restore(PARAMS, blob)
     assert restored.keys["doc:a"][2] == 1  # one impression, not two
     assert pickle.loads(blob)[0] == BASE
+
+
+def test_hot_key_updates_coalesce_into_one_write_per_flush() -> None:
+    shard = FeatureShard(PARAMS)
+    for i in range(50):
+        shard.step([[upd(DOC, "doc:hot", BASE + i, (1, 0, 0))]])
+    writes = shard.flush().writes
+    assert [suffix for suffix, _ in writes] == ["doc:hot"]
+    assert writes[0][1] is not None and writes[0][1]["impressions_7d"] == "50"
+    assert shard.flush().writes == []  # nothing dirty any more
+
+
+def test_dirty_keys_survive_a_snapshot() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step([[upd(DOC, "doc:a", BASE, (1, 0, 0))]])
+    restored = FeatureShard.restore(PARAMS, shard.snapshot())
+    assert [s for s, _ in restored.flush().writes] == ["doc:a"]

@@ -1,0 +1,187 @@
+"""Throughput and memory of the full pipeline on the real services, against a Python ceiling.
+
+    .venv/bin/python bench/pipeline_throughput.py [--events 200000] [--docs 50000]
+
+1. Produces N generated events (Zipf docs, sessions, 7 days of event time) to a fresh topic.
+2. The ceiling: a plain confluent-kafka consumer loop that only decodes JSON and counts
+   impressions and clicks per doc in a dict.
+3. The pipeline: `python -m dataflow.run` (one worker, Redis sink, no OpenSearch) over the
+   same topic to its end, timed from start to exit (start-up included, reported apart).
+
+Reports events/s for both and their ratio, Redis commands per event (INFO commandstats),
+the pipeline's peak resident memory and the live keys it ended with. Prints one table and
+writes bench/results/pipeline_throughput.json. Needs `make up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dataflow.config import Config  # noqa: E402
+from dataflow.generator import GeneratorConfig, generate  # noqa: E402
+from dataflow.topics import ensure_topics  # noqa: E402
+
+DAY_MS = 86_400_000
+BROKERS = os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def produce(topic: str, n_events: int, n_docs: int) -> int:
+    now = int(time.time() * 1000)
+    producer = Producer(
+        {"bootstrap.servers": BROKERS, "linger.ms": 50, "batch.size": 1_000_000,
+         "compression.type": "lz4"}
+    )
+    config = GeneratorConfig(
+        seed=3, n_events=n_events, n_docs=n_docs, n_queries=2_000,
+        start_ms=now - 7 * DAY_MS, span_ms=7 * DAY_MS - 60_000,
+        duplicate_fraction=0.01, max_disorder_ms=60_000,
+    )
+    count = 0
+    for msg in generate(config):
+        while True:
+            try:
+                producer.produce(topic, value=msg.value, key=msg.key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        count += 1
+    producer.flush(120)
+    return count
+
+
+def ceiling(topic: str, partitions: int, expected: int) -> float:
+    """Decode-and-count loop: the most a single Python process does with these messages."""
+    consumer = Consumer(
+        {"bootstrap.servers": BROKERS, "group.id": "bench-ceiling", "enable.auto.commit": False,
+         "enable.partition.eof": True}
+    )
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    counts: dict[str, list[int]] = {}
+    seen = eof = 0
+    start = time.perf_counter()
+    while eof < partitions:
+        for msg in consumer.consume(1000, 1.0):
+            if msg.error() is not None:
+                eof += 1
+                continue
+            seen += 1
+            try:
+                event = orjson.loads(msg.value())
+            except orjson.JSONDecodeError:
+                continue
+            kind = event.get("type")
+            if kind == "search_impression":
+                for doc in event.get("doc_ids", ()):
+                    counts.setdefault(doc, [0, 0])[0] += 1
+            elif kind == "click":
+                counts.setdefault(event.get("doc_id"), [0, 0])[1] += 1
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    assert seen == expected, (seen, expected)
+    return elapsed
+
+
+def commandstats(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_"))
+
+
+def run_pipeline(topic: str, prefix: str) -> tuple[float, float, int]:
+    env = {
+        **os.environ,
+        "KAFKA_BROKERS": BROKERS,
+        "KAFKA_TOPICS": topic,
+        "KAFKA_DLQ_TOPIC": f"{topic}-dlq",
+        "KAFKA_STOP_AT_END": "true",
+        "REDIS_URL": REDIS_URL,
+        "FEATURE_PREFIX": prefix,
+        "OPENSEARCH_URL": "",
+        "METRICS_ENABLED": "false",
+        "LOG_LEVEL": "WARNING",
+    }
+    env.pop("RECOVERY_DIR", None)
+    start = time.perf_counter()
+    # Start-up alone: the same command on an empty topic.
+    empty = f"{topic}-empty"
+    ensure_topics(Config.from_env(env).kafka, [empty], partitions=1)
+    subprocess.run(
+        [sys.executable, "-m", "dataflow.run"], env={**env, "KAFKA_TOPICS": empty}, check=True
+    )
+    startup = time.perf_counter() - start
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dataflow.run"], env=env, check=True)
+    elapsed = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return elapsed, startup, max(peak_kib, before)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--docs", type=int, default=50_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args()
+
+    token = f"bench{int(time.time())}"
+    topic, prefix = f"{token}-events", f"bench_{token}"
+    config = Config.from_env({"KAFKA_BROKERS": BROKERS})
+    ensure_topics(config.kafka, [topic, f"{topic}-dlq"], partitions=args.partitions)
+    t0 = time.perf_counter()
+    produced = produce(topic, args.events, args.docs)
+    produce_s = time.perf_counter() - t0
+
+    ceiling_s = ceiling(topic, args.partitions, produced)
+
+    client = redis.Redis.from_url(REDIS_URL)
+    calls_before = commandstats(client)
+    elapsed, startup, peak_kib = run_pipeline(topic, prefix)
+    calls = commandstats(client) - calls_before
+    live_keys = sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=5000))
+    steady = max(elapsed - startup, 1e-9)
+
+    result = {
+        "events": produced,
+        "partitions": args.partitions,
+        "produce_s": round(produce_s, 2),
+        "ceiling_events_per_s": round(produced / ceiling_s),
+        "pipeline_s": round(elapsed, 2),
+        "pipeline_startup_s": round(startup, 2),
+        "pipeline_events_per_s": round(produced / steady),
+        "pipeline_events_per_s_incl_startup": round(produced / elapsed),
+        "ratio_to_ceiling": round((produced / steady) / (produced / ceiling_s), 3),
+        "redis_commands": calls,
+        "redis_commands_per_event": round(calls / produced, 3),
+        "live_keys": live_keys,
+        "peak_rss_mib": round(peak_kib / 1024, 1),
+        "rss_mib_per_100k_keys": round(peak_kib / 1024 / max(live_keys, 1) * 100_000, 1),
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
