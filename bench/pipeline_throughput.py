@@ -43,13 +43,22 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 def produce(topic: str, n_events: int, n_docs: int) -> int:
     now = int(time.time() * 1000)
     producer = Producer(
-        {"bootstrap.servers": BROKERS, "linger.ms": 50, "batch.size": 1_000_000,
-         "compression.type": "lz4"}
+        {
+            "bootstrap.servers": BROKERS,
+            "linger.ms": 50,
+            "batch.size": 1_000_000,
+            "compression.type": "lz4",
+        }
     )
     config = GeneratorConfig(
-        seed=3, n_events=n_events, n_docs=n_docs, n_queries=2_000,
-        start_ms=now - 7 * DAY_MS, span_ms=7 * DAY_MS - 60_000,
-        duplicate_fraction=0.01, max_disorder_ms=60_000,
+        seed=3,
+        n_events=n_events,
+        n_docs=n_docs,
+        n_queries=2_000,
+        start_ms=now - 7 * DAY_MS,
+        span_ms=7 * DAY_MS - 60_000,
+        duplicate_fraction=0.01,
+        max_disorder_ms=60_000,
     )
     count = 0
     for msg in generate(config):
@@ -67,8 +76,12 @@ def produce(topic: str, n_events: int, n_docs: int) -> int:
 def ceiling(topic: str, partitions: int, expected: int) -> float:
     """Decode-and-count loop: the most a single Python process does with these messages."""
     consumer = Consumer(
-        {"bootstrap.servers": BROKERS, "group.id": "bench-ceiling", "enable.auto.commit": False,
-         "enable.partition.eof": True}
+        {
+            "bootstrap.servers": BROKERS,
+            "group.id": "bench-ceiling",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
     )
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     counts: dict[str, list[int]] = {}

@@ -74,9 +74,9 @@ class KafkaSettings:
     sasl_username: str = ""
     sasl_password: Secret = field(default_factory=lambda: Secret(""))
 
-    def client_config(self) -> dict[str, str]:
+    def client_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka settings shared by the consumer, the DLQ producer and admin calls."""
-        config = {"bootstrap.servers": ",".join(self.brokers)}
+        config: dict[str, str | int | float | bool] = {"bootstrap.servers": ",".join(self.brokers)}
         if self.security_protocol != "PLAINTEXT":
             config["security.protocol"] = self.security_protocol
         if self.sasl_mechanism:
@@ -126,6 +126,8 @@ class Config:
     features: FeatureParams = field(default_factory=FeatureParams)
     future_tolerance_ms: int = 600_000
     flush_interval_ms: int = 1000
+    link_grace_ms: int = 600_000
+    link_shards: int = 64
     feature_shards: int = 128
     dedup_shards: int = 16
     log_level: str = "INFO"
@@ -193,6 +195,8 @@ class Config:
             features=features,
             future_tolerance_ms=1000 * r.integer("FUTURE_TOLERANCE_SECONDS", 600, 0, 7 * 86_400),
             flush_interval_ms=r.integer("FEATURE_FLUSH_INTERVAL_MS", 1000, 0, 600_000),
+            link_grace_ms=1000 * r.integer("ACQ_LINK_GRACE_SECONDS", 600, 0, 86_400),
+            link_shards=r.integer("LINK_SHARDS", 64, 1, 65_536),
             feature_shards=r.integer("FEATURE_SHARDS", 128, 1, 65_536),
             dedup_shards=r.integer("DEDUP_SHARDS", 16, 1, 4096),
             log_level=r.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -201,7 +205,8 @@ class Config:
 
     def describe(self) -> dict[str, Any]:
         """Every setting as plain data, secrets masked: what the start-up log line shows."""
-        return _describe(self)
+        described: dict[str, Any] = _describe(self)
+        return described
 
 
 def _describe(obj: Any) -> Any:

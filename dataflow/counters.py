@@ -51,8 +51,7 @@ def add(state: KeyState | None, layout: Layout, ts: int, counts: tuple[int, ...]
             record.extend(counts[i] * weight for i in layout.decayed)
         return [ts, *record]
 
-    if ts > state[0]:
-        state[0] = ts
+    state[0] = max(state[0], ts)
     # Search from the newest day: almost every update lands on one of the last few days.
     pos = len(state) - width
     while pos >= 1 and state[pos] > day:

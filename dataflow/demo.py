@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from urllib.parse import unquote
 
 import redis
 from confluent_kafka import Producer
@@ -106,16 +107,23 @@ def show_features(config: Config, messages: list[GeneratedMessage]) -> None:
 
     events = [m.event for m in messages if m.event is not None]
     queries = collections.Counter(
-        keys.q_norm(e["query"]) for e in events if e["type"] == "search_impression" and e.get("query")
+        keys.q_norm(e["query"])
+        for e in events
+        if e["type"] == "search_impression" and e.get("query")
     )
     if queries:
         query = queries.most_common(1)[0][0]
-        shown = [e["doc_ids"] for e in events if e["type"] == "search_impression"
-                 and keys.q_norm(e.get("query") or "") == query][-1][:5]
+        shown = [
+            e["doc_ids"]
+            for e in events
+            if e["type"] == "search_impression" and keys.q_norm(e.get("query") or "") == query
+        ][-1][:5]
         print(f"\nquery {query!r} (hash {keys.query_hash(query)}): per-document CTR")
         for doc_id, qd in reader.query_doc_features(query, shown).items():
-            print(f"  {doc_id[:13]:<14} impressions_30d={qd.impressions_30d:<5} "
-                  f"clicks_30d={qd.clicks_30d:<4} ctr_30d={qd.ctr_30d:.4f}")
+            print(
+                f"  {doc_id[:13]:<14} impressions_30d={qd.impressions_30d:<5} "
+                f"clicks_30d={qd.clicks_30d:<4} ctr_30d={qd.ctr_30d:.4f}"
+            )
     impressions = [e for e in events if e["type"] == "ac_impression"]
     if impressions:
         typed, candidates = impressions[-1]["prefix"], impressions[-1]["candidates"]
@@ -128,8 +136,6 @@ def show_features(config: Config, messages: list[GeneratedMessage]) -> None:
 
 
 def keys_unquote(component: str) -> str:
-    from urllib.parse import unquote
-
     return unquote(component)
 
 

@@ -7,6 +7,7 @@ clock for the future-timestamp rule is passed in, so the decoder stays pure.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal
 
@@ -257,7 +258,7 @@ def _ac_select(obj: dict[str, Any]) -> AcSelect:
     return AcSelect(event_id, ts, session_id, prefix, candidate)
 
 
-_BUILDERS: Final = {
+_BUILDERS: Final[dict[str, Callable[[dict[str, Any]], Event]]] = {
     "search_impression": _search_impression,
     "click": _click,
     "dwell": _dwell,

@@ -19,6 +19,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -29,7 +30,8 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 from confluent_kafka import OFFSET_BEGINNING
 
-from dataflow import metrics
+from dataflow import aclink, metrics
+from dataflow.aclink import LinkShard
 from dataflow.config import Config
 from dataflow.deadletter import DeadLetter
 from dataflow.dedup import SlotIds
@@ -38,8 +40,10 @@ from dataflow.intake import Intake, IntakeResult
 from dataflow.lag import KafkaOffsets, LagTracker, LagTrackingSource
 from dataflow.logs import configure_logging
 from dataflow.shard import FeatureShard, ShardItem, StepResult
+from dataflow.sinks import opensearch
 from dataflow.sinks.deadletters import DeadLetterSink
 from dataflow.sinks.redis import RedisFeatureSink
+from dataflow.source import EarliestOffsets, OffsetGapCheckingSource
 from dataflow.windows import DAY_MS
 
 log = logging.getLogger(__name__)
@@ -88,35 +92,92 @@ class DedupLogic(StatefulBatchLogic[Any, list[Any], bytes]):
     def on_batch(self, values: list[Any]) -> tuple[Iterable[list[Any]], bool]:
         accepted: list[Any] = []
         offered = 0
-        for slot, pairs in values:
+        # Oldest slot first: one epoch can hold an entry's slot and the slot 72 h newer
+        # (a backfill reads days per second, several partitions interleave), and admitting
+        # the newer one first would recycle the entry before the older slot's duplicates
+        # are checked. Stable, so copies within a slot keep their order (first copy wins).
+        for slot, pairs in sorted(values, key=_slot_of):
             offered += len(pairs)
             accepted.extend(self.ids.admit(slot, pairs))
         duplicates = offered - len(accepted)
         if duplicates:
             metrics.DROPPED.labels(reason="duplicate").inc(duplicates)
-        metrics.DEDUP_IDS.report(id(self), len(self.ids.seen))
+        metrics.DEDUP_IDS.report(self, len(self.ids.seen))
         return ([accepted] if accepted else []), self.RETAIN
 
     def snapshot(self) -> bytes:
         return self.ids.snapshot()
 
 
-class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
-    """One state shard of feature keys (see `dataflow.shard`)."""
+def _slot_of(value: tuple[int, Any]) -> int:
+    return value[0]
 
-    def __init__(self, params: FeatureParams, resume: bytes | None) -> None:
-        self.shard = FeatureShard(params) if resume is None else FeatureShard.restore(params, resume)
+
+class LinkLogic(StatefulBatchLogic[list[Any], list[Update], bytes]):
+    """One shard of sessions for the autocomplete → search → click join (`dataflow.aclink`)."""
+
+    def __init__(self, grace_ms: int, resume: bytes | None) -> None:
+        self.join = LinkShard(grace_ms) if resume is None else LinkShard.restore(resume, grace_ms)
+
+    def on_batch(self, values: list[list[Any]]) -> tuple[Iterable[list[Update]], bool]:
+        stale = self.join.stale
+        updates = self.join.step([item for batch in values for item in batch])
+        if self.join.stale > stale:
+            metrics.LINK_STALE.inc(self.join.stale - stale)
+        metrics.LINK_SESSIONS.report(self, len(self.join))
+        return ([updates] if updates else []), self.RETAIN
+
+    def snapshot(self) -> bytes:
+        return self.join.snapshot()
+
+
+class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
+    """One state shard of feature keys (see `dataflow.shard`).
+
+    Updates mark keys dirty; the writes go out at most every `flush_interval` (one timer
+    per shard, not per key), so a hot key is written once per interval, not once per
+    batch. With an interval of zero every batch is flushed at once.
+    """
+
+    def __init__(self, params: FeatureParams, flush_ms: int, resume: bytes | None) -> None:
+        self.shard = (
+            FeatureShard(params) if resume is None else FeatureShard.restore(params, resume)
+        )
+        self.flush_interval = timedelta(milliseconds=flush_ms)
+        self.next_flush: datetime | None = None
 
     def on_batch(self, values: list[ShardItem]) -> tuple[Iterable[StepResult], bool]:
         result = self.shard.step(values)
         if result.late_updates:
             metrics.LATE_UPDATES.inc(result.late_updates)
+        metrics.STATE_KEYS.report(self, len(self.shard))
+        if not self.flush_interval:
+            return self._flush(), self.RETAIN
+        if self.next_flush is None and self.shard.pending:
+            self.next_flush = datetime.now(UTC) + self.flush_interval
+        return [], self.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if self.next_flush is None and self.shard.pending:  # restored with pending writes
+            self.next_flush = datetime.now(UTC)
+        return self.next_flush
+
+    def on_notify(self) -> tuple[Iterable[StepResult], bool]:
+        return self._flush(), self.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[StepResult], bool]:
+        return self._flush(), self.RETAIN
+
+    def _flush(self) -> list[StepResult]:
+        self.next_flush = None
+        if not self.shard.pending:
+            return []
+        result = self.shard.flush()
         if result.new_day:
             deletes = sum(1 for _, fields in result.writes if fields is None)
             metrics.EXPIRED.inc(deletes)
             metrics.RESTATED.inc(len(result.writes) - deletes)
-        metrics.STATE_KEYS.report(id(self), len(self.shard))
-        return ([result] if result.writes else []), self.RETAIN
+        return [result]
 
     def snapshot(self) -> bytes:
         return self.shard.snapshot()
@@ -144,9 +205,7 @@ class IntakeStep:
         result = self.intake.route(messages)
         _count(result)
         out: list[tuple[str, Any]] = [("dlq", letter) for letter in result.dead_letters]
-        out.extend(
-            ("dedup", (key, (slot, pairs))) for (key, slot), pairs in result.by_slot.items()
-        )
+        out.extend(("dedup", (key, (slot, pairs))) for (key, slot), pairs in result.by_slot.items())
         if result.unchecked:
             out.append(("direct", ("unchecked", result.unchecked)))
         if result.by_slot or result.events_by_type:
@@ -164,6 +223,19 @@ def _count(result: IntakeResult) -> None:
         metrics.DROPPED.labels(reason=reason).inc(n)
 
 
+def by_feature_shard(updates: Iterable[Update], shards: int) -> list[tuple[str, list[Update]]]:
+    """Counter updates grouped by the state shard of their key (CRC32, stable everywhere)."""
+    grouped: dict[int, list[Update]] = {}
+    for update in updates:
+        idx = zlib.crc32(update[1].encode("utf-8")) % shards
+        batch = grouped.get(idx)
+        if batch is None:
+            grouped[idx] = [update]
+        else:
+            batch.append(update)
+    return [(str(idx), batch) for idx, batch in grouped.items()]
+
+
 class FanOut:
     """`flat_map_batch` mapper: accepted events → counter updates grouped by state shard."""
 
@@ -172,18 +244,37 @@ class FanOut:
         self.shards = shards
 
     def __call__(self, batches: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Update]]]:
-        by_shard: dict[int, list[Update]] = {}
-        shards = self.shards
-        for _slot_key, events in batches:
-            for event in events:
-                for update in updates_for(event, self.params):
-                    idx = zlib.crc32(update[1].encode("utf-8")) % shards
-                    bucket = by_shard.get(idx)
-                    if bucket is None:
-                        by_shard[idx] = [update]
-                    else:
-                        bucket.append(update)
-        return [(str(idx), updates) for idx, updates in by_shard.items()]
+        params = self.params
+        return by_feature_shard(
+            (u for _key, events in batches for e in events for u in updates_for(e, params)),
+            self.shards,
+        )
+
+
+class LinkRouter:
+    """`flat_map_batch` mapper: accepted events → autocomplete-link join items by session
+    shard ("join"), and the `+1 select` of selects without a session by state shard
+    ("count")."""
+
+    def __init__(self, link_shards: int, feature_shards: int) -> None:
+        self.link_shards = link_shards
+        self.feature_shards = feature_shards
+
+    def __call__(self, batches: list[tuple[str, list[Any]]]) -> list[tuple[str, Any]]:
+        routed = aclink.route((e for _key, events in batches for e in events), self.link_shards)
+        out: list[tuple[str, Any]] = [("join", kv) for kv in routed.by_shard.items()]
+        out.extend(("count", kv) for kv in by_feature_shard(routed.direct, self.feature_shards))
+        return out
+
+
+class LinkFanOut:
+    """`flat_map_batch` mapper: the join's increments, regrouped by state shard."""
+
+    def __init__(self, feature_shards: int) -> None:
+        self.feature_shards = feature_shards
+
+    def __call__(self, batches: list[tuple[str, list[Update]]]) -> list[tuple[str, list[Update]]]:
+        return by_feature_shard((u for _k, ups in batches for u in ups), self.feature_shards)
 
 
 def _tagged(tag: str) -> Any:
@@ -211,11 +302,17 @@ def kafka_source(config: Config, lag: LagTracker | None = None) -> Source[Any]:
         starting_offset=OFFSET_BEGINNING,
         # A snapshotted offset that retention has deleted must rewind to the earliest
         # retained offset, never silently jump to the end.
-        add_config={**config.kafka.client_config(), "auto.offset.reset": "earliest"},
+        add_config={
+            **{k: str(v) for k, v in config.kafka.client_config().items()},
+            "auto.offset.reset": "earliest",
+        },
         batch_size=config.kafka.batch_size,
         raise_on_errors=False,
     )
-    return source if lag is None else LagTrackingSource(source, lag)
+    # The earliest reset above keeps what retention left; the wrapper logs and counts what
+    # it took (search_features_offsets_skipped_total).
+    checked = OffsetGapCheckingSource(source, EarliestOffsets(config.kafka))
+    return checked if lag is None else LagTrackingSource(checked, lag)
 
 
 def build_flow(
@@ -256,19 +353,28 @@ def build_flow(
 
     accepted = op.stateful_batch("dedup", to_dedup, DedupLogic)
     to_count = op.merge("to_count", accepted, unchecked)
-    updates = op.flat_map_batch(
-        "fan_out", to_count, FanOut(config.features, config.feature_shards)
+    updates = op.flat_map_batch("fan_out", to_count, FanOut(config.features, config.feature_shards))
+
+    link_routed = op.flat_map_batch(
+        "link_route", to_count, LinkRouter(config.link_shards, config.feature_shards)
     )
-    shard_in = op.merge("shard_in", updates, day_ticks)
+    to_join = op.filter_map("to_join", link_routed, _tagged("join"))
+    unlinked = op.filter_map("selects_without_session", link_routed, _tagged("count"))
+    joined = op.stateful_batch(
+        "aclink", to_join, lambda resume: LinkLogic(config.link_grace_ms, resume)
+    )
+    link_updates = op.flat_map_batch("link_fan_out", joined, LinkFanOut(config.feature_shards))
+
+    shard_in = op.merge("shard_in", updates, link_updates, unlinked, day_ticks)
     results = op.stateful_batch(
-        "features", shard_in, lambda resume: ShardLogic(config.features, resume)
+        "features",
+        shard_in,
+        lambda resume: ShardLogic(config.features, config.flush_interval_ms, resume),
     )
     writes = op.key_rm("writes", results)
 
     op.output("redis", writes, redis_sink or RedisFeatureSink(config.redis))
     if with_opensearch and config.opensearch.enabled:
-        from dataflow.sinks import opensearch
-
         opensearch.attach(writes, config.opensearch)
     op.output("dlq", dead_letters, dlq_sink or DeadLetterSink(config.kafka))
     return flow

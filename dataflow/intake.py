@@ -93,10 +93,10 @@ class Intake:
             if ts > clock:
                 clock = ts
                 late_day = clock // DAY_MS - RETENTION_DAYS
-            source = (topic, partition)
-            partition_clock = partition_clocks.get(source, 0)
+            origin = (topic, partition)
+            partition_clock = partition_clocks.get(origin, 0)
             if ts > partition_clock:
-                partition_clocks[source] = partition_clock = ts
+                partition_clocks[origin] = partition_clock = ts
             if ts // DAY_MS <= late_day:
                 result.dropped["late"] += 1
                 continue

@@ -3,6 +3,9 @@
 Call sites pass structured context with `extra={...}`; the JSON formatter emits it as
 fields, the text formatter appends it as `key=value`. Secrets never reach a log call:
 configuration is logged through `Config.describe()`, which masks them.
+
+One line per notable event, not per message or per batch: what repeats every batch (dead
+letters) goes through `BurstLog`, which summarises a burst in a line or two.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 # Attributes every LogRecord has; anything else came from `extra=`.
@@ -52,3 +58,86 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class BurstLog:
+    """At most one log line per `interval` seconds for an event that comes in bursts.
+
+    The first occurrence after a quiet `interval` is logged at once (a burst starts); the
+    ones after it are counted, and one summary line (count, distinct kinds, window) follows
+    `interval` seconds after the previous line, from a timer, or at `flush()` (call it on
+    close). The exact numbers are in the metrics; the log says when, and what kind.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        message: str,
+        *,
+        kinds_field: str = "kinds",
+        interval: float = 30.0,
+        level: int = logging.WARNING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.message = message
+        self.kinds_field = kinds_field
+        self.interval = interval
+        self.level = level
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._count = 0
+        self._kinds: set[str] = set()
+        self._since: float | None = None
+        self._last_line: float | None = None
+        self._timer: threading.Timer | None = None
+
+    def add(self, count: int, kinds: Iterable[str] = ()) -> bool:
+        """Record `count` occurrences; returns whether a line was logged now."""
+        with self._lock:
+            now = self.clock()
+            if self._since is None:
+                self._since = now
+            self._count += count
+            self._kinds.update(kinds)
+            if self._last_line is None or now - self._last_line >= self.interval:
+                self._emit(now)
+                return True
+            if self._timer is None:
+                self._timer = threading.Timer(
+                    self.interval - (now - self._last_line), self._summarise
+                )
+                self._timer.daemon = True
+                self._timer.start()
+            return False
+
+    def flush(self) -> None:
+        """Log whatever was counted since the last line, now."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._count:
+                self._emit(self.clock())
+
+    def _summarise(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._count:
+                self._emit(self.clock())
+
+    def _emit(self, now: float) -> None:
+        since = now if self._since is None else self._since
+        self.logger.log(
+            self.level,
+            self.message,
+            extra={
+                "count": self._count,
+                self.kinds_field: sorted(self._kinds),
+                "window_seconds": round(now - since, 3),
+            },
+        )
+        self._count = 0
+        self._kinds = set()
+        self._since = None
+        self._last_line = now

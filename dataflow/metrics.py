@@ -6,18 +6,30 @@ on `/metrics` (port `BYTEWAX_DATAFLOW_API_PORT`, default 3030) when
 partition, type, reason, sink, result; never a key or an id. Each process of a cluster
 serves its own numbers; sum them in PromQL.
 
-Kafka consumer lag per topic/partition is Bytewax's own gauge `bytewax_kafka_consumer_lag`,
-updated from librdkafka statistics every second.
+Kafka consumer lag per topic/partition is `search_features_consumer_lag`, measured by
+`dataflow.lag` off the hot path. Bytewax's own `bytewax_kafka_consumer_lag` is served too, but
+it is only updated while the input step polls Kafka: when a sink blocks the worker it
+freezes (or never appears) exactly when the lag grows. docs/observability.md lists them all.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from dataflow.events import EVENT_TYPES, REASONS
+
 NAMESPACE = "search_features"
+
+DROP_REASONS = (*REASONS, "duplicate", "late")
+"""Every value of `events_dropped_total{reason}`: the dead-letter reasons, then the drops
+that happen after decoding."""
+SINKS = ("redis", "opensearch")
+SINK_RESULTS = ("success", "failure", "retry")
 
 EVENTS = Counter(
     "events",
@@ -50,6 +62,14 @@ CONSUMER_ERRORS = Counter(
     ["topic"],
     namespace=NAMESPACE,
 )
+OFFSETS_SKIPPED = Counter(
+    "offsets_skipped",
+    "Kafka messages lost to retention before they were read: a resume from a recovery "
+    "snapshot found the partition's earliest retained offset past the snapshotted one "
+    "(dataflow.source); the features miss these events.",
+    ["topic", "partition"],
+    namespace=NAMESPACE,
+)
 DEAD_LETTERS = Counter(
     "dead_letters_written",
     "Envelopes written to the dead-letter topic, by result (success, failure).",
@@ -58,8 +78,7 @@ DEAD_LETTERS = Counter(
 )
 SINK_WRITES = Counter(
     "sink_writes",
-    "Feature writes (one per key or document) by sink and result "
-    "(success, failure, retry).",
+    "Feature writes (one per key or document) by sink and result (success, failure, retry).",
     ["sink", "result"],
     namespace=NAMESPACE,
 )
@@ -83,6 +102,18 @@ FRESHNESS = Histogram(
     namespace=NAMESPACE,
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
 )
+CONSUMER_LAG = Gauge(
+    "consumer_lag",
+    "Messages in a Kafka partition not yet read by this process: the partition's end offset "
+    "(high watermark, refreshed about once a second) minus the next offset to read.",
+    ["topic", "partition"],
+    namespace=NAMESPACE,
+)
+LAG_REFRESH_FAILURES = Counter(
+    "consumer_lag_refresh_failures",
+    "Failed attempts to read partition end offsets for the lag gauge (it keeps its last values).",
+    namespace=NAMESPACE,
+)
 CLOCK = Gauge(
     "clock_seconds",
     "The pipeline's event-time clock: the largest valid event ts seen (Unix seconds).",
@@ -90,10 +121,37 @@ CLOCK = Gauge(
 )
 OPENSEARCH_PENDING = Gauge(
     "opensearch_pending_docs",
-    "Documents waiting to be sent to OpenSearch (coalesced; bounded by "
-    "OPENSEARCH_MAX_PENDING).",
+    "Documents waiting to be sent to OpenSearch (coalesced; bounded by OPENSEARCH_MAX_PENDING).",
     namespace=NAMESPACE,
 )
+OPENSEARCH_FAILURES = Counter(
+    "opensearch_failures",
+    "Documents OpenSearch rejected for good (not retried), by OpenSearch's error type "
+    "(mapper_parsing_exception, document_missing_exception, ...).",
+    ["reason"],
+    namespace=NAMESPACE,
+)
+OPENSEARCH_UPDATES = Counter(
+    "opensearch_updates",
+    "Document updates that reached the OpenSearch sink, by what became of them: queued (a "
+    "document became pending), coalesced (replaced a pending value), skipped (no rank feature "
+    "moved by OPENSEARCH_MIN_CHANGE from what OpenSearch holds), shed_update / shed_delete "
+    "(pending set full, OPENSEARCH_MAX_PENDING: not kept, or an update evicted to make room "
+    "for a deletion). withdrawn: pending documents dropped before sending because they had "
+    "come back within the threshold (already counted as queued or coalesced).",
+    ["outcome"],
+    namespace=NAMESPACE,
+)
+OPENSEARCH_UPDATE_OUTCOMES = (
+    "queued",
+    "coalesced",
+    "skipped",
+    "shed_update",
+    "shed_delete",
+    "withdrawn",
+)
+for _outcome in OPENSEARCH_UPDATE_OUTCOMES:  # at zero, so the first shed shows in increase()
+    OPENSEARCH_UPDATES.labels(outcome=_outcome)
 RESTATED = Counter(
     "keys_restated",
     "Keys re-written because the clock entered a new day (idle keys kept true).",
@@ -107,10 +165,14 @@ EXPIRED = Counter(
 
 
 class _SizeBoard:
-    """Sizes reported by many state shards, summed into one gauge at scrape time."""
+    """Sizes reported by many state shards, summed into one gauge at scrape time.
+
+    Owners are held weakly: when Bytewax drops a shard's logic (its state discarded, or the
+    dataflow ended), its size leaves the total with it.
+    """
 
     def __init__(self, name: str, documentation: str) -> None:
-        self._sizes: dict[object, int] = {}
+        self._sizes: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         gauge = Gauge(name, documentation, namespace=NAMESPACE)
         gauge.set_function(self.total)
@@ -126,6 +188,15 @@ class _SizeBoard:
 
 STATE_KEYS = _SizeBoard("state_keys", "Feature keys held in state by this process.")
 DEDUP_IDS = _SizeBoard("dedup_ids", "Event-id digests held for dedup by this process.")
+LINK_SESSIONS = _SizeBoard(
+    "link_sessions", "Sessions held by the autocomplete-link join in this process."
+)
+LINK_STALE = Counter(
+    "link_stale_events",
+    "Autocomplete-link events that arrived later than ACQ_LINK_GRACE_SECONDS behind their "
+    "session: selects still count, but a link they would have made may be missed.",
+    namespace=NAMESPACE,
+)
 
 
 def observe_clock(clock_ms: int) -> None:
@@ -134,8 +205,6 @@ def observe_clock(clock_ms: int) -> None:
 
 def timed(sink: str) -> Callable[[], float]:
     """Start a flush timer for `sink`; call the result to record and return the seconds."""
-    import time
-
     start = time.perf_counter()
 
     def stop() -> float:
@@ -144,3 +213,26 @@ def timed(sink: str) -> Callable[[], float]:
         return elapsed
 
     return stop
+
+
+def _declare_label_values() -> None:
+    """Create every known label combination at zero.
+
+    A series that appears for the first time at 1 has no earlier sample to differ from, so
+    `rate()`/`increase()` miss that first increment: the first Redis failure would never
+    fire an alert. Declared series start at 0 and every increment counts.
+    """
+    for kind in EVENT_TYPES:
+        EVENTS.labels(type=kind)
+    for reason in DROP_REASONS:
+        DROPPED.labels(reason=reason)
+    for result in ("success", "failure"):
+        DEAD_LETTERS.labels(result=result)
+    for sink in SINKS:
+        SINK_BATCH.labels(sink=sink)
+        SINK_FLUSH.labels(sink=sink)
+        for result in SINK_RESULTS:
+            SINK_WRITES.labels(sink=sink, result=result)
+
+
+_declare_label_values()

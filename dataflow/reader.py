@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar, cast
 
 import redis
 
@@ -65,7 +65,9 @@ class _Features:
                 values[f.name] = float(blob)
             else:
                 values[f.name] = prior.prior_rate if f.name in cls.PRIOR_FIELDS else 0.0
-        return cls(found=bool(row), **values)
+        values["found"] = bool(row)
+        made: Self = cast(Any, cls)(**values)
+        return made
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,12 @@ A thin wrapper over `python -m bytewax.run dataflow.flow` that takes the same fl
 - serves `/metrics` (the Bytewax dataflow API server) unless `METRICS_ENABLED=false`.
 
 Every other flag (`-w`, `-i`, `-a`, ...) passes through to Bytewax unchanged.
+
+`RECOVERY_DIR` creates *all* partitions in one directory: right for one process (any `-w`),
+or for several processes that share that one directory. Processes with a volume each must
+each hold a disjoint share of the partitions (Bytewax silently uses one copy of a partition
+held twice): set `BYTEWAX_RECOVERY_DIRECTORY` instead and create the shares as the
+Kubernetes init container does (k8s/README.md).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import runpy
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,13 +51,26 @@ def recovery_args(env: Mapping[str, str], argv: Sequence[str]) -> list[str]:
 
 def ensure_recovery_dir(directory: Path, partitions: int) -> None:
     """Create `partitions` empty recovery partitions unless the directory already has some."""
-    from bytewax.recovery import init_db_dir
+    # Imported here: the Rust extension is only needed once a recovery directory is used.
+    from bytewax.recovery import init_db_dir  # noqa: PLC0415
 
     if directory.is_dir() and any(directory.glob("part-*.sqlite3")):
         return
     directory.mkdir(parents=True, exist_ok=True)
-    init_db_dir(directory, partitions)
+    init_db_dir(directory, partitions)  # type: ignore[no-untyped-call]
     log.info("created recovery partitions", extra={"dir": str(directory), "count": partitions})
+
+
+def port_problem(port: str) -> str | None:
+    """Why the metrics server could not listen on `port` (Bytewax binds 0.0.0.0), or None."""
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f"must be a port number (got {port!r})"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("0.0.0.0", int(port)))  # noqa: S104 - the address Bytewax will use
+        except OSError as exc:
+            return f"port {port} is not free ({exc.strerror}); set another or METRICS_ENABLED=false"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if metrics_on:
         os.environ.setdefault("BYTEWAX_DATAFLOW_API_ENABLED", "true")
+        port = os.environ.get("BYTEWAX_DATAFLOW_API_PORT", "3030")
+        problem = port_problem(port)
+        if problem:
+            # Bytewax's server thread would panic and the pipeline run on without /metrics.
+            print(f"configuration error: BYTEWAX_DATAFLOW_API_PORT: {problem}", file=sys.stderr)  # noqa: T201
+            return 2
     sys.argv = ["bytewax.run", FLOW, *extra, *args]
     try:
         runpy.run_module("bytewax.run", run_name="__main__", alter_sys=True)

@@ -44,6 +44,7 @@ class FeatureShard:
     def __init__(
         self,
         params: FeatureParams,
+        *,
         clock: int = 0,
         keys: dict[str, KeyState] | None = None,
         dirty: set[str] | None = None,
@@ -67,7 +68,7 @@ class FeatureShard:
     @classmethod
     def restore(cls, params: FeatureParams, blob: bytes) -> FeatureShard:
         clock, keys, dirty, deleted, restate = pickle.loads(blob)  # noqa: S301 - our own snapshot
-        return cls(params, clock, keys, dirty, deleted, restate)
+        return cls(params, clock=clock, keys=keys, dirty=dirty, deleted=deleted, restate=restate)
 
     def step(self, items: list[ShardItem]) -> StepResult:
         """Apply clock readings and update batches in order; mark what needs writing.

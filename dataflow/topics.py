@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dataflow.config import KafkaSettings
@@ -45,14 +45,14 @@ def ensure_topics(
 
 def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
     """The high watermark of every partition of `topic`."""
-    from confluent_kafka import Consumer, TopicPartition
-
     consumer = Consumer({**settings.client_config(), "group.id": "search-features-admin"})
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         out = {}
         for partition in meta.partitions:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=10
+            )
             out[partition] = high
         return out
     finally:

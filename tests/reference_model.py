@@ -19,9 +19,11 @@ invisible. It compares event ids directly (no 64-bit digest), uses ``math.fsum``
 decayed sums, and favours obviousness over speed (20k events take well under a second or
 two).
 
-Extending with the ``acq`` family: write a contribution rule that receives the whole
-accepted stream (it needs session joins, so it is not per-event) and a fields rule, and
-add a ``FamilySpec`` to ``FAMILIES``. Nothing else changes.
+Adding a family: write a contribution rule that receives the whole accepted stream and a
+fields rule, and add a ``FamilySpec`` to ``FAMILIES``. The ``acq`` family (contract 4.4) is
+the example of a join: for each select it scans its session's events, with no state, no
+expiry and no notion of arrival order, which is exactly what the pipeline's incremental
+join (``dataflow/aclink.py``) must agree with within its disorder tolerance.
 """
 
 from __future__ import annotations
@@ -44,16 +46,19 @@ __all__ = [
     "ModelParams",
     "Store",
     "ac_key",
+    "acq_key",
     "as_redis_strings",
     "bucket",
     "decode_store",
     "dedup_flags",
+    "diff_acq_lower_bound",
     "diff_stores",
     "doc_key",
     "enc",
     "expected_store",
     "features_at",
     "final_clock",
+    "max_disorder_ms",
     "model_dedup",
     "q_norm",
     "qd_key",
@@ -66,6 +71,11 @@ DAY_MS = 86_400_000
 
 WINDOW_7D = 7
 WINDOW_30D = 30
+
+ACQ_SEARCH_WINDOW_MS = 60_000
+"""A select at ``t`` is searched by a search at ``t <= ts <= t + 60 s`` (both ends in)."""
+ACQ_CLICK_WINDOW_MS = 1_800_000
+"""A select at ``t`` is clicked by a click at ``t <= ts <= t + 30 min`` (both ends in)."""
 
 Event = Mapping[str, Any]
 """One valid event: the JSON object of contract section 1, already validated."""
@@ -154,6 +164,11 @@ def ac_key(prefix: str, ac_prefix: str, candidate: str) -> str:
     return f"{prefix}:ac:{enc(q_norm(ac_prefix))}:{enc(q_norm(candidate))}"
 
 
+def acq_key(prefix: str, candidate: str) -> str:
+    """``P:acq:{query_hash(candidate)}``: the typed prefix is not part of it."""
+    return f"{prefix}:acq:{query_hash(candidate)}"
+
+
 # ------------------------------------------------------------------------------- time
 
 
@@ -228,8 +243,9 @@ def model_dedup(events: Iterable[Event], *, params: ModelParams = DEFAULT_PARAMS
 class Contribution(NamedTuple):
     """One unit credited to one key at one event time.
 
-    ``kind`` is ``impression``, ``click``, ``long_click`` or ``select`` (``acq`` will add
-    its own kinds). Every field of a key is a function of its list of contributions.
+    ``kind`` is ``impression``, ``click``, ``long_click`` or ``select``, and for ``acq``
+    also ``searched`` and ``clicked`` (credited at the *select's* ``ts``). Every field of a
+    key is a function of its list of contributions.
     """
 
     family: str
@@ -316,6 +332,61 @@ def ac_contributions(
                 yield Contribution("ac", ac_key(prefix, ac_prefix, cand), "select", ts)
 
 
+def _session(event: Event) -> str | None:
+    """The event's session, or ``None``: missing, ``null`` and ``""`` are no session (an
+    empty id cannot tell two visitors apart, so it must not join them)."""
+    session = event.get("session_id")
+    return session if session else None
+
+
+def acq_contributions(
+    accepted: Sequence[Event], prefix: str, params: ModelParams
+) -> Iterator[Contribution]:
+    """Selects, and which of them were searched or clicked (contract 4.4), by brute force.
+
+    Every ``ac_select`` whose candidate normalises to a non-empty string is one select at
+    its key (the typed prefix plays no part). With a session, it is *searched* when that
+    session has any ``search_impression`` whose normalised query equals the normalised
+    candidate at ``t <= ts <= t + 60 s``, and *clicked* likewise for a ``click`` within
+    ``30 min``: once each, however many partners qualify, and one partner may serve several
+    selects. Both are credited at the select's ``ts``. Dwells are not clicks.
+    """
+    del params  # no knob changes the link
+    by_session: dict[str, list[Event]] = defaultdict(list)
+    for event in accepted:
+        session = _session(event)
+        if session is not None:
+            by_session[session].append(event)
+    for event in accepted:
+        if event["type"] != "ac_select":
+            continue
+        candidate = q_norm(event["candidate"])
+        if not candidate:
+            continue
+        t = int(event["ts"])
+        key = acq_key(prefix, candidate)
+        yield Contribution("acq", key, "select", t)
+        session = _session(event)
+        if session is None:
+            continue
+        partners = by_session[session]
+        if _has_partner(partners, "search_impression", candidate, t, ACQ_SEARCH_WINDOW_MS):
+            yield Contribution("acq", key, "searched", t)
+        if _has_partner(partners, "click", candidate, t, ACQ_CLICK_WINDOW_MS):
+            yield Contribution("acq", key, "clicked", t)
+
+
+def _has_partner(
+    session_events: Sequence[Event], etype: str, candidate: str, t: int, window: int
+) -> bool:
+    return any(
+        e["type"] == etype
+        and q_norm(e.get("query")) == candidate
+        and t <= int(e["ts"]) <= t + window
+        for e in session_events
+    )
+
+
 # ----------------------------------------------------------------------------- fields
 
 
@@ -397,6 +468,29 @@ def ac_fields(
     }
 
 
+def acq_fields(
+    family: str, kept: Sequence[Contribution], as_of: int, params: ModelParams
+) -> dict[str, FieldValue]:
+    """Autocomplete-to-search link fields (contract 4.4); rates are smoothed over selects."""
+    alpha, beta = params.smoothing(family)
+    counts = {
+        (kind, days): window_count(kept, kind, as_of, days)
+        for kind in ("select", "searched", "clicked")
+        for days in (WINDOW_7D, WINDOW_30D)
+    }
+    sel30 = counts["select", WINDOW_30D]
+    return {
+        "selects_7d": counts["select", WINDOW_7D],
+        "searched_7d": counts["searched", WINDOW_7D],
+        "clicked_7d": counts["clicked", WINDOW_7D],
+        "selects_30d": sel30,
+        "searched_30d": counts["searched", WINDOW_30D],
+        "clicked_30d": counts["clicked", WINDOW_30D],
+        "search_rate_30d": smoothed(counts["searched", WINDOW_30D], sel30, alpha, beta),
+        "click_rate_30d": smoothed(counts["clicked", WINDOW_30D], sel30, alpha, beta),
+    }
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """How one key family is derived: which contributions exist, and what they make."""
@@ -410,7 +504,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("doc", doc_contributions, click_fields),
     FamilySpec("qd", qd_contributions, click_fields),
     FamilySpec("ac", ac_contributions, ac_fields),
-    # FamilySpec("acq", acq_contributions, acq_fields) once contract 4.4 is pinned.
+    FamilySpec("acq", acq_contributions, acq_fields),
 )
 
 
@@ -498,7 +592,7 @@ def decode_store(actual: RawStore) -> dict[str, dict[str, str]]:
 def select_families(
     store: Mapping[str, Mapping[str, Any]], families: Collection[str], *, prefix: str = "feat"
 ) -> dict[str, dict[str, Any]]:
-    """The keys of the given families only, e.g. to ignore ``acq`` until it is modelled."""
+    """The keys of the given families only, e.g. to compare ``acq`` by its own rule."""
     heads = tuple(f"{prefix}:{family}:" for family in families)
     return {key: dict(fields) for key, fields in store.items() if key.startswith(heads)}
 
@@ -557,3 +651,66 @@ def _diff_value(
 
 def _rel_err(value: float, want: float) -> float:
     return abs(value - want) / max(abs(want), abs(value), 1e-300)
+
+
+# ------------------------------------------------------------- acq beyond the tolerance
+
+
+def max_disorder_ms(events: Iterable[Event]) -> int:
+    """How far behind the largest earlier ``ts`` the latest-arriving event came, in stream
+    order (0 for a stream in time order).
+
+    The pipeline's link join is exact when every link event reaches it at most its grace
+    (``dataflow.aclink.DEFAULT_GRACE_MS``) behind the clock, so a test may demand exact
+    ``acq`` values when this is within the grace, and only ``diff_acq_lower_bound`` beyond.
+    """
+    worst = 0
+    clock: int | None = None
+    for event in events:
+        ts = int(event["ts"])
+        if clock is not None:
+            worst = max(worst, clock - ts)
+        clock = ts if clock is None else max(clock, ts)
+    return worst
+
+
+_ACQ_BOUNDED = ("searched_7d", "clicked_7d", "searched_30d", "clicked_30d")
+_ACQ_EXACT = ("selects_7d", "selects_30d", "as_of")
+_ACQ_RATES = (("search_rate_30d", "searched_30d"), ("click_rate_30d", "clicked_30d"))
+
+
+def diff_acq_lower_bound(
+    actual: RawStore,
+    expected: Mapping[str, Mapping[str, FieldValue]],
+    *,
+    prefix: str = "feat",
+    params: ModelParams = DEFAULT_PARAMS,
+) -> list[str]:
+    """What the ``acq`` family must still satisfy when arrival disorder exceeded the link's
+    tolerance: the same keys, exact selects and ``as_of``, searched and clicked counts
+    between 0 and the model's (a link is never invented, only possibly missed), and rates
+    that are the smoothed ratios of the counts actually written. Other families are ignored.
+    """
+    got = select_families(decode_store(actual), ["acq"], prefix=prefix)
+    want = select_families(expected, ["acq"], prefix=prefix)
+    alpha, beta = params.smoothing("acq")
+    problems = [f"missing key {key!r}" for key in sorted(want.keys() - got.keys())]
+    problems += [f"extra key {key!r}" for key in sorted(got.keys() - want.keys())]
+    for key in sorted(want.keys() & got.keys()):
+        have, exp = got[key], want[key]
+        if set(have) != set(exp):
+            problems.append(f"{key!r}: fields {sorted(have)} != {sorted(exp)}")
+            continue
+        for name in _ACQ_EXACT:
+            if have[name] != str(exp[name]):
+                problems.append(f"{key!r} {name}: expected {exp[name]}, got {have[name]!r}")
+        for name in _ACQ_BOUNDED:
+            if not have[name].isdigit() or int(have[name]) > int(exp[name]):
+                problems.append(f"{key!r} {name}: expected 0..{exp[name]}, got {have[name]!r}")
+        selects = int(have["selects_30d"]) if have["selects_30d"].isdigit() else 0
+        for rate, count in _ACQ_RATES:
+            k = int(have[count]) if have[count].isdigit() else 0
+            problem = _diff_value(smoothed(k, selects, alpha, beta), have[rate], 1e-9, 0.0, True)
+            if problem:
+                problems.append(f"{key!r} {rate}: {problem}")
+    return problems

@@ -19,6 +19,7 @@ from dataflow import metrics
 from dataflow.config import KafkaSettings
 from dataflow.deadletter import DeadLetter
 from dataflow.errors import SinkError
+from dataflow.logs import BurstLog
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
     def __init__(self, producer: Producer, topic: str) -> None:
         self.producer = producer
         self.topic = topic
+        # Bad input often comes in runs: a line when a burst starts, then a summary at most
+        # every 30 s, instead of a line per batch.
+        self.burst = BurstLog(log, "dead letters written", kinds_field="reasons")
 
     def write_batch(self, items: list[DeadLetter]) -> None:
         if not items:
@@ -57,13 +61,11 @@ class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
                 f"{failures[0] if failures else 'timeout'}); stopping so recovery re-sends them"
             )
         metrics.DEAD_LETTERS.labels(result="success").inc(len(items))
-        log.info(
-            "dead letters written",
-            extra={"count": len(items), "reasons": sorted({i.reason for i in items})},
-        )
+        self.burst.add(len(items), {i.reason for i in items})
 
     def close(self) -> None:
         self.producer.flush(FLUSH_TIMEOUT_S)
+        self.burst.flush()
 
 
 class DeadLetterSink(DynamicSink[DeadLetter]):

@@ -31,7 +31,9 @@ def build(events: list[tuple[int, tuple[int, int, int]]]) -> list[int]:
 
 
 @given(events_strategy, st.integers(min_value=0, max_value=45 * DAY_MS))
-def test_totals_match_brute_force(events: list[tuple[int, tuple[int, int, int]]], extra: int) -> None:
+def test_totals_match_brute_force(
+    events: list[tuple[int, tuple[int, int, int]]], extra: int
+) -> None:
     state = build(events)
     as_of = max(BASE + o for o, _ in events) + extra
     day = as_of // DAY_MS

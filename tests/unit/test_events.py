@@ -169,7 +169,9 @@ def test_any_bytes_decode_without_raising(value: bytes) -> None:
 )
 def test_any_json_object_decodes_without_raising(obj: dict[str, object]) -> None:
     result = decode(json.dumps(obj).encode(), now_ms=NOW, future_tolerance_ms=TOL)
-    assert isinstance(result, Rejection | SearchImpression | Click | Dwell | AcImpression | AcSelect)
+    assert isinstance(
+        result, Rejection | SearchImpression | Click | Dwell | AcImpression | AcSelect
+    )
 
 
 def test_dead_letter_envelope_utf8_and_binary() -> None:

@@ -19,14 +19,17 @@ from tests.reference_model import (
     ModelParams,
     Store,
     ac_key,
+    acq_key,
     as_redis_strings,
     dedup_flags,
+    diff_acq_lower_bound,
     diff_stores,
     doc_key,
     enc,
     expected_store,
     features_at,
     final_clock,
+    max_disorder_ms,
     model_dedup,
     q_norm,
     qd_key,
@@ -368,7 +371,12 @@ def test_key_components_are_percent_encoded() -> None:
 
 def test_custom_feature_prefix() -> None:
     store = expected_store([imp(DAY0, ["d"]), ac_sel(DAY0, "p", "c")], prefix="x:y")
-    assert set(store) == {"x:y:doc:d", f"x:y:qd:{query_hash('shoes')}:d", "x:y:ac:p:c"}
+    assert set(store) == {
+        "x:y:doc:d",
+        f"x:y:qd:{query_hash('shoes')}:d",
+        "x:y:ac:p:c",
+        f"x:y:acq:{query_hash('c')}",
+    }
 
 
 def test_autocomplete_counts_distinct_normalised_candidates() -> None:
@@ -377,7 +385,12 @@ def test_autocomplete_counts_distinct_normalised_candidates() -> None:
         ac_sel(DAY0 + 1, "ip", "IPHONE"),
     ]
     store = expected_store(events)
-    assert set(store) == {"feat:ac:ip:iphone", "feat:ac:ip:ipad", "feat:ac:ip:a%3Ab"}
+    assert set(select_families(store, ["ac"])) == {
+        "feat:ac:ip:iphone",
+        "feat:ac:ip:ipad",
+        "feat:ac:ip:a%3Ab",
+    }
+    assert set(select_families(store, ["acq"])) == {acq_key("feat", "iphone")}  # the select
     phone = store["feat:ac:ip:iphone"]
     assert set(phone) == AC_FIELDS
     assert phone["impressions_7d"] == phone["impressions_30d"] == 1
@@ -392,7 +405,12 @@ def test_autocomplete_counts_distinct_normalised_candidates() -> None:
 
 def test_autocomplete_with_empty_prefix_or_candidate_gives_nothing() -> None:
     events = [ac_imp(DAY0, "  ", ["x"]), ac_sel(DAY0, "", "x"), ac_sel(DAY0, "p", " ")]
-    assert expected_store(events) == {}
+    store = expected_store(events)
+    assert select_families(store, ["ac"]) == {}
+    # The link is keyed by the candidate alone: an empty typed prefix still selects "x",
+    # while an empty candidate has no acq key at all (contract 4.4 Choice).
+    assert set(store) == {acq_key("feat", "x")}
+    assert store[acq_key("feat", "x")]["selects_30d"] == 1
 
 
 def test_autocomplete_select_without_impression_and_window() -> None:
@@ -570,3 +588,182 @@ def test_counts_never_exceed_the_brute_totals(seed: int) -> None:
         assert 0 < fields["ctr_30d"] < 1
         clock = final_clock(events)
         assert (clock // DAY_MS) * DAY_MS <= fields["as_of"] <= clock
+
+
+# ------------------------------------------------------------- autocomplete -> search
+
+ACQ_FIELDS = {
+    "selects_7d", "searched_7d", "clicked_7d", "selects_30d", "searched_30d",
+    "clicked_30d", "search_rate_30d", "click_rate_30d", "as_of",
+}  # fmt: skip
+
+
+def s_sel(ts: int, candidate: str, session: Any = "s1", prefix: str = "ip") -> dict[str, Any]:
+    event = ac_sel(ts, prefix, candidate)
+    if session != "missing":
+        event["session_id"] = session
+    return event
+
+
+def s_imp(ts: int, query: Any, session: Any = "s1") -> dict[str, Any]:
+    return {**imp(ts, ["d"], query=query), "session_id": session}
+
+
+def s_click(ts: int, query: Any, session: Any = "s1") -> dict[str, Any]:
+    return {**click(ts, "d", query=query), "session_id": session}
+
+
+def acq(store: Store, candidate: str) -> tuple[Any, Any, Any]:
+    fields = store[acq_key("feat", candidate)]
+    assert set(fields) == ACQ_FIELDS
+    return fields["selects_30d"], fields["searched_30d"], fields["clicked_30d"]
+
+
+@pytest.mark.parametrize(
+    ("offset", "searched"),
+    [(-1, 0), (0, 1), (59_000, 1), (60_000, 1), (60_001, 0), (61_000, 0)],
+)
+def test_acq_search_window(offset: int, searched: int) -> None:
+    events = [s_sel(DAY0, "iphone"), s_imp(DAY0 + offset, "iphone")]
+    assert acq(expected_store(events), "iphone") == (1, searched, 0)
+
+
+@pytest.mark.parametrize(
+    ("minutes_ms", "clicked"),
+    [(-1, 0), (0, 1), (29 * 60_000, 1), (30 * 60_000, 1), (30 * 60_000 + 1, 0), (31 * 60_000, 0)],
+)
+def test_acq_click_window(minutes_ms: int, clicked: int) -> None:
+    events = [s_sel(DAY0, "iphone"), s_click(DAY0 + minutes_ms, "iphone")]
+    assert acq(expected_store(events), "iphone") == (1, 0, clicked)
+
+
+def test_acq_fields_and_rates() -> None:
+    events = [
+        s_sel(DAY0, "a"),
+        s_imp(DAY0 + 1_000, "a"),
+        s_click(DAY0 + 60_000, "a"),
+        s_sel(DAY0 - 10 * DAY_MS, "a", session="s2"),  # in 30 days, not in 7
+        s_imp(DAY0 - 10 * DAY_MS + 5, "a", session="s2"),
+    ]
+    fields = expected_store(events)[acq_key("feat", "a")]
+    assert fields == {
+        "selects_7d": 1, "searched_7d": 1, "clicked_7d": 1,
+        "selects_30d": 2, "searched_30d": 2, "clicked_30d": 1,
+        "search_rate_30d": 3 / 23, "click_rate_30d": 2 / 23,
+        # The newest *select* (DAY0), not the click at DAY0 + 60 s: the links are credited
+        # at their select's ts (Choice, docs/contract.md 4.4).
+        "as_of": DAY0,
+    }  # fmt: skip
+
+
+def test_acq_is_bucketed_by_the_select_and_as_of_follows_the_selects() -> None:
+    midnight = DAY0 + DAY_MS
+    events = [s_sel(midnight - 30_000, "a"), s_imp(midnight + 10_000, "a")]
+    fields = expected_store(events)[acq_key("feat", "a")]
+    # The clock (the search) is on the next day, so as_of is that day's start; the
+    # searched count sits on the select's day, like the select.
+    assert fields["as_of"] == midnight
+    assert (fields["selects_30d"], fields["searched_30d"]) == (1, 1)
+    later = features_at(model_dedup(events), midnight + 5 * DAY_MS)
+    assert later[acq_key("feat", "a")]["searched_7d"] == 1  # select's day: 6 days ago
+    later = features_at(model_dedup(events), midnight + 6 * DAY_MS)
+    assert later[acq_key("feat", "a")]["searched_7d"] == 0  # select's day left; search's not
+
+
+def test_acq_each_select_counts_once_each_way() -> None:
+    events = [s_sel(DAY0, "a")]
+    events += [s_imp(DAY0 + i, "a") for i in range(3)]
+    events += [s_click(DAY0 + i, "a") for i in range(3)]
+    assert acq(expected_store(events), "a") == (1, 1, 1)
+
+
+def test_acq_two_selects_of_one_candidate_in_one_session() -> None:
+    both = [s_sel(DAY0, "a"), s_sel(DAY0 + 30_000, "a"), s_imp(DAY0 + 50_000, "a")]
+    assert acq(expected_store(both), "a") == (2, 2, 0)  # one search serves both
+    one = [s_sel(DAY0, "a"), s_sel(DAY0 + 30_000, "a"), s_imp(DAY0 + 70_000, "a")]
+    assert acq(expected_store(one), "a") == (2, 1, 0)
+
+
+@pytest.mark.parametrize("session", ["missing", None, ""])
+def test_acq_select_without_session_counts_but_never_links(session: Any) -> None:
+    events = [s_sel(DAY0, "a", session), s_imp(DAY0 + 1, "a", session)]
+    events.append(s_click(DAY0 + 2, "a", session))
+    if session == "missing":
+        for event in events:
+            event.pop("session_id", None)
+    assert acq(expected_store(events), "a") == (1, 0, 0)
+
+
+def test_acq_links_only_within_the_exact_session_id() -> None:
+    events = [s_sel(DAY0, "a", "s1"), s_imp(DAY0 + 1, "a", "S1"), s_click(DAY0 + 2, "a", "s2")]
+    assert acq(expected_store(events), "a") == (1, 0, 0)
+
+
+def test_acq_unicode_and_case_variants_share_the_key_and_link() -> None:
+    events = [
+        s_sel(DAY0, "ＩＰｈｏｎｅ  Case"),
+        s_imp(DAY0 + 1_000, " iphone case "),
+        s_click(DAY0 + 2_000, "IPHONE\tCASE"),
+        s_sel(DAY0 + 3_000, "Straße"),
+        s_imp(DAY0 + 4_000, "STRASSE"),
+        s_imp(DAY0 + 5_000, "iphone cases"),  # a different query
+    ]
+    store = expected_store(events)
+    assert acq_key("feat", "ＩＰｈｏｎｅ  Case") == "feat:acq:4be0417c061d0252"
+    assert acq(store, "iphone case") == (1, 1, 1)
+    assert acq(store, "strasse") == (1, 1, 0)
+    assert len(select_families(store, ["acq"])) == 2
+
+
+def test_acq_same_candidate_under_different_prefixes_is_one_key() -> None:
+    events = [
+        s_sel(DAY0, "iPhone", prefix="i"),
+        s_sel(DAY0 + 1_000, "iphone", prefix="IPH"),
+        s_imp(DAY0 + 10_000, "iphone"),
+    ]
+    store = expected_store(events)
+    assert set(select_families(store, ["acq"])) == {acq_key("feat", "iphone")}
+    assert acq(store, "iphone") == (2, 2, 0)
+    assert len(select_families(store, ["ac"])) == 2  # the ac family keeps them apart
+
+
+def test_acq_empty_candidate_has_no_key_and_dwell_is_not_a_click() -> None:
+    events = [s_sel(DAY0, "  "), s_imp(DAY0 + 1, "")]
+    assert select_families(expected_store(events), ["acq"]) == {}
+    events = [s_sel(DAY0, "a"), {**dwell(DAY0 + 1, "d", 60_000, query="a"), "session_id": "s1"}]
+    assert acq(expected_store(events), "a") == (1, 0, 0)
+
+
+def test_acq_stream_order_is_irrelevant_to_the_model() -> None:
+    events = [s_click(DAY0 + 20 * 60_000, "a"), s_imp(DAY0 + 30_000, "a"), s_sel(DAY0, "a")]
+    assert acq(expected_store(events), "a") == (1, 1, 1)
+
+
+def test_max_disorder() -> None:
+    assert max_disorder_ms([]) == 0
+    assert max_disorder_ms([imp(DAY0, ["a"]), imp(DAY0 + 5, ["a"])]) == 0
+    events = [
+        imp(DAY0 + 100, ["a"]),
+        imp(DAY0, ["a"]),
+        imp(DAY0 + 200, ["a"]),
+        imp(DAY0 + 150, ["a"]),
+    ]
+    assert max_disorder_ms(events) == 100
+
+
+def test_diff_acq_lower_bound() -> None:
+    events = [s_sel(DAY0, "a"), s_imp(DAY0 + 1, "a"), s_click(DAY0 + 2, "a"), imp(DAY0, ["d"])]
+    expected = expected_store(events)
+    exact = as_redis_strings(expected)
+    assert diff_acq_lower_bound(exact, expected) == []
+    key = acq_key("feat", "a")
+    missed = {key: {**exact[key], "searched_30d": "0", "searched_7d": "0",
+                    "search_rate_30d": repr(1 / 22)}}  # fmt: skip
+    assert diff_acq_lower_bound(missed, expected) == []  # other families are ignored
+    invented = {key: {**exact[key], "selects_30d": "2"}}
+    problems = diff_acq_lower_bound(invented, expected)
+    assert any("selects_30d" in p for p in problems)
+    assert any("search_rate_30d" in p for p in problems)  # no longer the ratio written
+    too_many = {key: {**exact[key], "clicked_7d": "2"}}
+    assert any("clicked_7d" in p for p in diff_acq_lower_bound(too_many, expected))
+    assert diff_acq_lower_bound({}, expected) == [f"missing key {key!r}"]

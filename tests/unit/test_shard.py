@@ -75,7 +75,9 @@ def test_new_day_restates_idle_keys_with_day_start_as_of() -> None:
 
 def test_clock_tick_alone_restates_and_expires() -> None:
     shard = FeatureShard(PARAMS)
-    shard.step([[upd(DOC, "doc:old", BASE, (1, 0, 0)), upd(DOC, "doc:new", BASE + 20 * DAY_MS, (1, 0, 0))]])
+    shard.step(
+        [[upd(DOC, "doc:old", BASE, (1, 0, 0)), upd(DOC, "doc:new", BASE + 20 * DAY_MS, (1, 0, 0))]]
+    )
     shard.flush()
     shard.step([BASE + 30 * DAY_MS])  # a clock reading from another worker
     result = shard.flush()
