@@ -109,6 +109,9 @@ class LinkRoute:
 
     by_shard: dict[str, list[LinkItem]] = field(default_factory=dict)
     direct: list[Update] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    """`acq` key suffix → the normalised candidate it counts (the key holds only its hash);
+    the OpenSearch autocomplete index is keyed by the candidate text."""
 
 
 def route(events: Iterable[Event], shards: int) -> LinkRoute:
@@ -139,6 +142,8 @@ def route(events: Iterable[Event], shards: int) -> LinkRoute:
         if not normalized:
             continue
         qhash = keys.hash_normalized(normalized)
+        if kind == SELECT:
+            out.labels[keys.acq_suffix(qhash)] = normalized
         if session is None:
             out.direct.append((ACQ, keys.acq_suffix(qhash), event.ts, _SELECT_ONLY))
             continue

@@ -12,9 +12,18 @@ updates came in; see docs/architecture.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dataflow.windows import WINDOW_7D, WINDOW_30D, decayed_sum, forward_weight
+from math import exp2
+
+from dataflow.windows import (
+    DAY_MS,
+    HALF_LIFE_MS,
+    WEIGHT_SCALE,
+    WINDOW_7D,
+    WINDOW_30D,
+    forward_weight,
+)
 
 KeyState = list[int]
 
@@ -25,10 +34,11 @@ class Layout:
 
     counts: int
     decayed: tuple[int, ...] = ()
+    width: int = field(init=False)
+    """Ints per day record: the day, the counts, the decayed sums (precomputed: hot path)."""
 
-    @property
-    def width(self) -> int:
-        return 1 + self.counts + len(self.decayed)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "width", 1 + self.counts + len(self.decayed))
 
 
 @dataclass(slots=True)
@@ -87,22 +97,66 @@ def prune(state: KeyState, layout: Layout, first_kept_day: int) -> bool:
 
 
 def totals(state: KeyState, layout: Layout, as_of_day: int, as_of_ms: int) -> Totals:
-    """Window sums at `as_of` (whose day is `as_of_day`), and the decayed sums."""
+    """Window sums at `as_of` (whose day is `as_of_day`), and the decayed sums.
+
+    The decayed sums are added in ascending day order, exactly as `windows.decayed_sum`
+    does, so the result is the same bits (this is the hot path of every write).
+    """
+    if layout.counts == 3 and len(layout.decayed) == 2:
+        return _totals_3_2(state, as_of_day, as_of_ms)
     width = layout.width
     n = layout.counts
+    m = len(layout.decayed)
     last_7d = [0] * n
     last_30d = [0] * n
-    decayed_pairs: list[list[tuple[int, int]]] = [[] for _ in layout.decayed]
+    decayed = [0.0] * m
+    first_30d = as_of_day - WINDOW_30D
+    first_7d = as_of_day - WINDOW_7D
     for pos in range(1, len(state), width):
         day = state[pos]
-        age = as_of_day - day
-        if age < 0 or age >= WINDOW_30D:
+        if day <= first_30d or day > as_of_day:
             continue
-        for i in range(n):
-            last_30d[i] += state[pos + 1 + i]
-        if age < WINDOW_7D:
+        base = pos + 1
+        if day > first_7d:
             for i in range(n):
-                last_7d[i] += state[pos + 1 + i]
-        for j in range(len(layout.decayed)):
-            decayed_pairs[j].append((day, state[pos + 1 + n + j]))
-    return Totals(last_7d, last_30d, [decayed_sum(p, as_of_ms) for p in decayed_pairs])
+                value = state[base + i]
+                last_30d[i] += value
+                last_7d[i] += value
+        else:
+            for i in range(n):
+                last_30d[i] += state[base + i]
+        if m:
+            factor = exp2(-(as_of_ms - day * DAY_MS) / HALF_LIFE_MS) / WEIGHT_SCALE
+            for j in range(m):
+                weight_sum = state[base + n + j]
+                if weight_sum:
+                    decayed[j] += weight_sum * factor
+    return Totals(last_7d, last_30d, decayed)
+
+
+def _totals_3_2(state: KeyState, as_of_day: int, as_of_ms: int) -> Totals:
+    """`totals` unrolled for the document and query-document layout (3 counts, 2 decayed):
+    the same additions in the same order, so the same bits, in about half the time."""
+    a7 = b7 = c7 = a30 = b30 = c30 = 0
+    d0 = d1 = 0.0
+    first_30d = as_of_day - WINDOW_30D
+    first_7d = as_of_day - WINDOW_7D
+    for pos in range(1, len(state), 6):
+        day = state[pos]
+        if day <= first_30d or day > as_of_day:
+            continue
+        a, b, c, w0, w1 = state[pos + 1 : pos + 6]
+        a30 += a
+        b30 += b
+        c30 += c
+        if day > first_7d:
+            a7 += a
+            b7 += b
+            c7 += c
+        if w0 or w1:
+            factor = exp2(-(as_of_ms - day * DAY_MS) / HALF_LIFE_MS) / WEIGHT_SCALE
+            if w0:
+                d0 += w0 * factor
+            if w1:
+                d1 += w1 * factor
+    return Totals([a7, b7, c7], [a30, b30, c30], [d0, d1])

@@ -60,8 +60,11 @@ class FeatureParams:
 
 def family_of(suffix: str) -> int:
     """The family of a key suffix (`doc:…`, `qd:…`, `ac:…`, `acq:…`)."""
-    head = suffix[: suffix.index(":")]
-    return FAMILY_NAMES.index(head)
+    return _FAMILY_BY_HEAD[suffix[:3]]
+
+
+# The first three characters tell the families apart ("doc", "qd:", "ac:", "acq").
+_FAMILY_BY_HEAD: Final = {"doc": DOC, "qd:": QD, "ac:": AC, "acq": ACQ}
 
 
 def updates_for(event: Event, params: FeatureParams) -> list[Update]:

@@ -264,6 +264,12 @@ class LinkRouter:
         routed = aclink.route((e for _key, events in batches for e in events), self.link_shards)
         out: list[tuple[str, Any]] = [("join", kv) for kv in routed.by_shard.items()]
         out.extend(("count", kv) for kv in by_feature_shard(routed.direct, self.feature_shards))
+        if routed.labels:
+            by_shard: dict[str, dict[str, str]] = {}
+            for suffix, text in routed.labels.items():
+                shard = str(zlib.crc32(suffix.encode("utf-8")) % self.feature_shards)
+                by_shard.setdefault(shard, {})[suffix] = text
+            out.extend(("count", kv) for kv in by_shard.items())
         return out
 
 

@@ -7,6 +7,7 @@ reader (`reader`) both call it, and `tests/unit/test_keys.py` pins the exact byt
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from urllib.parse import quote
 
@@ -37,8 +38,14 @@ def hash_normalized(normalized_query: str) -> str:
     return hashlib.blake2b(normalized_query.encode("utf-8"), digest_size=8).hexdigest()
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
 def enc(component: str) -> str:
     """Percent-encode a key component so `:` (and anything else) can never split a key."""
+    # Most ids are plain ASCII that `quote` would return unchanged: skip its per-byte work.
+    if _UNRESERVED.fullmatch(component):
+        return component
     return quote(component, safe="")
 
 

@@ -20,8 +20,8 @@ from dataflow.windows import DAY_MS, RETENTION_DAYS
 Write = tuple[str, Fields | None]
 """(key suffix, fields to HSET) or (key suffix, None) to DEL."""
 
-ShardItem = int | list[Update]
-"""A clock reading (epoch ms) or a batch of counter updates."""
+ShardItem = int | list[Update] | dict[str, str]
+"""A clock reading (epoch ms), a batch of counter updates, or key labels (suffix → text)."""
 
 
 @dataclass(slots=True)
@@ -29,6 +29,8 @@ class StepResult:
     writes: list[Write] = field(default_factory=list)
     late_updates: int = 0
     new_day: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    """For written or deleted keys that have one: the text behind a hashed key (`acq`)."""
 
 
 class FeatureShard:
@@ -39,7 +41,7 @@ class FeatureShard:
     part of the snapshot, so a crash between a step and its flush loses no write.
     """
 
-    __slots__ = ("clock", "deleted", "dirty", "keys", "params", "restate")
+    __slots__ = ("clock", "deleted", "dirty", "keys", "labels", "params", "restate")
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class FeatureShard:
         dirty: set[str] | None = None,
         deleted: set[str] | None = None,
         restate: bool = False,
+        labels: dict[str, str] | None = None,
     ):
         self.params = params
         self.clock = clock
@@ -57,18 +60,27 @@ class FeatureShard:
         self.dirty: set[str] = set() if dirty is None else dirty
         self.deleted: set[str] = set() if deleted is None else deleted
         self.restate = restate  # the next flush follows a new day (for freshness metrics)
+        self.labels: dict[str, str] = {} if labels is None else labels
 
     # Recovery: Bytewax pickles snapshots *after* the logic may already have processed the
     # next epoch, so a snapshot must not share mutable objects with the live state. Pickling
     # here costs what Bytewax would spend anyway, and returns immutable bytes.
     def snapshot(self) -> bytes:
-        state = (self.clock, self.keys, self.dirty, self.deleted, self.restate)
+        state = (self.clock, self.keys, self.dirty, self.deleted, self.restate, self.labels)
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
     def restore(cls, params: FeatureParams, blob: bytes) -> FeatureShard:
-        clock, keys, dirty, deleted, restate = pickle.loads(blob)  # noqa: S301 - our own snapshot
-        return cls(params, clock=clock, keys=keys, dirty=dirty, deleted=deleted, restate=restate)
+        clock, keys, dirty, deleted, restate, labels = pickle.loads(blob)  # noqa: S301 - ours
+        return cls(
+            params,
+            clock=clock,
+            keys=keys,
+            dirty=dirty,
+            deleted=deleted,
+            restate=restate,
+            labels=labels,
+        )
 
     def step(self, items: list[ShardItem]) -> StepResult:
         """Apply clock readings and update batches in order; mark what needs writing.
@@ -88,6 +100,9 @@ class FeatureShard:
                 if item > clock:
                     clock = item
                     late_before = clock // DAY_MS - RETENTION_DAYS
+                continue
+            if isinstance(item, dict):
+                self.labels.update(item)
                 continue
             for family, suffix, ts, counts in item:
                 if ts > clock:
@@ -118,6 +133,9 @@ class FeatureShard:
                 del keys[suffix]
                 dirty.discard(suffix)
             self.deleted.update(expired)
+            # A label whose key never got (or no longer has) counts is not needed.
+            for suffix in [s for s in self.labels if s not in keys and s not in self.deleted]:
+                del self.labels[suffix]
             dirty.update(keys)
         return result
 
@@ -132,7 +150,12 @@ class FeatureShard:
             writes.append(
                 (suffix, fields_for(family_of(suffix), state, max(state[0], day_start), params))
             )
+        labels = self.labels
         result = StepResult(writes=writes, new_day=self.restate)
+        if labels:
+            result.labels = {s: labels[s] for s, _ in writes if s in labels}
+            for suffix in self.deleted:
+                labels.pop(suffix, None)
         self.dirty = set()
         self.deleted = set()
         self.restate = False

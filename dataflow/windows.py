@@ -22,7 +22,7 @@ WEIGHT_SCALE_BITS = 32
 """Decay weights are fixed-point integers with this many fractional bits, so per-day sums
 are exact and independent of the order events arrive in (float addition is not)."""
 
-_WEIGHT_SCALE = float(1 << WEIGHT_SCALE_BITS)
+WEIGHT_SCALE = float(1 << WEIGHT_SCALE_BITS)
 
 
 def bucket(ts_ms: int) -> int:
@@ -51,7 +51,7 @@ def forward_weight(ts_ms: int) -> int:
     In [2^32, 2^32 · 2^(1/7)), so a day's sum stays small and exact as a Python int.
     """
     offset = ts_ms - (ts_ms // DAY_MS) * DAY_MS
-    return round(math.exp2(offset / HALF_LIFE_MS) * _WEIGHT_SCALE)
+    return round(math.exp2(offset / HALF_LIFE_MS) * WEIGHT_SCALE)
 
 
 def decayed_sum(day_weights: list[tuple[int, int]], as_of_ms: int) -> float:
@@ -64,7 +64,7 @@ def decayed_sum(day_weights: list[tuple[int, int]], as_of_ms: int) -> float:
     for day, weight_sum in day_weights:
         if weight_sum:
             age = as_of_ms - day * DAY_MS
-            total += (weight_sum / _WEIGHT_SCALE) * math.exp2(-age / HALF_LIFE_MS)
+            total += weight_sum * (math.exp2(-age / HALF_LIFE_MS) / WEIGHT_SCALE)
     return total
 
 

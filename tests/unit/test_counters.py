@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dataflow.counters import Layout, add, prune, totals
-from dataflow.windows import DAY_MS, HALF_LIFE_MS, decay_factor, forward_weight
+from dataflow.windows import DAY_MS, HALF_LIFE_MS, decay_factor, decayed_sum, forward_weight
 
 LAYOUT = Layout(counts=3, decayed=(0, 1))
 BASE = 20_000 * DAY_MS
@@ -85,3 +85,19 @@ def test_forward_weight_range_and_decay_half_life() -> None:
     state = add(None, LAYOUT, BASE, (1, 0, 0))
     got = totals(state, LAYOUT, (BASE + HALF_LIFE_MS) // DAY_MS, BASE + HALF_LIFE_MS)
     assert math.isclose(got.decayed[0], 0.5, rel_tol=1e-9)
+
+
+
+@given(events_strategy, st.integers(min_value=0, max_value=45 * DAY_MS))
+def test_decayed_sums_are_the_per_day_formula_bit_for_bit(
+    events: list[tuple[int, tuple[int, int, int]]], extra: int
+) -> None:
+    """The hot-path loop adds the same terms in the same order as `windows.decayed_sum`."""
+    state = build(events)
+    as_of = max(BASE + o for o, _ in events) + extra
+    day = as_of // DAY_MS
+    got = totals(state, LAYOUT, day, as_of)
+    records = [p for p in range(1, len(state), LAYOUT.width) if day - 30 < state[p] <= day]
+    for j in range(2):
+        pairs = [(state[p], state[p + 4 + j]) for p in records]
+        assert got.decayed[j] == decayed_sum(pairs, as_of)

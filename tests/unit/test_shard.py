@@ -6,7 +6,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataflow.families import DOC, QD, FeatureParams, Update
+from dataflow.families import ACQ, DOC, QD, FeatureParams, Update
 from dataflow.shard import FeatureShard
 from dataflow.windows import DAY_MS
 
@@ -121,3 +121,18 @@ def test_dirty_keys_survive_a_snapshot() -> None:
     shard.step([[upd(DOC, "doc:a", BASE, (1, 0, 0))]])
     restored = FeatureShard.restore(PARAMS, shard.snapshot())
     assert [s for s, _ in restored.flush().writes] == ["doc:a"]
+
+
+def test_labels_travel_with_writes_and_go_with_expired_keys() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step([{"acq:abc": "iphone case", "acq:never": "no counts"}])
+    shard.step([[upd(ACQ, "acq:abc", BASE, (1, 0, 0))]])
+    result = shard.flush()
+    assert result.labels == {"acq:abc": "iphone case"}
+    restored = FeatureShard.restore(PARAMS, shard.snapshot())
+    assert restored.labels["acq:abc"] == "iphone case"
+    shard.step([BASE + 31 * DAY_MS])  # the key's 30 days are empty: deleted
+    deleted = shard.flush()
+    assert deleted.writes == [("acq:abc", None)]
+    assert deleted.labels == {"acq:abc": "iphone case"}  # the index can drop the candidate
+    assert shard.labels == {}  # neither the expired key's nor the orphan label is kept
