@@ -30,14 +30,15 @@ down:  ## stop the local stack (data is kept under .stack/)
 status:  ## show what is running and where its log is
 	@$(STACK) status
 
-test: venv up  ## the whole suite against the real services
+test: venv up lint  ## lint, then the whole suite against the real services
 	$(PY) -m pytest
 
 unit: venv  ## only the fast tests of the pure core (no services)
 	$(PY) -m pytest tests/unit
 
-lint: venv  ## ruff and mypy
+lint: venv  ## ruff (lint and format) and mypy --strict
 	$(PY) -m ruff check dataflow tests bench
+	$(PY) -m ruff format --check dataflow tests bench
 	$(PY) -m mypy
 
 run: venv up  ## demo: stack up, demo events in, pipeline run, features out
