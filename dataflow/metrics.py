@@ -138,7 +138,9 @@ OPENSEARCH_UPDATES = Counter(
     "moved by OPENSEARCH_MIN_CHANGE from what OpenSearch holds), shed_update / shed_delete "
     "(pending set full, OPENSEARCH_MAX_PENDING: not kept, or an update evicted to make room "
     "for a deletion). withdrawn: pending documents dropped before sending because they had "
-    "come back within the threshold (already counted as queued or coalesced).",
+    "come back within the threshold (already counted as queued or coalesced). unlabelled / "
+    "invalid_id: keys skipped for want of a document id (a hashed acq key without its "
+    "candidate label; an empty id or a candidate over OpenSearch's 512-byte _id limit).",
     ["outcome"],
     namespace=NAMESPACE,
 )
@@ -149,6 +151,8 @@ OPENSEARCH_UPDATE_OUTCOMES = (
     "shed_update",
     "shed_delete",
     "withdrawn",
+    "unlabelled",
+    "invalid_id",
 )
 for _outcome in OPENSEARCH_UPDATE_OUTCOMES:  # at zero, so the first shed shows in increase()
     OPENSEARCH_UPDATES.labels(outcome=_outcome)

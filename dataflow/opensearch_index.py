@@ -1,23 +1,28 @@
-"""Index management for the OpenSearch support index (and main-index mode).
+"""Index management for the OpenSearch support indices (and main-index mode).
 
-    python -m dataflow.opensearch_index create [--new] [--shards N] [--replicas N]
+    python -m dataflow.opensearch_index create [--new] [--alias NAME] [--shards N] [--replicas N]
     python -m dataflow.opensearch_index status
-    python -m dataflow.opensearch_index swap INDEX
+    python -m dataflow.opensearch_index swap INDEX [--alias NAME]
 
 Settings come from the environment (`OPENSEARCH_URL`, `OPENSEARCH_INDEX`,
-`OPENSEARCH_DOCS_INDEX`, ...), as for the pipeline. Each command prints one JSON object.
+`OPENSEARCH_AC_INDEX`, `OPENSEARCH_DOCS_INDEX`, ...), as for the pipeline. Each command
+prints one JSON object.
 
-`OPENSEARCH_INDEX` is an alias. `create` makes `{alias}-000001` with the mapping and points
-the alias at it in one request; run again, it only checks (and adds fields that are
-missing), so it is idempotent. `create --new` makes the next index (`-000002`, ...) without
-the alias, for a rebuild: fill it (run a replay with `OPENSEARCH_INDEX` set to its name),
-then `swap` moves the alias to it atomically. An existing mapping that conflicts (a feature
-mapped as `float`, say) is refused with the field, its type and what to do.
+The sink owns two indices, each behind an alias: the document support index
+(`OPENSEARCH_INDEX`, spec `support`) and the autocomplete index (`OPENSEARCH_AC_INDEX`,
+spec `ac`). `create` makes `{alias}-000001` with the mapping and points the alias at it in
+one request, for each; run again, it only checks (and adds fields that are missing), so it
+is idempotent. `create --new` makes the next index (`-000002`, ...) of one alias (`--alias`:
+`support` by default, `ac`, or the alias name) without the alias, for a rebuild: fill it
+(run a replay with `OPENSEARCH_INDEX` or `OPENSEARCH_AC_INDEX` set to its name), then `swap`
+moves the alias to it atomically (the alias is the one whose `{alias}-NNNNNN` the index is
+named after, unless `--alias` says). An existing mapping that conflicts (a feature mapped as
+`float`, say) is refused with the field, its type and what to do.
 
 With `OPENSEARCH_DOCS_INDEX` set, `create` also adds the popularity fields to the search
 index's mapping (additive; the index itself is never created or replaced here).
 
-The sink calls `IndexAdmin.ensure` (support index) and `IndexAdmin.verify` (search index)
+The sink calls `IndexAdmin.ensure` (its own indices) and `IndexAdmin.verify` (search index)
 before its first write, so a pipeline started on an empty cluster creates what it needs.
 """
 
@@ -268,9 +273,10 @@ def _problem(spec: IndexSpec, index: str, check: MappingCheck) -> str:
     if spec.op == "update":
         remedy = "fix the search index mapping (changing a field's type needs a reindex)"
     elif index == spec.target:
+        variable = "OPENSEARCH_AC_INDEX" if spec.name == "ac" else "OPENSEARCH_INDEX"
         remedy = (
             f"{index} is a plain index, not the alias the sink manages: delete it (or pick "
-            "another OPENSEARCH_INDEX), then run `create`"
+            f"another {variable}), then run `create`"
         )
     else:
         remedy = (
@@ -298,20 +304,45 @@ def _error_type(exc: TransportError) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dataflow.opensearch_index",
-        description="Create, inspect and swap the OpenSearch support index "
-        "(settings from OPENSEARCH_* environment variables).",
+        description="Create, inspect and swap the OpenSearch support indices: documents "
+        "(OPENSEARCH_INDEX) and autocomplete (OPENSEARCH_AC_INDEX); settings from OPENSEARCH_* "
+        "environment variables.",
+    )
+    alias_help = (
+        "which alias: support (OPENSEARCH_INDEX), ac (OPENSEARCH_AC_INDEX) or the alias name"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    create = sub.add_parser("create", help="create the index behind its alias (idempotent)")
+    create = sub.add_parser("create", help="create the indices behind their aliases (idempotent)")
     create.add_argument("--new", action="store_true", help="create the next index, no alias")
+    create.add_argument("--alias", help=f"with --new, {alias_help} (default support)")
     create.add_argument("--shards", type=int, default=1)
     create.add_argument(
         "--replicas", default=DEFAULT_REPLICAS, help="a number, or a range like 0-1 (default)"
     )
-    sub.add_parser("status", help="what the alias points to, doc counts, mapping problems")
-    swap = sub.add_parser("swap", help="point the alias at INDEX alone, atomically")
+    sub.add_parser("status", help="what each alias points to, doc counts, mapping problems")
+    swap = sub.add_parser("swap", help="point an alias at INDEX alone, atomically")
     swap.add_argument("index")
+    swap.add_argument("--alias", help=f"{alias_help} (default: the one INDEX is named after)")
     return parser
+
+
+def owned_spec(owned: Sequence[IndexSpec], alias: str | None, index: str | None) -> IndexSpec:
+    """The owned spec a `create --new` or `swap` is about: named by `alias` (spec name or
+    alias), else the one `index` is a generation of (`{alias}-NNNNNN`), else the support
+    index."""
+    if alias is not None:
+        for spec in owned:
+            if alias in (spec.name, spec.target):
+                return spec
+        names = ", ".join(f"{s.name} ({s.target})" for s in owned)
+        raise ConfigError("--alias", f"{alias} is none of the managed aliases: {names}")
+    if index is not None:
+        for spec in owned:
+            if index.startswith(f"{spec.target}-") and _GENERATION_RE.fullmatch(
+                index[len(spec.target) :]
+            ):
+                return spec
+    return owned[0]
 
 
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -324,25 +355,30 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int,
     if not settings.enabled:
         return 2, {"error": "OPENSEARCH_URL is empty (the sink is disabled); set it"}
     specs = specs_for(settings)
-    support, others = specs[0], specs[1:]
+    owned = [spec for spec in specs if spec.op == "index"]
+    try:
+        # `status` has neither --alias nor INDEX, and concerns every spec anyway.
+        chosen = owned_spec(owned, getattr(args, "alias", None), getattr(args, "index", None))
+    except ConfigError as exc:
+        return 2, {"error": str(exc)}
     admin = IndexAdmin(client_for(settings))
     try:
         if args.command == "create":
             if args.new:
-                name = admin.create_next(support, shards=args.shards, replicas=args.replicas)
-                return 0, {"created": name, "alias": support.target, "next": f"swap {name}"}
-            out = {
-                "support": _describe(
-                    admin.ensure(support, shards=args.shards, replicas=args.replicas)
-                )
-            }
-            for spec in others:
-                out[spec.name] = _describe(admin.ensure(spec))
+                name = admin.create_next(chosen, shards=args.shards, replicas=args.replicas)
+                return 0, {"created": name, "alias": chosen.target, "next": f"swap {name}"}
+            out = {}
+            for spec in specs:
+                if spec.op == "index":
+                    target = admin.ensure(spec, shards=args.shards, replicas=args.replicas)
+                else:
+                    target = admin.ensure(spec)
+                out[spec.name] = _describe(target)
             return 0, out
         if args.command == "status":
             return 0, {spec.name: admin.status(spec) for spec in specs}
-        old = admin.swap(support, args.index)
-        return 0, {"alias": support.target, "index": args.index, "removed_from": old}
+        old = admin.swap(chosen, args.index)
+        return 0, {"alias": chosen.target, "index": args.index, "removed_from": old}
     except IndexMappingError as exc:
         return 1, {"error": str(exc)}
     except TransportError as exc:

@@ -2,10 +2,11 @@
 
 The sink (`dataflow.sinks.opensearch`) is a thin I/O shell around the pieces here:
 
-- `IndexSpec`: one target index — which key family feeds it, how a key suffix becomes a
-  document id, which hash fields become `rank_feature` fields, and whether the sink owns
-  the whole document (`index`) or patches someone else's (`update`). A second spec (the
-  autocomplete index) plugs in without touching the batching, threshold or retry code.
+- `IndexSpec`: one target index — which key family feeds it, how a key suffix (or, for a
+  hashed key, its label) becomes a document id, which hash fields become `rank_feature`
+  fields, and whether the sink owns the whole document (`index`) or patches someone else's
+  (`update`). The autocomplete index is a second owned spec: it shares the batching,
+  threshold and retry code.
 - `Router`: the state shards' `StepResult`s → `DocUpdate`s grouped by sink partition.
 - `rank_value` / `changed_enough`: zero handling and the change threshold.
 - `Outbox`: per spec and partition, the coalesced pending updates (bounded) and the values
@@ -39,6 +40,9 @@ FLOAT32_MIN_NORMAL: Final = 1.1754943508222875e-38
 FLOAT32_MAX: Final = 3.4028234663852886e38
 
 DOC_FEATURES: Final = ("popularity_7d", "popularity_30d", "ctr_30d")
+AC_FEATURES: Final = ("selects_30d", "click_rate_30d")
+MAX_ID_BYTES: Final = 512
+"""OpenSearch refuses a longer `_id`, and fails the *whole* bulk request with it."""
 
 Op = Literal["index", "update"]
 Values = tuple[float | None, ...]
@@ -91,13 +95,27 @@ def _percent_decoded(rest: str) -> str | None:
     return unquote(rest) or None
 
 
+def _text_id(label: str) -> str | None:
+    """A label as a document id: None (skip the key) when empty or over `MAX_ID_BYTES`.
+
+    A candidate may have up to 1024 characters (contract §1), and one `_id` over 512 bytes
+    makes OpenSearch refuse the whole bulk request, which would drop the other documents.
+    """
+    if not label or len(label.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        return None
+    return label
+
+
 @dataclass(frozen=True, slots=True)
 class IndexSpec:
     """One target index of the sink.
 
     `family` is the key family read (a suffix `"{family}:{rest}"`); `doc_id(rest)` gives the
-    document `_id` (None skips the key). `features` are hash fields indexed as `rank_feature`
-    under the same names; `time_field` carries the hash's `as_of` (epoch ms) as a date.
+    document `_id` (None skips the key). With `id_from_label`, the key holds only a hash of
+    the text the document is about (`acq`), so `doc_id` is applied to the suffix's label
+    (`StepResult.labels`) instead; a key without a label is skipped (and counted by the
+    `Router`). `features` are hash fields indexed as `rank_feature` under the same names;
+    `time_field` carries the hash's `as_of` (epoch ms) as a date.
 
     `op="index"`: the sink owns the whole document (the support index). A write replaces it
     with `id_field`, the features (zeros left out) and `time_field`; a deleted key deletes it.
@@ -113,9 +131,12 @@ class IndexSpec:
     id_field: str | None = "doc_id"
     time_field: str = "as_of"
     doc_id: Callable[[str], str | None] = _percent_decoded
+    id_from_label: bool = False
 
-    def update_for(self, rest: str, fields: Mapping[str, str] | None) -> DocUpdate | None:
-        doc_id = self.doc_id(rest)
+    def update_for(self, source: str, fields: Mapping[str, str] | None) -> DocUpdate | None:
+        """The update for one written (or deleted, `fields` None) key; `source` is the key
+        suffix after the family, or its label with `id_from_label`."""
+        doc_id = self.doc_id(source)
         if doc_id is None:
             return None
         if fields is None:
@@ -125,8 +146,22 @@ class IndexSpec:
 
 
 def specs_for(settings: OpenSearchSettings) -> tuple[IndexSpec, ...]:
-    """The support index, plus the search index itself in main-index mode."""
-    specs = [IndexSpec("support", settings.index, "doc", DOC_FEATURES)]
+    """The support index, the autocomplete index, plus the search index itself in
+    main-index mode. The owned (`op="index"`) specs come first, the support index first."""
+    specs = [
+        IndexSpec("support", settings.index, "doc", DOC_FEATURES),
+        # One document per normalised candidate: the `acq` key is `acq:{query_hash}`, so
+        # the candidate comes from the key's label.
+        IndexSpec(
+            "ac",
+            settings.ac_index,
+            "acq",
+            AC_FEATURES,
+            id_field="candidate",
+            doc_id=_text_id,
+            id_from_label=True,
+        ),
+    ]
     if settings.docs_index:
         # `popularity_as_of`, not `as_of`: the search index is shared, so the date field is
         # named after what it dates.
@@ -164,18 +199,30 @@ class Router:
     A document always lands in the same partition (a stable hash of its key suffix), so its
     updates are coalesced in one place and stay in order. One item per partition per batch
     keeps the exchange between workers cheap.
+
+    Keys that give no document are skipped; `report` (the sink's metrics) gets the counts
+    of those: `unlabelled` (an `id_from_label` spec's key without a label) and `invalid_id`
+    (the spec's `doc_id` refused the key: empty, or a candidate over 512 bytes).
     """
 
-    def __init__(self, specs: Iterable[IndexSpec], partitions: int) -> None:
+    def __init__(
+        self,
+        specs: Iterable[IndexSpec],
+        partitions: int,
+        report: Callable[[OfferCounts], None] | None = None,
+    ) -> None:
         self.by_family: dict[str, list[IndexSpec]] = {}
         for spec in specs:
             self.by_family.setdefault(spec.family, []).append(spec)
         self.names = partition_names(partitions)
+        self.report = report
 
     def __call__(self, results: list[StepResult]) -> list[tuple[str, list[DocUpdate]]]:
         by_part: dict[int, list[DocUpdate]] = {}
         count = len(self.names)
+        unlabelled = invalid = 0
         for result in results:
+            labels = result.labels
             for suffix, fields in result.writes:
                 family, _, rest = suffix.partition(":")
                 specs = self.by_family.get(family)
@@ -183,9 +230,20 @@ class Router:
                     continue
                 part = zlib.crc32(suffix.encode("utf-8")) % count
                 for spec in specs:
-                    update = spec.update_for(rest, fields)
-                    if update is not None:
+                    if spec.id_from_label:
+                        label = labels.get(suffix)
+                        if label is None:
+                            unlabelled += 1
+                            continue
+                        update = spec.update_for(label, fields)
+                    else:
+                        update = spec.update_for(rest, fields)
+                    if update is None:
+                        invalid += 1
+                    else:
                         by_part.setdefault(part, []).append(update)
+        if (unlabelled or invalid) and self.report is not None:
+            self.report(OfferCounts(unlabelled=unlabelled, invalid_id=invalid))
         return [(self.names[part], updates) for part, updates in by_part.items()]
 
 
@@ -217,6 +275,8 @@ class OfferCounts:
     shed_update: int = 0  # pending set full (or evicted to make room for a deletion)
     shed_delete: int = 0
     withdrawn: int = 0  # pending, then back within the threshold before it was sent
+    unlabelled: int = 0  # (Router) a key of a label-keyed index without its label: skipped
+    invalid_id: int = 0  # (Router) no usable document id (empty, or over 512 bytes): skipped
 
 
 class Outcome(NamedTuple):

@@ -2,7 +2,9 @@
 the way of the Redis path.
 
 `attach` adds two steps after the state shards: `opensearch_route` turns each `doc:` write
-into a `DocUpdate` per index spec (`dataflow.opensearch_updates`), grouped by sink partition,
+(support index, and the search index in main-index mode) and each `acq:` write (the
+autocomplete index, keyed by the candidate from `StepResult.labels`) into a `DocUpdate` per
+index spec (`dataflow.opensearch_updates`), grouped by sink partition,
 and `opensearch` is a `FixedPartitionedSink` with `OPENSEARCH_PARTITIONS` partitions.
 
 Each partition keeps, per index, the coalesced pending updates and the values OpenSearch
@@ -68,7 +70,8 @@ _ENSURE_LOCK = threading.Lock()
 def attach(writes: Stream[StepResult], settings: OpenSearchSettings) -> None:
     """Add the OpenSearch branch to the flow, reading the state shards' writes."""
     specs = specs_for(settings)
-    routed = op.flat_map_batch("opensearch_route", writes, Router(specs, settings.partitions))
+    router = Router(specs, settings.partitions, report=_count_offers)
+    routed = op.flat_map_batch("opensearch_route", writes, router)
     op.output("opensearch", routed, OpenSearchSink(settings, specs))
 
 

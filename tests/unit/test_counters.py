@@ -87,7 +87,6 @@ def test_forward_weight_range_and_decay_half_life() -> None:
     assert math.isclose(got.decayed[0], 0.5, rel_tol=1e-9)
 
 
-
 @given(events_strategy, st.integers(min_value=0, max_value=45 * DAY_MS))
 def test_decayed_sums_are_the_per_day_formula_bit_for_bit(
     events: list[tuple[int, tuple[int, int, int]]], extra: int

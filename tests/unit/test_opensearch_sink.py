@@ -31,10 +31,12 @@ from opensearchpy import ConnectionError as OSConnectionError
 from opensearchpy import ConnectionTimeout, TransportError
 from prometheus_client import REGISTRY
 
+from dataflow import keys, metrics
 from dataflow.config import Config, OpenSearchSettings, Secret
-from dataflow.errors import IndexMappingError, SinkError
-from dataflow.opensearch_index import check_properties, wanted_properties
+from dataflow.errors import ConfigError, IndexMappingError, SinkError
+from dataflow.opensearch_index import check_properties, owned_spec, wanted_properties
 from dataflow.opensearch_updates import (
+    AC_FEATURES,
     DOC_FEATURES,
     FLOAT32_MAX,
     FLOAT32_MIN_NORMAL,
@@ -65,6 +67,7 @@ from dataflow.sinks.opensearch import (
     OpenSearchSink,
     RejectedError,
     RetryableError,
+    _count_offers,
     _translate,
 )
 
@@ -72,6 +75,8 @@ SUPPORT = IndexSpec("support", "doc-features", "doc", DOC_FEATURES)
 DOCS = IndexSpec(
     "docs", "search", "doc", DOC_FEATURES, op="update", id_field=None, time_field="popularity_as_of"
 )
+AC = specs_for(OpenSearchSettings())[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fields(p7: float, p30: float, ctr: float, as_of: int = 1000) -> dict[str, str]:
@@ -155,11 +160,29 @@ def test_changed_enough(
 # --- specs and routing -------------------------------------------------------------------
 
 
-def test_specs_support_only_by_default_and_docs_index_in_main_index_mode() -> None:
-    assert specs_for(OpenSearchSettings()) == (SUPPORT,)
-    main = specs_for(Config.from_env({"OPENSEARCH_DOCS_INDEX": "search"}).opensearch)
-    assert [s.name for s in main] == ["support", "docs"]
-    assert main[1] == DOCS
+def test_specs_support_and_ac_by_default_and_docs_index_in_main_index_mode() -> None:
+    assert specs_for(OpenSearchSettings())[0] == SUPPORT
+    assert (AC.name, AC.target, AC.family, AC.features) == (
+        "ac",
+        "ac-features",
+        "acq",
+        ("selects_30d", "click_rate_30d"),
+    )
+    assert (AC.op, AC.id_field, AC.time_field, AC.id_from_label) == (
+        "index",
+        "candidate",
+        "as_of",
+        True,
+    )
+    assert AC.features == AC_FEATURES
+    main = specs_for(
+        Config.from_env(
+            {"OPENSEARCH_DOCS_INDEX": "search", "OPENSEARCH_AC_INDEX": "my-ac"}
+        ).opensearch
+    )
+    assert [s.name for s in main] == ["support", "ac", "docs"]
+    assert main[1].target == "my-ac"
+    assert main[2] == DOCS
 
 
 def test_update_for_decodes_the_doc_id_and_reads_the_spec_fields() -> None:
@@ -205,6 +228,120 @@ def test_partition_names_sort_in_number_order() -> None:
     names = partition_names(12)
     assert names == sorted(names)
     assert [int(n) for n in names] == list(range(12))
+
+
+def acq_fields(selects: int, rate: float, as_of: int = 1000) -> dict[str, str]:
+    return {
+        "selects_7d": str(selects),
+        "searched_7d": "0",
+        "clicked_7d": "0",
+        "selects_30d": str(selects),
+        "searched_30d": "0",
+        "clicked_30d": "0",
+        "search_rate_30d": repr(1 / 21),
+        "click_rate_30d": repr(rate),
+        "as_of": str(as_of),
+    }
+
+
+def acq(candidate: str) -> str:
+    return keys.acq_suffix(keys.query_hash(candidate))
+
+
+def routed(out: list[tuple[str, list[DocUpdate]]]) -> dict[str, tuple[str, DocUpdate]]:
+    """doc id -> (partition, update) of the `ac` updates (one each in these tests)."""
+    got = {}
+    for part, batch in out:
+        for update in batch:
+            if update.spec == "ac":
+                assert update.doc_id not in got
+                got[update.doc_id] = (part, update)
+    return got
+
+
+def test_router_takes_ac_document_ids_from_the_labels_not_the_key() -> None:
+    reported: list[OfferCounts] = []
+    router = Router([SUPPORT, AC], partitions=4, report=reported.append)
+    case, ipad = acq("iphone case"), acq("ipad")
+    result = StepResult(
+        writes=[
+            (case, acq_fields(3, 0.2, as_of=77)),
+            (ipad, acq_fields(0, 1 / 21)),
+            ("doc:d1", fields(1.0, 2.0, 0.1)),
+            ("ac:ip:iphone%20case", {"selects_30d": "3", "as_of": "1"}),  # not the acq family
+        ],
+        labels={case: "iphone case", ipad: "ipad"},
+    )
+    got = routed(router([result]))
+    assert set(got) == {"iphone case", "ipad"}  # the candidate text, never the hash
+    assert got["iphone case"][1] == DocUpdate("ac", "iphone case", (3.0, 0.2), 77)
+    assert got["ipad"][1].values == (0.0, 1 / 21)  # a zero is left to the zero rule
+    # Partitioned by the key, like every other key: the same in another router.
+    again = routed(
+        Router([AC], partitions=4)(
+            [StepResult([(case, acq_fields(1, 0.1))], labels={case: "iphone case"})]
+        )
+    )
+    assert again["iphone case"][0] == got["iphone case"][0]
+    assert reported == []  # nothing skipped, nothing reported
+
+
+def test_router_deletes_the_ac_document_named_by_the_label_of_a_deleted_key() -> None:
+    router = Router([AC], partitions=4)
+    case = acq("iphone case")
+    written = routed(
+        router([StepResult([(case, acq_fields(2, 0.1))], labels={case: "iphone case"})])
+    )
+    deleted = routed(router([StepResult([(case, None)], labels={case: "iphone case"})]))
+    assert deleted["iphone case"][1] == DocUpdate("ac", "iphone case", None, 0)
+    assert deleted["iphone case"][0] == written["iphone case"][0]  # same partition, in order
+
+
+def test_router_skips_and_counts_unlabelled_keys_and_unusable_ids() -> None:
+    reported: list[OfferCounts] = []
+    router = Router([SUPPORT, AC], partitions=2, report=reported.append)
+    long_text = "é" * 257  # 514 UTF-8 bytes: over OpenSearch's 512-byte `_id` limit
+    fits = "é" * 256  # 512 bytes: allowed
+    case, bare, gone, long_key, fits_key = (
+        acq("iphone case"),
+        acq("bare"),
+        acq("gone"),
+        acq(long_text),
+        acq(fits),
+    )
+    out = router(
+        [
+            StepResult(
+                writes=[(case, acq_fields(1, 0.1)), (bare, acq_fields(1, 0.1)), (gone, None)],
+                labels={case: "iphone case"},
+            ),
+            StepResult(
+                writes=[
+                    (long_key, acq_fields(1, 0.1)),
+                    (fits_key, acq_fields(1, 0.1)),
+                    ("doc:", fields(1.0, 1.0, 0.1)),  # an empty doc id
+                ],
+                labels={long_key: long_text, fits_key: fits},
+            ),
+        ]
+    )
+    assert set(routed(out)) == {"iphone case", fits}
+    assert reported == [OfferCounts(unlabelled=2, invalid_id=2)]
+    # The sink's reporter turns them into outcomes of opensearch_updates_total.
+    name = "search_features_opensearch_updates_total"
+    before = {o: sample(name, outcome=o) for o in ("unlabelled", "invalid_id")}
+    Router([AC], partitions=1, report=_count_offers)([StepResult([(bare, None)])])
+    assert sample(name, outcome="unlabelled") == before["unlabelled"] + 1
+    assert sample(name, outcome="invalid_id") == before["invalid_id"]
+
+
+def test_every_update_outcome_is_a_metric_label_and_documented() -> None:
+    counted = [f for f in OfferCounts.__dataclass_fields__]
+    assert counted == list(metrics.OPENSEARCH_UPDATE_OUTCOMES)
+    for doc in ("docs/observability.md", "docs/opensearch.md"):
+        text = (ROOT / doc).read_text()
+        missing = [o for o in counted if f"`{o}`" not in text]
+        assert not missing, f"{doc} does not describe {missing}"
 
 
 # --- the outbox --------------------------------------------------------------------------
@@ -369,6 +506,17 @@ def test_bulk_lines_support_index_golden() -> None:
     )
 
 
+def test_bulk_lines_ac_index_golden() -> None:
+    item = Outgoing("iphone case", 1, (None, 0.047619047619047616), 5)
+    assert bulk_lines(AC, item) == (
+        b'{"index":{"_index":"ac-features","_id":"iphone case"}}\n'
+        b'{"candidate":"iphone case","click_rate_30d":0.047619047619047616,"as_of":5}\n'
+    )
+    assert bulk_lines(AC, Outgoing("iphone case", 1, None, 0)) == (
+        b'{"delete":{"_index":"ac-features","_id":"iphone case"}}\n'
+    )
+
+
 def test_bulk_lines_main_index_golden() -> None:
     item = Outgoing("a", 1, (2.0, None, 0.5), 7)
     assert bulk_lines(DOCS, item) == (
@@ -519,6 +667,28 @@ def test_wanted_mapping_and_conflict_check() -> None:
     assert "popularity_7d is mapped as float, needs rank_feature" in check.conflicts
     default_date = {**wanted, "as_of": {"type": "date"}}  # default format takes epoch_millis
     assert check_properties(default_date, wanted).ok
+
+
+def test_ac_mapping() -> None:
+    assert wanted_properties(AC) == {
+        "candidate": {"type": "keyword"},
+        "selects_30d": {"type": "rank_feature"},
+        "click_rate_30d": {"type": "rank_feature"},
+        "as_of": {"type": "date", "format": "epoch_millis"},
+    }
+
+
+def test_index_command_picks_the_alias_by_option_or_by_generation_name() -> None:
+    owned = [SUPPORT, AC]
+    assert owned_spec(owned, None, None) is SUPPORT
+    assert owned_spec(owned, "ac", None) is AC
+    assert owned_spec(owned, "ac-features", "doc-features-000002") is AC  # the option wins
+    assert owned_spec(owned, "support", None) is SUPPORT
+    assert owned_spec(owned, None, "ac-features-000002") is AC
+    assert owned_spec(owned, None, "doc-features-000003") is SUPPORT
+    assert owned_spec(owned, None, "ac-features-rebuild") is SUPPORT  # not a generation name
+    with pytest.raises(ConfigError, match="none of the managed aliases"):
+        owned_spec(owned, "search", None)
 
 
 @pytest.mark.parametrize(
@@ -727,6 +897,45 @@ def test_zero_values_are_left_out_and_a_feature_dropping_to_zero_is_removed() ->
         "ctr_30d": 0.05,
         "as_of": 2000,
     }
+
+
+def test_ac_index_gets_one_document_per_candidate_with_zero_selects_left_out() -> None:
+    fake = FakeOpenSearch()
+    part = make_partition(fake, specs=(SUPPORT, AC))
+    case, ipad = acq("iphone case"), acq("ipad")
+    router = Router([SUPPORT, AC], partitions=1)
+    labels = {case: "iphone case", ipad: "ipad"}
+    out = router(
+        [
+            StepResult(
+                writes=[
+                    (case, acq_fields(3, 0.2, as_of=7)),
+                    (ipad, acq_fields(0, 0.05)),
+                    ("doc:d1", fields(1.0, 2.0, 0.1)),
+                ],
+                labels=labels,
+            )
+        ]
+    )
+    part.write_batch([batch for _, batch in out])
+    flush_all(part)
+    assert fake.docs["ac-features"] == {
+        "iphone case": {
+            "candidate": "iphone case",
+            "selects_30d": 3.0,
+            "click_rate_30d": 0.2,
+            "as_of": 7,
+        },
+        "ipad": {"candidate": "ipad", "click_rate_30d": 0.05, "as_of": 1000},
+    }
+    assert set(fake.docs["doc-features"]) == {"d1"}
+    # The same threshold: a 4% move is skipped, a deletion by label removes the document.
+    out = router([StepResult(writes=[(case, acq_fields(3, 0.208)), (ipad, None)], labels=labels)])
+    part.write_batch([batch for _, batch in out])
+    flush_all(part)
+    assert set(fake.docs["ac-features"]) == {"iphone case"}
+    assert fake.docs["ac-features"]["iphone case"]["click_rate_30d"] == 0.2
+    part.close()
 
 
 def test_main_index_mode_patches_existing_documents_and_counts_missing_ones() -> None:
