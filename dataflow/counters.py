@@ -13,7 +13,6 @@ updates came in; see docs/architecture.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from math import exp2
 
 from dataflow.windows import (
