@@ -25,6 +25,7 @@ from urllib.parse import unquote
 
 import redis
 from confluent_kafka import Producer
+from opensearchpy import OpenSearch, OpenSearchException
 
 from dataflow import keys
 from dataflow.config import Config
@@ -83,6 +84,8 @@ def main() -> int:
     print(f"pipeline caught up in {time.monotonic() - started:.1f}s\n")
 
     show_features(config, messages)
+    if config.opensearch.enabled:
+        show_opensearch(config)
     dlq = sum(end_offsets(config.kafka, config.kafka.dlq_topic).values())
     print(f"\ndead-letter topic {config.kafka.dlq_topic!r} holds {dlq} envelopes in total")
     return 0
@@ -133,6 +136,42 @@ def show_features(config: Config, messages: list[GeneratedMessage]) -> None:
                 f"  {candidate[:30]:<31} impressions_30d={ac.impressions_30d:<4} "
                 f"selects_30d={ac.selects_30d:<4} select_rate_30d={ac.select_rate_30d:.4f}"
             )
+
+
+def show_opensearch(config: Config) -> None:
+    """What ranking and suggestions see: `rank_feature` queries on the two support indices."""
+    settings = config.opensearch
+    auth = (settings.username, settings.password.get()) if settings.username else None
+    client = OpenSearch(settings.url.get(), http_auth=auth, timeout=30)
+    try:
+        client.indices.refresh(index=f"{settings.index},{settings.ac_index}")
+        docs = client.search(
+            index=settings.index,
+            body={"size": 5, "query": {"rank_feature": {"field": "popularity_30d"}}},
+        )["hits"]["hits"]
+        ac = client.search(
+            index=settings.ac_index,
+            body={"size": 5, "query": {"rank_feature": {"field": "click_rate_30d"}}},
+        )["hits"]["hits"]
+    except OpenSearchException as exc:
+        print(f"\nOpenSearch support indices not readable yet: {exc}")
+        return
+    finally:
+        client.close()
+    print(f"\nOpenSearch {settings.index!r}: rank_feature(popularity_30d), top 5")
+    for hit in docs:
+        src = hit["_source"]
+        print(
+            f"  {hit['_id'][:13]:<14} popularity_30d={src.get('popularity_30d', 0):<8g} "
+            f"ctr_30d={src.get('ctr_30d', 0):.4f}"
+        )
+    print(f"OpenSearch {settings.ac_index!r}: rank_feature(click_rate_30d), top 5")
+    for hit in ac:
+        src = hit["_source"]
+        print(
+            f"  {hit['_id'][:30]:<31} click_rate_30d={src.get('click_rate_30d', 0):.4f} "
+            f"selects_30d={src.get('selects_30d', 0):g}"
+        )
 
 
 def keys_unquote(component: str) -> str:
