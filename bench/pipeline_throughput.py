@@ -26,30 +26,22 @@ from pathlib import Path
 
 import orjson
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dataflow.config import Config  # noqa: E402
 from dataflow.generator import GeneratorConfig, generate  # noqa: E402
-from dataflow.topics import ensure_topics  # noqa: E402
+from dataflow.topics import ensure_topics, produce  # noqa: E402
 
 DAY_MS = 86_400_000
 BROKERS = os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def produce(topic: str, n_events: int, n_docs: int) -> int:
+def produce_stream(topic: str, n_events: int, n_docs: int) -> int:
     now = int(time.time() * 1000)
-    producer = Producer(
-        {
-            "bootstrap.servers": BROKERS,
-            "linger.ms": 50,
-            "batch.size": 1_000_000,
-            "compression.type": "lz4",
-        }
-    )
     config = GeneratorConfig(
         seed=3,
         n_events=n_events,
@@ -60,17 +52,7 @@ def produce(topic: str, n_events: int, n_docs: int) -> int:
         duplicate_fraction=0.01,
         max_disorder_ms=60_000,
     )
-    count = 0
-    for msg in generate(config):
-        while True:
-            try:
-                producer.produce(topic, value=msg.value, key=msg.key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        count += 1
-    producer.flush(120)
-    return count
+    return produce(BROKERS, topic, generate(config), timeout_s=120)
 
 
 def ceiling(topic: str, partitions: int, expected: int) -> float:
@@ -156,7 +138,7 @@ def main() -> int:
     config = Config.from_env({"KAFKA_BROKERS": BROKERS})
     ensure_topics(config.kafka, [topic, f"{topic}-dlq"], partitions=args.partitions)
     t0 = time.perf_counter()
-    produced = produce(topic, args.events, args.docs)
+    produced = produce_stream(topic, args.events, args.docs)
     produce_s = time.perf_counter() - t0
 
     ceiling_s = ceiling(topic, args.partitions, produced)

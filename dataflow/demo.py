@@ -20,36 +20,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from urllib.parse import unquote
 
 import redis
-from confluent_kafka import Producer
 from opensearchpy import OpenSearch, OpenSearchException
 
 from dataflow import keys
 from dataflow.config import Config
 from dataflow.generator import GeneratedMessage, GeneratorConfig, generate
 from dataflow.reader import FeatureReader
-from dataflow.topics import end_offsets, ensure_topics
+from dataflow.topics import end_offsets, ensure_topics, produce
 
 DAY_MS = 86_400_000
-
-
-def produce(brokers: str, topic: str, messages: Iterable[GeneratedMessage]) -> int:
-    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "compression.type": "lz4"})
-    count = 0
-    for msg in messages:
-        while True:
-            try:
-                producer.produce(topic, value=msg.value, key=msg.key)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        count += 1
-    if producer.flush(60):
-        raise SystemExit("demo: Kafka did not acknowledge every event within 60 s")
-    return count
 
 
 def main() -> int:

@@ -1,12 +1,14 @@
-"""Kafka topic administration shared by the demo, the replay tool and the tests."""
+"""Kafka topic administration and bulk producing, shared by the demo, the replay tool, the
+benchmarks and the tests."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterable
+from typing import Protocol
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dataflow.config import KafkaSettings
@@ -57,3 +59,31 @@ def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
         return out
     finally:
         consumer.close()
+
+
+class Message(Protocol):
+    """Anything with a value and a key, such as `dataflow.generator.GeneratedMessage`."""
+
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def key(self) -> bytes | None: ...
+
+
+def produce(brokers: str, topic: str, messages: Iterable[Message], timeout_s: float = 60) -> int:
+    """Produce every message (keyed, so a session stays on one partition) and wait until
+    Kafka has acknowledged all of them; returns the count."""
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "compression.type": "lz4"})
+    count = 0
+    for msg in messages:
+        while True:
+            try:
+                producer.produce(topic, value=msg.value, key=msg.key)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain
+                producer.poll(0.05)
+        count += 1
+    left = producer.flush(timeout_s)
+    if left:
+        raise PipelineError(f"Kafka did not acknowledge {left} of {count} messages to {topic!r}")
+    return count

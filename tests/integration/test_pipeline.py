@@ -15,21 +15,21 @@ from confluent_kafka import Consumer, Producer
 
 from dataflow.config import Config
 from dataflow.flow import build_flow
-from dataflow.generator import GeneratedMessage, GeneratorConfig, generate
+from dataflow.generator import GeneratorConfig, generate
 from dataflow.reader import FeatureReader
-from tests.reference_model import decode_store, diff_stores, expected_store, select_families
+from dataflow.topics import produce
+from tests.reference_model import (
+    decode_store,
+    diff_acq_lower_bound,
+    diff_stores,
+    expected_store,
+    select_families,
+)
 
 ALL = ("doc", "qd", "ac", "acq")
+COUNTED = ("doc", "qd", "ac")
 
 DAY_MS = 86_400_000
-
-
-def produce(brokers: str, topic: str, messages: list[GeneratedMessage]) -> None:
-    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 5})
-    for msg in messages:
-        producer.produce(topic, value=msg.value, key=msg.key)
-        producer.poll(0)
-    assert producer.flush(30) == 0, "Kafka did not acknowledge every test message"
 
 
 def consume_all(brokers: str, topic: str, expected: int, timeout_s: float = 60) -> list[Any]:
@@ -117,9 +117,16 @@ def test_stream_with_broken_messages_gives_exact_features_and_dead_letters(
     run_main(build_flow(config))
 
     valid = [m.event for m in messages if m.event is not None]
-    expected = select_families(expected_store(valid, prefix=key_prefix), ALL, prefix=key_prefix)
+    full = expected_store(valid, prefix=key_prefix)
     actual = dump(redis_client, key_prefix)
-    diffs = diff_stores(actual, expected)
+    # Three partitions read from a backlog drift apart in event time, so the link join
+    # (exact within its grace, test_autocomplete.py) may miss links here but never invent
+    # them; every counted family is exact.
+    diffs = diff_stores(
+        select_families(actual, COUNTED, prefix=key_prefix),
+        select_families(full, COUNTED, prefix=key_prefix),
+    )
+    diffs += diff_acq_lower_bound(actual, full, prefix=key_prefix)
     assert not diffs, "\n".join(diffs[:30])
     assert len(actual) > 500  # the stream really produced features of every family
     assert {k.split(":")[1] for k in actual} == set(ALL)
