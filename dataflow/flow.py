@@ -43,7 +43,7 @@ from dataflow.shard import FeatureShard, ShardItem, StepResult
 from dataflow.sinks import opensearch
 from dataflow.sinks.deadletters import DeadLetterSink
 from dataflow.sinks.redis import RedisFeatureSink
-from dataflow.source import EarliestOffsets, OffsetGapCheckingSource
+from dataflow.source import BrokerOffsets, OffsetGapCheckingSource
 from dataflow.windows import DAY_MS
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def kafka_source(config: Config, lag: LagTracker | None = None) -> Source[Any]:
     )
     # The earliest reset above keeps what retention left; the wrapper logs and counts what
     # it took (search_features_offsets_skipped_total).
-    checked = OffsetGapCheckingSource(source, EarliestOffsets(config.kafka))
+    checked = OffsetGapCheckingSource(source, BrokerOffsets(config.kafka))
     return checked if lag is None else LagTrackingSource(checked, lag)
 
 

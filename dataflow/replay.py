@@ -11,10 +11,12 @@ serving its own prefix. It has its own recovery directory (default
 when it has read to the end, `RECOVERY_DIR=<that dir> FEATURE_PREFIX=feat_v2 python -m
 dataflow.run` carries on from exactly there (no gap, nothing counted twice). `--follow`
 does both in one go: after catching up it keeps consuming. Every few seconds it prints
-Kafka messages read per second, offsets left and an ETA.
+Kafka messages read per second, offsets left (end offsets asked of the brokers, minus the
+positions the input reports) and an ETA.
 
-The replay writes Redis only (OpenSearch is off: the live pipeline owns its indices) and
-has no metrics server unless `--metrics-port` is given (the live one likely holds 3030).
+The replay writes Redis only (OpenSearch is off: the live pipeline owns its indices, also
+with `--follow`) and has no metrics server unless `--metrics-port` is given (the live one
+likely holds 3030).
 Dead letters go to `KAFKA_DLQ_TOPIC` again, keyed `topic:partition:offset` as always, so a
 consumer that drops repeated keys sees each bad message once.
 
@@ -32,16 +34,18 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from confluent_kafka import KafkaException
 from prometheus_client.metrics import MetricWrapperBase
 
 from dataflow import metrics, run
 from dataflow.config import Config, _prefix
 from dataflow.errors import ConfigError, PipelineError
+from dataflow.source import POSITIONS, BrokerOffsets, Partition
 
 MARKER = "replay.json"
 """Written into a replay's recovery directory: which prefix and topics it rebuilds."""
@@ -64,8 +68,14 @@ class Progress:
     last_time: float | None = None
     last_read: float = 0.0
     rate: float | None = None
+    last_left: float | None = None
 
     def line(self, now: float, read: float, left: float | None) -> str:
+        # Once measured, a failed sample (brokers slow to answer) shows the last figure
+        # rather than "unknown": the line stays steady.
+        if left is None:
+            left = self.last_left
+        self.last_left = left
         if self.started is None or self.last_time is None:
             self.started, self.last_time, self.last_read = now, now, read
             return f"replay {self.prefix}: starting ({_count(read)} events read)"
@@ -122,15 +132,28 @@ def _sum_samples(metric: MetricWrapperBase, suffix: str) -> float | None:
     return total if found else None
 
 
-def read_progress() -> tuple[float, float | None]:
+class ProgressSampler:
     """(Kafka messages read by this process, offsets left to the end of its partitions).
 
-    Offsets left is the consumer lag that `dataflow.lag` measures off the hot path (end
-    offsets asked of the brokers about once a second); None until it has a first reading.
+    Offsets left: the end offsets of the partitions this process reads, asked of the
+    brokers at each sample, minus the next offset each will read (`source.POSITIONS`);
+    None before the first partition is assigned or when the brokers do not answer.
     """
-    read = _sum_samples(metrics.MESSAGES, "_total") or 0.0
-    left = _sum_samples(metrics.CONSUMER_LAG, "consumer_lag")
-    return read, left
+
+    def __init__(self, offsets: Callable[[Iterable[Partition]], dict[Partition, int]]) -> None:
+        self.offsets = offsets
+
+    def __call__(self) -> tuple[float, float | None]:
+        read = _sum_samples(metrics.MESSAGES, "_total") or 0.0
+        positions = POSITIONS.snapshot()
+        if not positions:
+            return read, None
+        try:
+            ends = self.offsets(positions)
+        except (KafkaException, TimeoutError):
+            return read, None  # the next sample asks again; progress is not worth a stop
+        left = sum(max(0, ends[part] - nxt) for part, nxt in positions.items() if part in ends)
+        return read, float(left)
 
 
 class ProgressPrinter:
@@ -140,7 +163,7 @@ class ProgressPrinter:
         self,
         prefix: str,
         interval: float,
-        sample: Callable[[], tuple[float, float | None]] = read_progress,
+        sample: Callable[[], tuple[float, float | None]],
         out: Callable[[str], None] | None = None,
     ) -> None:
         self.progress = Progress(prefix)
@@ -334,7 +357,9 @@ def _replay(config: Config, prefix: str, args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    printer = ProgressPrinter(prefix, args.progress_interval)
+    ends = BrokerOffsets(config.kafka)
+    sampler = ProgressSampler(lambda parts: ends.fetch(parts, latest=True))
+    printer = ProgressPrinter(prefix, args.progress_interval, sampler)
     printer.start()
     started = time.monotonic()
     code = 1

@@ -4,7 +4,9 @@ A thin wrapper over `python -m bytewax.run dataflow.flow` that takes the same fl
 
 - fails before touching Kafka if any setting is invalid (the message names the variable);
 - with `RECOVERY_DIR` set (or `-r DIR`), creates the recovery partitions on first use
-  (`RECOVERY_PARTITIONS`, default 1) and passes `-s SNAPSHOT_INTERVAL_SECONDS -b 0`;
+  (`RECOVERY_PARTITIONS`, default 1) and passes `-s SNAPSHOT_INTERVAL_SECONDS`
+  (default 10) and `-b RECOVERY_BACKUP_INTERVAL_SECONDS` (default 0); see
+  docs/operations.md for the guarantees and the trade-offs;
 - serves `/metrics` (the Bytewax dataflow API server) unless `METRICS_ENABLED=false`.
 
 Every other flag (`-w`, `-i`, `-a`, ...) passes through to Bytewax unchanged.
@@ -45,8 +47,11 @@ def recovery_args(env: Mapping[str, str], argv: Sequence[str]) -> list[str]:
     reader = _Reader(env)
     partitions = reader.integer("RECOVERY_PARTITIONS", 1, 1, 1024)
     interval = reader.integer("SNAPSHOT_INTERVAL_SECONDS", 10, 1, 3600)
+    # Seconds to keep superseded snapshots: 0 deletes them at once; set it to how often the
+    # recovery directory is backed up, so a backup never references a deleted snapshot.
+    backup = reader.integer("RECOVERY_BACKUP_INTERVAL_SECONDS", 0, 0, 7 * 86_400)
     ensure_recovery_dir(Path(directory), partitions)
-    return ["-r", directory, "-s", str(interval), "-b", "0"]
+    return ["-r", directory, "-s", str(interval), "-b", str(backup)]
 
 
 def ensure_recovery_dir(directory: Path, partitions: int) -> None:

@@ -22,6 +22,10 @@ A first message *below* the snapshotted offset means the consumer was reset to t
 (the topic was deleted and re-created, or truncated): logged as a warning, not counted.
 A partition that starts without a snapshot (first run, new partition) starts at the
 earliest offset by design and is not checked.
+
+Every partition also reports the next offset it will read to `POSITIONS`, so that
+`python -m dataflow.replay` can show the offsets left to read from the first second on
+(the consumer-lag gauge of `dataflow.lag` needs a refresh cycle before its first reading).
 """
 
 from __future__ import annotations
@@ -45,9 +49,32 @@ log = logging.getLogger(__name__)
 EarliestOffset = Callable[[str, int], int | None]
 """`(topic, partition) -> earliest retained offset`, or None when the broker can't say."""
 
+Partition = tuple[str, int]
+"""(topic, partition)."""
 
-class EarliestOffsets:
-    """The earliest retained offset of a partition, asked of the brokers (ListOffsets).
+
+class Positions:
+    """The next offset each Kafka partition of this process will read (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: dict[Partition, int] = {}
+
+    def set(self, topic: str, partition: int, next_offset: int) -> None:
+        with self._lock:
+            self._next[(topic, partition)] = next_offset
+
+    def snapshot(self) -> dict[Partition, int]:
+        with self._lock:
+            return dict(self._next)
+
+
+POSITIONS = Positions()
+
+
+class BrokerOffsets:
+    """Partition offsets asked of the brokers (ListOffsets): called as an `EarliestOffset`
+    for one partition, or `fetch` for many (earliest retained or end offsets).
 
     One admin client per process, made on first use; `AdminClient` is thread-safe, and
     Bytewax builds partitions from several worker threads.
@@ -60,15 +87,8 @@ class EarliestOffsets:
         self._lock = threading.Lock()
 
     def __call__(self, topic: str, partition: int) -> int | None:
-        with self._lock:
-            if self._admin is None:
-                self._admin = AdminClient(dict(self._settings.client_config()))
-            admin = self._admin
-        request = {TopicPartition(topic, partition): OffsetSpec.earliest()}  # type: ignore[no-untyped-call]
         try:
-            futures = admin.list_offsets(request, request_timeout=self._timeout_s)
-            (future,) = futures.values()
-            return int(future.result(timeout=self._timeout_s).offset)
+            return self.fetch({(topic, partition)}, latest=False).get((topic, partition))
         except (KafkaException, TimeoutError) as exc:
             # Not knowing is not a reason to stop reading: the first-message check below
             # still runs, and the warning says the gap could not be measured.
@@ -78,9 +98,26 @@ class EarliestOffsets:
             )
             return None
 
+    def fetch(self, parts: Iterable[Partition], *, latest: bool) -> dict[Partition, int]:
+        """Earliest retained (or, with `latest`, end) offsets of `parts`, one request."""
+        with self._lock:
+            if self._admin is None:
+                self._admin = AdminClient(dict(self._settings.client_config()))
+            admin = self._admin
+        spec = OffsetSpec.latest() if latest else OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+        request = {TopicPartition(topic, partition): spec for topic, partition in parts}
+        if not request:
+            return {}
+        futures = admin.list_offsets(request, request_timeout=self._timeout_s)
+        return {
+            (tp.topic, tp.partition): int(future.result(timeout=self._timeout_s).offset)
+            for tp, future in futures.items()
+        }
+
 
 class OffsetGapCheckingSource(FixedPartitionedSource[Any, Any]):
-    """Wraps a `KafkaSource` (same partitions, same snapshots) and checks each resume."""
+    """Wraps a `KafkaSource` (same partitions, same snapshots): checks each resume, reports
+    positions."""
 
     def __init__(self, inner: FixedPartitionedSource[Any, Any], earliest: EarliestOffset) -> None:
         self.inner = inner
@@ -93,53 +130,77 @@ class OffsetGapCheckingSource(FixedPartitionedSource[Any, Any]):
         self, step_id: str, for_part: str, resume_state: Any
     ) -> StatefulSourcePartition[Any, Any]:
         part = self.inner.build_part(step_id, for_part, resume_state)
-        # No snapshot, or one taken before the first read (OFFSET_BEGINNING is negative):
-        # the partition starts at the earliest retained offset and nothing was promised.
-        if not isinstance(resume_state, int) or resume_state < 0:
-            return part
         # KafkaSource names its partitions "{index}-{topic}"; its state is the next offset.
         idx, topic = for_part.split("-", 1)
-        return GapCheckingPartition(part, topic, int(idx), resume_state, self.earliest)
+        # No snapshot, or one taken before the first read (OFFSET_BEGINNING is negative):
+        # the partition starts at the earliest retained offset and nothing was promised.
+        resume = resume_state if isinstance(resume_state, int) and resume_state >= 0 else None
+        return GapCheckingPartition(part, topic, int(idx), resume, self.earliest)
 
 
 class GapCheckingPartition(StatefulSourcePartition[Any, Any]):
-    """Delegates to the Kafka partition; checks the first read against the resume offset."""
+    """Delegates to the Kafka partition; reports its position to `POSITIONS` and, when it
+    resumes from a snapshot (`resume_offset`), checks its first read against it."""
 
     def __init__(
         self,
         inner: StatefulSourcePartition[Any, Any],
         topic: str,
         partition: int,
-        resume_offset: int,
+        resume_offset: int | None,
         earliest: EarliestOffset,
+        *,
+        positions: Positions = POSITIONS,
     ) -> None:
         self.inner = inner
         self.topic = topic
         self.partition = partition
         self.resume_offset = resume_offset
         self.earliest = earliest
+        self.positions = positions
+        # Declared at zero, so that the first loss shows in increase() (as in metrics.py).
+        metrics.OFFSETS_SKIPPED.labels(topic=topic, partition=str(partition))
+        low = earliest(topic, partition)
+        if resume_offset is None:
+            self.checked = True  # nothing was promised: it starts at the earliest offset
+            log.info(
+                "reading a Kafka partition from its earliest retained offset",
+                extra={"topic": topic, "partition": partition, "offset": low},
+            )
+            if low is not None:
+                positions.set(topic, partition, low)
+            return
         self.checked = False
+        positions.set(topic, partition, resume_offset)
         log.info(
             "resuming a Kafka partition from the recovery snapshot",
             extra={"topic": topic, "partition": partition, "offset": resume_offset},
         )
-        low = earliest(topic, partition)
         if low is not None and low > resume_offset:
             self._report_loss(low - resume_offset, low)
             self.checked = True
+            positions.set(topic, partition, low)
 
     def next_batch(self) -> Iterable[Any]:
         batch = self.inner.next_batch()
-        if not self.checked:
+        if not isinstance(batch, list):
             batch = list(batch)
+        if not batch:
+            return batch
+        if not self.checked:
             first = _first_offset(batch)
             if first is not None:
                 self.checked = True
                 self._check_first(first)
+        last = _last_offset(batch)
+        if last is not None:
+            self.positions.set(self.topic, self.partition, last + 1)
         return batch
 
     def _check_first(self, first: int) -> None:
         resume = self.resume_offset
+        if resume is None:
+            return
         if first > resume:
             low = self.earliest(self.topic, self.partition)
             lost = (min(first, low) if low is not None else first) - resume
@@ -182,9 +243,16 @@ class GapCheckingPartition(StatefulSourcePartition[Any, Any]):
         self.inner.close()
 
 
-def _first_offset(batch: list[Any]) -> int | None:
-    for item in batch:
-        msg = item.msg if isinstance(item, KafkaError) else item
-        if isinstance(msg, KafkaSourceMessage) and msg.offset is not None and msg.offset >= 0:
-            return int(msg.offset)
+def _offset(item: Any) -> int | None:
+    msg = item.msg if isinstance(item, KafkaError) else item
+    if isinstance(msg, KafkaSourceMessage) and msg.offset is not None and msg.offset >= 0:
+        return int(msg.offset)
     return None
+
+
+def _first_offset(batch: list[Any]) -> int | None:
+    return next((o for o in map(_offset, batch) if o is not None), None)
+
+
+def _last_offset(batch: list[Any]) -> int | None:
+    return next((o for o in map(_offset, reversed(batch)) if o is not None), None)

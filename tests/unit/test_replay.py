@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from bytewax.recovery import init_db_dir
 
+from dataflow import source
 from dataflow.errors import PipelineError
-from dataflow.replay import MARKER, Progress, ProgressPrinter, main, prepare_recovery_dir
+from dataflow.replay import (
+    MARKER,
+    Progress,
+    ProgressPrinter,
+    ProgressSampler,
+    main,
+    prepare_recovery_dir,
+)
 
 
 def test_progress_line_has_rate_offsets_left_and_eta() -> None:
@@ -19,8 +28,16 @@ def test_progress_line_has_rate_offsets_left_and_eta() -> None:
     assert line == (
         "replay feat_v2: 20,000 events read, 10,000 events/s, offsets left 50,000, ETA 0:00:05"
     )
-    assert progress.line(104.0, 40_000, 0).endswith("offsets left 0, caught up")
-    assert progress.line(105.0, 40_000, None).endswith("offsets left ?, ETA ?")
+    assert progress.line(104.0, 40_000, 10_000).endswith("offsets left 10,000, ETA 0:00:01")
+    # A sample the brokers did not answer keeps the last figure.
+    assert progress.line(105.0, 50_000, None).endswith("offsets left 10,000, ETA 0:00:01")
+    assert progress.line(106.0, 60_000, 0).endswith("offsets left 0, caught up")
+
+
+def test_progress_before_the_first_lag_reading_says_it_does_not_know() -> None:
+    progress = Progress("feat_v2")
+    progress.line(0.0, 0, None)
+    assert progress.line(1.0, 500, None).endswith("offsets left ?, ETA ?")
 
 
 def test_progress_rate_is_smoothed() -> None:
@@ -41,6 +58,24 @@ def test_progress_printer_reports_the_end() -> None:
     assert (
         lines[-1].startswith("replay v2: 3,000 events read in ") and "offsets left 0" in lines[-1]
     )
+
+
+def test_offsets_left_are_end_offsets_minus_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    positions = source.Positions()
+    monkeypatch.setattr("dataflow.replay.POSITIONS", positions)
+    asked: list[set[tuple[str, int]]] = []
+
+    def ends(parts: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        asked.append(set(parts))
+        return {("t", 0): 100, ("t", 1): 50}
+
+    sampler = ProgressSampler(ends)
+    assert sampler()[1] is None  # nothing assigned yet: not asked
+    assert asked == []
+    positions.set("t", 0, 40)
+    positions.set("t", 1, 60)  # a stale end offset never makes it negative
+    assert sampler()[1] == 60
+    assert asked == [{("t", 0), ("t", 1)}]
 
 
 def test_fresh_directory_gets_a_marker_and_is_not_a_resume(tmp_path: Path) -> None:

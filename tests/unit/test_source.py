@@ -12,7 +12,7 @@ from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from dataflow import metrics
-from dataflow.source import GapCheckingPartition, OffsetGapCheckingSource
+from dataflow.source import GapCheckingPartition, OffsetGapCheckingSource, Positions
 
 TOPIC = "events"
 
@@ -78,10 +78,31 @@ def drain(part: StatefulSourcePartition[Any, Any], batches: int) -> list[Any]:
 
 @pytest.mark.parametrize("resume", [None, -2])  # no snapshot, or one taken before any read
 def test_a_partition_without_a_resume_offset_is_not_checked(resume: int | None) -> None:
-    part, asked = build([[msg(500)]], resume, [])
-    assert not isinstance(part, GapCheckingPartition)
+    before = skipped(0)
+    part, asked = build([[msg(500)]], resume, [100])  # 100..499 compacted: not a loss
     assert [m.offset for m in drain(part, 1)] == [500]
-    assert asked == []
+    assert asked == [(TOPIC, 0)]  # once, for its starting position
+    assert skipped(0) == before
+
+
+def test_positions_follow_every_partition() -> None:
+    positions = Positions()
+
+    def earliest(topic: str, partition: int) -> int | None:
+        return {0: 7, 1: 0}[partition]
+
+    fresh = GapCheckingPartition(
+        FakePartition([[msg(7), msg(9)]], None), TOPIC, 0, None, earliest, positions=positions
+    )
+    resumed = GapCheckingPartition(
+        FakePartition([[], [msg(41, 1)]], 40), TOPIC, 1, 40, earliest, positions=positions
+    )
+    assert positions.snapshot() == {(TOPIC, 0): 7, (TOPIC, 1): 40}
+    fresh.next_batch()
+    resumed.next_batch()  # an empty batch moves nothing
+    assert positions.snapshot() == {(TOPIC, 0): 10, (TOPIC, 1): 40}
+    resumed.next_batch()
+    assert positions.snapshot() == {(TOPIC, 0): 10, (TOPIC, 1): 42}
 
 
 def test_retention_past_the_snapshot_is_counted_at_build(caplog: pytest.LogCaptureFixture) -> None:
