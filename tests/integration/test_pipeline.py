@@ -18,8 +18,8 @@ from dataflow.flow import build_flow
 from dataflow.generator import GeneratorConfig, generate
 from dataflow.reader import FeatureReader
 from dataflow.topics import produce
+from tests.integration.harness import dump
 from tests.reference_model import (
-    decode_store,
     diff_acq_lower_bound,
     diff_stores,
     expected_store,
@@ -58,14 +58,6 @@ def consume_all(brokers: str, topic: str, expected: int, timeout_s: float = 60) 
     finally:
         consumer.close()
     return out
-
-
-def dump(client: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
-    return decode_store(dict(zip(keys, pipe.execute(), strict=True)))
 
 
 def pipeline_config(brokers: str, topic: str, dlq: str, prefix: str, redis_url: str) -> Config:
