@@ -82,8 +82,9 @@ _SELECT_COUNTS: Final = (
     (1, 1, 1),  # both
 )
 
-LinkItem = tuple[int, str, int, str]
-"""(SELECT | SEARCH | CLICK, session id, ts, query hash of the normalised text)."""
+LinkItem = tuple[int, str, int, str, int]
+"""(SELECT | SEARCH | CLICK, session id, ts, query hash of the normalised text, origin: the
+Kafka partition the event came from, `intake.origin_id`)."""
 
 JoinItem = LinkItem | int
 """A link event, or a clock reading (epoch ms) that only moves the shard's clock."""
@@ -148,7 +149,7 @@ def route(events: Iterable[Event], shards: int) -> LinkRoute:
             out.direct.append((ACQ, keys.acq_suffix(qhash), event.ts, _SELECT_ONLY))
             continue
         shard_key = str(link_shard(session, shards))
-        item: LinkItem = (kind, session, event.ts, qhash)
+        item: LinkItem = (kind, session, event.ts, qhash, event.origin)
         batch = by_shard.get(shard_key)
         if batch is None:
             by_shard[shard_key] = [item]
@@ -160,11 +161,12 @@ def route(events: Iterable[Event], shards: int) -> LinkRoute:
 class _Session:
     """One session's held link events, per query hash, each list sorted by `ts`."""
 
-    __slots__ = ("clicks", "clock", "due", "mark", "pruned", "searches", "selects")
+    __slots__ = ("clicks", "clock", "due", "mark", "origin", "pruned", "searches", "selects")
 
-    def __init__(self, clock: int, mark: int, pruned: int) -> None:
+    def __init__(self, clock: int, mark: int, pruned: int, origin: int) -> None:
         self.clock = clock  # largest ts of the session's link events
-        self.mark = mark  # the shard's clock at the session's last arrival
+        self.mark = mark  # its partition's clock at the session's last arrival
+        self.origin = origin  # the Kafka partition its events come from
         self.pruned = pruned  # the session clock at its last prune
         self.due = -1  # the sweep bucket the session is registered in
         self.selects: dict[str, list[int]] = {}  # ts << 2 | link flags
@@ -180,15 +182,19 @@ class _Session:
 class LinkShard:
     """The sessions of one join shard: `step` turns link items into `ACQ` increments."""
 
-    __slots__ = ("clock", "due", "grace_ms", "sessions", "stale")
+    __slots__ = ("clock", "due", "grace_ms", "origins", "sessions", "stale")
 
     def __init__(self, grace_ms: int = DEFAULT_GRACE_MS, clock: int = 0) -> None:
         if grace_ms < 0:
             raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
         self.grace_ms = grace_ms
         self.clock = clock
+        # Each source partition's clock: a session is idle by its own partition's clock,
+        # so a partition read far behind the others (a backlog) keeps its sessions.
+        self.origins: dict[int, int] = {}
         self.sessions: dict[str, _Session] = {}
-        self.due: dict[int, list[str]] = {}  # sweep bucket -> sessions registered there
+        # (origin, sweep bucket) -> sessions registered there
+        self.due: dict[tuple[int, int], list[str]] = {}
         self.stale = 0
         """Link events that arrived more than `grace_ms` behind their session's clock
         (cumulative, not snapshotted): their links may be missed. For a metric."""
@@ -205,18 +211,21 @@ class LinkShard:
     # sweep index is not stored; it is a function of each session's `mark`.
     def snapshot(self) -> bytes:
         sessions = {
-            sid: (s.clock, s.mark, s.pruned, s.selects, s.searches, s.clicks)
+            sid: (s.clock, s.mark, s.pruned, s.origin, s.selects, s.searches, s.clicks)
             for sid, s in self.sessions.items()
         }
-        return pickle.dumps((self.clock, sessions), protocol=pickle.HIGHEST_PROTOCOL)
+        state = (self.clock, self.origins, sessions)
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
     def restore(cls, blob: bytes, grace_ms: int = DEFAULT_GRACE_MS) -> LinkShard:
         with _gc_paused():
-            clock, sessions = pickle.loads(blob)  # noqa: S301 - our own recovery snapshot
+            clock, origins, sessions = pickle.loads(blob)  # noqa: S301 - our own snapshot
             shard = cls(grace_ms, clock)
-            for sid, (s_clock, mark, pruned, selects, searches, clicks) in sessions.items():
-                session = _Session(s_clock, mark, pruned)
+            shard.origins = origins
+            for sid, state in sessions.items():
+                s_clock, mark, pruned, origin, selects, searches, clicks = state
+                session = _Session(s_clock, mark, pruned, origin)
                 session.selects, session.searches, session.clicks = selects, searches, clicks
                 shard.sessions[sid] = session
                 shard._register(sid, session)
@@ -237,24 +246,36 @@ class LinkShard:
         # counts against the grace (batches are regrouped by key upstream, by dedup slot).
         links.sort(key=_item_ts)
         out: list[Update] = []
-        for kind, sid, ts, qhash in links:
+        origins = self.origins
+        for kind, sid, ts, qhash, origin in links:
             self.clock = max(self.clock, ts)
-            session = self._touch(sid, ts)
+            if ts > origins.get(origin, 0):
+                origins[origin] = ts
+            session = self._touch(sid, ts, origin)
             if kind == SELECT:
                 self._select(session, ts, qhash, out)
             else:
                 self._partner(session, ts, qhash, _SEARCHED if kind == SEARCH else _CLICKED, out)
-        self.clock = max(self.clock, clock)
+        if clock > self.clock:
+            # A reading (not fed by the flow; for idle shards and tests) is a promise about
+            # every partition at once.
+            self.clock = clock
+            for origin, at in origins.items():
+                origins[origin] = max(at, clock)
         self._sweep()
         return out
 
-    def _touch(self, sid: str, ts: int) -> _Session:
+    def _touch(self, sid: str, ts: int, origin: int) -> _Session:
         session = self.sessions.get(sid)
+        mark = self.origins[origin]
         if session is None:
-            session = _Session(ts, self.clock, ts)
+            session = _Session(ts, mark, ts, origin)
             self.sessions[sid] = session
         else:
-            session.mark = self.clock
+            # A session keyed to one partition by its producer stays there; should it ever
+            # move, follow the partition it is read from now.
+            session.origin = origin
+            session.mark = mark
             if ts > session.clock:
                 session.clock = ts
                 # Pruning walks every query the session holds: do it once a sweep period,
@@ -340,23 +361,25 @@ class LinkShard:
         due = (session.mark + self.idle_ms) // SWEEP_MS
         if due != session.due:
             session.due = due
-            bucket = self.due.get(due)
+            key = (session.origin, due)
+            bucket = self.due.get(key)
             if bucket is None:
-                self.due[due] = [sid]
+                self.due[key] = [sid]
             else:
                 bucket.append(sid)
 
     def _sweep(self) -> None:
         """Drop the sessions idle for `idle_ms` of shard clock (whole buckets only, so a
         session may outlive its hold by up to `SWEEP_MS`: holding longer is harmless)."""
-        last_done = self.clock // SWEEP_MS - 1  # buckets that lie wholly before the clock
-        done = [bucket for bucket in self.due if bucket <= last_done]
+        origins = self.origins
+        # Buckets that lie wholly before their partition's clock.
+        done = [key for key in self.due if key[1] <= origins.get(key[0], 0) // SWEEP_MS - 1]
         sessions = self.sessions
-        for bucket in done:
-            for sid in self.due.pop(bucket):
+        for key in done:
+            for sid in self.due.pop(key):
                 session = sessions.get(sid)
                 # A session touched since registering here has moved to a later bucket.
-                if session is not None and session.due == bucket:
+                if session is not None and session.due == key[1] and session.origin == key[0]:
                     del sessions[sid]
 
     # --- sizes, for metrics ----------------------------------------------------------------

@@ -50,6 +50,7 @@ class SearchImpression:
     session_id: str | None
     query: str  # raw; "" when the event had none
     doc_ids: tuple[str, ...]
+    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class Click:
     query: str
     doc_id: str
     position: int | None
+    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,7 @@ class Dwell:
     query: str
     doc_id: str
     dwell_ms: int
+    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,7 @@ class AcImpression:
     session_id: str | None
     prefix: str
     candidates: tuple[str, ...]
+    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,7 @@ class AcSelect:
     session_id: str | None
     prefix: str
     candidate: str
+    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
 
 
 Event = SearchImpression | Click | Dwell | AcImpression | AcSelect
@@ -117,7 +122,9 @@ class _Invalid(Exception):
         self.detail = detail
 
 
-def decode(value: bytes | None, *, now_ms: int, future_tolerance_ms: int) -> Event | Rejection:
+def decode(
+    value: bytes | None, *, now_ms: int, future_tolerance_ms: int, origin: int = 0
+) -> Event | Rejection:
     """Decode and validate one Kafka message value.
 
     Rule order (docs/contract.md §5): size, JSON, object, type, common fields, per-type
@@ -144,7 +151,7 @@ def decode(value: bytes | None, *, now_ms: int, future_tolerance_ms: int) -> Eve
         return Rejection("unknown_type", f"type: {kind[:64]!r} is not one of {EVENT_TYPES}")
 
     try:
-        event = builder(obj)
+        event = builder(obj, origin)
     except _Invalid as exc:
         return Rejection("invalid_event", exc.detail)
 
@@ -215,50 +222,50 @@ def _string_list(obj: dict[str, Any], field: str, max_items: int) -> list[Any]:
     return value
 
 
-def _search_impression(obj: dict[str, Any]) -> SearchImpression:
+def _search_impression(obj: dict[str, Any], origin: int) -> SearchImpression:
     event_id, ts, session_id = _common(obj)
     query = _text(obj, "query", required=False)
     raw = _string_list(obj, "doc_ids", MAX_DOC_IDS)
     doc_ids = tuple(_doc_id(d, f"doc_ids[{i}]") for i, d in enumerate(raw))
-    return SearchImpression(event_id, ts, session_id, query, doc_ids)
+    return SearchImpression(event_id, ts, session_id, query, doc_ids, origin)
 
 
-def _click(obj: dict[str, Any]) -> Click:
+def _click(obj: dict[str, Any], origin: int) -> Click:
     event_id, ts, session_id = _common(obj)
     query = _text(obj, "query", required=False)
     doc_id = _doc_id(obj.get("doc_id"), "doc_id")
     position = obj.get("position")
     if position is not None and (type(position) is not int or position < 1):
         raise _Invalid("position: optional integer >= 1")
-    return Click(event_id, ts, session_id, query, doc_id, position)
+    return Click(event_id, ts, session_id, query, doc_id, position, origin)
 
 
-def _dwell(obj: dict[str, Any]) -> Dwell:
+def _dwell(obj: dict[str, Any], origin: int) -> Dwell:
     event_id, ts, session_id = _common(obj)
     query = _text(obj, "query", required=False)
     doc_id = _doc_id(obj.get("doc_id"), "doc_id")
     dwell_ms = _int_at_least(obj, "dwell_ms", 0)
-    return Dwell(event_id, ts, session_id, query, doc_id, dwell_ms)
+    return Dwell(event_id, ts, session_id, query, doc_id, dwell_ms, origin)
 
 
-def _ac_impression(obj: dict[str, Any]) -> AcImpression:
+def _ac_impression(obj: dict[str, Any], origin: int) -> AcImpression:
     event_id, ts, session_id = _common(obj)
     prefix = _text(obj, "prefix", required=True)
     raw = _string_list(obj, "candidates", MAX_CANDIDATES)
     for i, candidate in enumerate(raw):
         if not isinstance(candidate, str) or len(candidate) > MAX_TEXT_CHARS:
             raise _Invalid(f"candidates[{i}]: string of at most {MAX_TEXT_CHARS} characters")
-    return AcImpression(event_id, ts, session_id, prefix, tuple(raw))
+    return AcImpression(event_id, ts, session_id, prefix, tuple(raw), origin)
 
 
-def _ac_select(obj: dict[str, Any]) -> AcSelect:
+def _ac_select(obj: dict[str, Any], origin: int) -> AcSelect:
     event_id, ts, session_id = _common(obj)
     prefix = _text(obj, "prefix", required=True)
     candidate = _text(obj, "candidate", required=True)
-    return AcSelect(event_id, ts, session_id, prefix, candidate)
+    return AcSelect(event_id, ts, session_id, prefix, candidate, origin)
 
 
-_BUILDERS: Final[dict[str, Callable[[dict[str, Any]], Event]]] = {
+_BUILDERS: Final[dict[str, Callable[[dict[str, Any], int], Event]]] = {
     "search_impression": _search_impression,
     "click": _click,
     "dwell": _dwell,

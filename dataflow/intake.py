@@ -7,6 +7,7 @@ the wall-clock callable it is given (for the future-timestamp rule).
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,6 +50,12 @@ class IntakeResult:
     messages_by_partition: Counter[tuple[str, int]] = field(default_factory=Counter)
 
 
+def origin_id(topic: str, partition: int) -> int:
+    """A stable small id of a Kafka partition (the same in every process), carried on
+    events so that time-driven state can follow each partition's own clock."""
+    return zlib.crc32(f"{topic}:{partition}".encode())
+
+
 class Intake:
     """Decode-and-route, with this process's view of the clock.
 
@@ -80,7 +87,12 @@ class Intake:
             topic = msg.topic or ""
             partition = msg.partition if msg.partition is not None else -1
             result.messages_by_partition[(topic, partition)] += 1
-            decoded = decode(msg.value, now_ms=now, future_tolerance_ms=tolerance)
+            decoded = decode(
+                msg.value,
+                now_ms=now,
+                future_tolerance_ms=tolerance,
+                origin=origin_id(topic, partition),
+            )
             if isinstance(decoded, Rejection):
                 source = Source(topic, partition, msg.offset if msg.offset is not None else -1)
                 result.dead_letters.append(

@@ -319,7 +319,7 @@ def test_route_sends_each_session_to_one_stable_shard() -> None:
     events = [sel(T0, "a", session=f"s{i}") for i in range(50)]
     routed = route([to_event(e) for e in events], 7)
     for key, items in routed.by_shard.items():
-        assert all(str(link_shard(sid, 7)) == key for _, sid, _, _ in items)
+        assert all(str(link_shard(sid, 7)) == key for _, sid, _, _, _ in items)
     assert sum(len(v) for v in routed.by_shard.values()) == 50
     assert len(routed.by_shard) > 1
     # Pinned, so a change of hash (or a salted `hash()`) that would re-shard restored
@@ -425,16 +425,16 @@ def test_counts_are_bucketed_by_the_select_day() -> None:
 
 def test_fully_linked_selects_are_not_held() -> None:
     join = LinkShard()
-    join.step([(aclink.SEARCH, "s", T0 + 1, "h"), (aclink.CLICK, "s", T0 + 2, "h")])
-    join.step([(aclink.SELECT, "s", T0, "h")])
+    join.step([(aclink.SEARCH, "s", T0 + 1, "h", 0), (aclink.CLICK, "s", T0 + 2, "h", 0)])
+    join.step([(aclink.SELECT, "s", T0, "h", 0)])
     assert join.held() == 2  # the search and the click; the select has nothing to wait for
-    join.step([(aclink.SELECT, "s", T0 + 3, "h")])  # after both: still open
+    join.step([(aclink.SELECT, "s", T0 + 3, "h", 0)])  # after both: still open
     assert join.held() == 3
 
 
 def test_idle_sessions_are_dropped_after_30_min_plus_grace() -> None:
     join = LinkShard()
-    join.step([(aclink.SELECT, f"s{i}", T0 + i, "h") for i in range(100)])
+    join.step([(aclink.SELECT, f"s{i}", T0 + i, "h", 0) for i in range(100)])
     assert len(join) == 100 and join.held() == 100
     idle = CLICK_WINDOW_MS + GRACE
     assert join.step([T0 + 99 + idle]) == []  # a clock reading alone emits nothing
@@ -446,8 +446,8 @@ def test_idle_sessions_are_dropped_after_30_min_plus_grace() -> None:
 def test_a_touched_session_outlives_its_first_expiry() -> None:
     join = LinkShard()
     idle = CLICK_WINDOW_MS + GRACE
-    join.step([(aclink.SELECT, "busy", T0, "h"), (aclink.SELECT, "idle", T0, "h")])
-    join.step([(aclink.SEARCH, "busy", T0 + idle, "h")])
+    join.step([(aclink.SELECT, "busy", T0, "h", 0), (aclink.SELECT, "idle", T0, "h", 0)])
+    join.step([(aclink.SEARCH, "busy", T0 + idle, "h", 0)])
     join.step([T0 + idle + 3 * SWEEP_MS])
     assert set(join.sessions) == {"busy"}
 
@@ -457,7 +457,9 @@ def test_a_long_session_holds_only_its_recent_events() -> None:
     most = 0
     for minute in range(600):  # ten hours, one select and one search a minute
         ts = T0 + minute * MIN
-        join.step([(aclink.SELECT, "s", ts, f"q{minute}"), (aclink.SEARCH, "s", ts, f"r{minute}")])
+        join.step(
+            [(aclink.SELECT, "s", ts, f"q{minute}", 0), (aclink.SEARCH, "s", ts, f"r{minute}", 0)]
+        )
         most = max(most, join.held())
     # Selects are held 30 min + grace (41 of them), searches the grace (11).
     assert most == 41 + 11
@@ -466,8 +468,8 @@ def test_a_long_session_holds_only_its_recent_events() -> None:
 
 def test_entries_past_their_hold_are_not_stored() -> None:
     join = LinkShard()
-    join.step([(aclink.SELECT, "s", T0 + 3_600_000, "x")])
-    join.step([(aclink.SELECT, "s", T0, "h"), (aclink.SEARCH, "s", T0 + 1, "h")])
+    join.step([(aclink.SELECT, "s", T0 + 3_600_000, "x", 0)])
+    join.step([(aclink.SELECT, "s", T0, "h", 0), (aclink.SEARCH, "s", T0 + 1, "h", 0)])
     assert join.stale == 2
     assert join.held() == 1  # only the fresh select
 
@@ -491,21 +493,21 @@ def test_negative_grace_is_refused() -> None:
 
 def test_snapshot_is_bytes_that_later_steps_do_not_change() -> None:
     join = LinkShard()
-    join.step([(aclink.SELECT, "s", T0, "h")])
+    join.step([(aclink.SELECT, "s", T0, "h", 0)])
     blob = join.snapshot()
     assert isinstance(blob, bytes)
     before = pickle.loads(blob)  # noqa: S301 - our own bytes
-    join.step([(aclink.SEARCH, "s", T0 + 1, "h"), (aclink.SELECT, "t", T0 + 2, "g")])
+    join.step([(aclink.SEARCH, "s", T0 + 1, "h", 0), (aclink.SELECT, "t", T0 + 2, "g", 0)])
     assert pickle.loads(blob) == before  # noqa: S301
     # Restoring the old snapshot replays the search into the same increments.
     again = LinkShard.restore(blob)
-    assert again.step([(aclink.SEARCH, "s", T0 + 1, "h")]) == [(ACQ, "acq:h", T0, (0, 1, 0))]
+    assert again.step([(aclink.SEARCH, "s", T0 + 1, "h", 0)]) == [(ACQ, "acq:h", T0, (0, 1, 0))]
     assert again.clock == T0 + 1
 
 
 def test_restore_rebuilds_the_expiry_index() -> None:
     join = LinkShard()
-    join.step([(aclink.SELECT, "s", T0, "h")])
+    join.step([(aclink.SELECT, "s", T0, "h", 0)])
     restored = LinkShard.restore(join.snapshot())
     assert gc.isenabled()  # paused only while the snapshot loads
     assert len(restored) == 1
@@ -622,3 +624,17 @@ def test_layout_of_the_increments_matches_the_family() -> None:
         (ACQ, suffix("a"), T0, (0, 1, 0)),
         (ACQ, suffix("a"), T0, (0, 0, 1)),
     ]
+
+
+def test_a_partition_read_far_behind_the_others_keeps_its_sessions() -> None:
+    """Idleness is judged by each session's own partition clock: a partition that runs
+    hours behind another in event time (a backlog) still links its selects."""
+    join = LinkShard()
+    slow, fast = 1, 2
+    assert join.step([(aclink.SELECT, "s", T0, "h", slow)]) == [
+        (ACQ, keys.acq_suffix("h"), T0, (1, 0, 0))
+    ]
+    join.step([(aclink.SELECT, "other", T0 + 6 * 3_600_000, "x", fast)])  # 6 h ahead
+    join.step([(aclink.SELECT, "other", T0 + 7 * 3_600_000, "x", fast)])
+    linked = join.step([(aclink.SEARCH, "s", T0 + 30_000, "h", slow)])
+    assert linked == [(ACQ, keys.acq_suffix("h"), T0, (0, 1, 0))]
