@@ -71,6 +71,8 @@ def port_problem(port: str) -> str | None:
     if not port.isdigit() or not 0 < int(port) < 65536:
         return f"must be a port number (got {port!r})"
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Like the server itself: a port in TIME_WAIT from a previous run is free to reuse.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("0.0.0.0", int(port)))  # noqa: S104 - the address Bytewax will use
         except OSError as exc:
