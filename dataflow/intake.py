@@ -74,6 +74,7 @@ class Intake:
         self.now_ms = now_ms
         self.clock = 0
         self.partition_clocks: dict[tuple[str, int], int] = {}
+        self.origin_ids: dict[tuple[str, int], int] = {}  # memo of `origin_id`, per message
 
     def route(self, messages: Iterable[KafkaMessage]) -> IntakeResult:
         result = IntakeResult()
@@ -83,15 +84,17 @@ class Intake:
         clock = self.clock
         late_day = clock // DAY_MS - RETENTION_DAYS
         partition_clocks = self.partition_clocks
+        origin_ids = self.origin_ids
         for msg in messages:
             topic = msg.topic or ""
             partition = msg.partition if msg.partition is not None else -1
-            result.messages_by_partition[(topic, partition)] += 1
+            origin = (topic, partition)
+            result.messages_by_partition[origin] += 1
+            origin_number = origin_ids.get(origin)
+            if origin_number is None:
+                origin_number = origin_ids[origin] = origin_id(topic, partition)
             decoded = decode(
-                msg.value,
-                now_ms=now,
-                future_tolerance_ms=tolerance,
-                origin=origin_id(topic, partition),
+                msg.value, now_ms=now, future_tolerance_ms=tolerance, origin=origin_number
             )
             if isinstance(decoded, Rejection):
                 source = Source(topic, partition, msg.offset if msg.offset is not None else -1)
@@ -105,7 +108,6 @@ class Intake:
             if ts > clock:
                 clock = ts
                 late_day = clock // DAY_MS - RETENTION_DAYS
-            origin = (topic, partition)
             partition_clock = partition_clocks.get(origin, 0)
             if ts > partition_clock:
                 partition_clocks[origin] = partition_clock = ts

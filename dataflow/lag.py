@@ -27,6 +27,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from dataflow import metrics
 from dataflow.config import KafkaSettings
+from dataflow.source import kafka_partition
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +232,9 @@ class LagTrackingSource(FixedPartitionedSource[Any, Any]):
         self, step_id: str, for_part: str, resume_state: Any
     ) -> StatefulSourcePartition[Any, Any]:
         part = self.inner.build_part(step_id, for_part, resume_state)
-        # KafkaSource names its partitions "{index}-{topic}"; its state is the next offset.
-        idx, topic = for_part.split("-", 1)
-        self.tracker.assigned(topic, int(idx), resume_state)
-        return _TrackedPartition(part, self.tracker, topic, int(idx))
+        topic, idx = kafka_partition(for_part)
+        self.tracker.assigned(topic, idx, resume_state)
+        return _TrackedPartition(part, self.tracker, topic, idx)
 
 
 class _TrackedPartition(StatefulSourcePartition[Any, Any]):

@@ -115,6 +115,13 @@ class BrokerOffsets:
         }
 
 
+def kafka_partition(for_part: str) -> tuple[str, int]:
+    """(topic, partition) of a `KafkaSource` partition key, which it names
+    `"{index}-{topic}"`; the partition's snapshot state is its next offset."""
+    idx, topic = for_part.split("-", 1)
+    return topic, int(idx)
+
+
 class OffsetGapCheckingSource(FixedPartitionedSource[Any, Any]):
     """Wraps a `KafkaSource` (same partitions, same snapshots): checks each resume, reports
     positions."""
@@ -130,12 +137,11 @@ class OffsetGapCheckingSource(FixedPartitionedSource[Any, Any]):
         self, step_id: str, for_part: str, resume_state: Any
     ) -> StatefulSourcePartition[Any, Any]:
         part = self.inner.build_part(step_id, for_part, resume_state)
-        # KafkaSource names its partitions "{index}-{topic}"; its state is the next offset.
-        idx, topic = for_part.split("-", 1)
+        topic, idx = kafka_partition(for_part)
         # No snapshot, or one taken before the first read (OFFSET_BEGINNING is negative):
         # the partition starts at the earliest retained offset and nothing was promised.
         resume = resume_state if isinstance(resume_state, int) and resume_state >= 0 else None
-        return GapCheckingPartition(part, topic, int(idx), resume, self.earliest)
+        return GapCheckingPartition(part, topic, idx, resume, self.earliest)
 
 
 class GapCheckingPartition(StatefulSourcePartition[Any, Any]):
