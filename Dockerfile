@@ -6,7 +6,7 @@
 #   docker run --rm search-features:local -w 2        # arguments go to bytewax.run
 #
 # Settings are environment variables (dataflow/config.py); docker-compose.yml and k8s/
-# show complete sets. No Docker engine runs in CI: tests/unit/test_deploy_files.py checks
+# show complete sets. No Docker engine runs in CI: tests/deploy/test_deploy_files.py checks
 # this file with a small parser instead.
 
 # ---- build: a virtualenv with the package and its runtime dependencies only ----------

@@ -33,8 +33,8 @@ status:  ## show what is running and where its log is
 test: venv up lint  ## lint, then the whole suite against the real services
 	$(PY) -m pytest
 
-unit: venv  ## only the fast tests of the pure core (no services)
-	$(PY) -m pytest tests/unit
+unit: venv  ## the tests that need no services and no external binaries
+	$(PY) -m pytest -m "not integration and not external"
 
 lint: venv  ## ruff (lint and format) and mypy --strict
 	$(PY) -m ruff check dataflow tests bench
@@ -42,7 +42,7 @@ lint: venv  ## ruff (lint and format) and mypy --strict
 	$(PY) -m mypy
 
 run: venv up  ## demo: stack up, demo events in, pipeline run, features out
-	$(PY) -m dataflow.demo
+	$(PY) -m dataflow.tools.demo
 
 bench: venv up  ## benchmarks (figures go to docs/benchmarks.md by hand)
 	$(PY) bench/pipeline_throughput.py

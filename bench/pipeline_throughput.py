@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dataflow.config import Config  # noqa: E402
-from dataflow.generator import GeneratorConfig, generate  # noqa: E402
-from dataflow.topics import ensure_topics, produce  # noqa: E402
+from dataflow.kafka.topics import ensure_topics, produce  # noqa: E402
+from dataflow.tools.generator import GeneratorConfig, generate  # noqa: E402
 
 DAY_MS = 86_400_000
 BROKERS = os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092")

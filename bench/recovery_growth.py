@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from dataflow import flow as flow_module  # noqa: E402
 from dataflow import metrics  # noqa: E402
 from dataflow.config import Config  # noqa: E402
-from dataflow.shard import FeatureShard, StepResult  # noqa: E402
+from dataflow.core.shard import FeatureShard, StepResult  # noqa: E402
 
 DAY_MS = 86_400_000
 DOCS_PER_EVENT = 10

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from dataflow.core.families import FeatureParams
+from dataflow.core.smoothing import Prior
 from dataflow.errors import ConfigError
-from dataflow.families import FeatureParams
-from dataflow.smoothing import Prior
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 Every error the pipeline raises on purpose derives from `PipelineError`, and its message
 says what to do about it. Bad *input* is not an exception: it is data, sent to the
-dead-letter topic (see `dataflow.events`).
+dead-letter topic (see `dataflow.core.events`).
 """
 
 
@@ -25,6 +25,22 @@ class SinkError(PipelineError):
     Raised so the dataflow stops before its epoch commits: on restart, recovery rewinds
     Kafka to the last snapshot and the writes are replayed. Nothing is dropped.
     """
+
+
+class RequestError(PipelineError):
+    """One request to a store failed; `reason` is a short, low-cardinality label for metrics."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RetryableError(RequestError):
+    """The request may succeed later (unreachable, timeout, 429, 5xx...)."""
+
+
+class RejectedError(RequestError):
+    """The store refused the whole request for good (a 4xx that retrying cannot fix)."""
 
 
 class IndexMappingError(PipelineError):

@@ -30,21 +30,22 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 from confluent_kafka import OFFSET_BEGINNING
 
-from dataflow import aclink, metrics
-from dataflow.aclink import LinkShard
+from dataflow import metrics
 from dataflow.config import Config
-from dataflow.deadletter import DeadLetter
-from dataflow.dedup import SlotIds
-from dataflow.families import FeatureParams, Update, updates_for
-from dataflow.intake import Intake, IntakeResult
-from dataflow.lag import KafkaOffsets, LagTracker, LagTrackingSource
+from dataflow.core import aclink
+from dataflow.core.aclink import LinkShard
+from dataflow.core.deadletter import DeadLetter
+from dataflow.core.dedup import SlotIds
+from dataflow.core.families import FeatureParams, Update, updates_for
+from dataflow.core.intake import Intake, IntakeResult
+from dataflow.core.shard import FeatureShard, ShardItem, StepResult
+from dataflow.core.windows import DAY_MS
+from dataflow.kafka.lag import KafkaOffsets, LagTracker, LagTrackingSource
+from dataflow.kafka.source import BrokerOffsets, OffsetGapCheckingSource
 from dataflow.logs import configure_logging
-from dataflow.shard import FeatureShard, ShardItem, StepResult
-from dataflow.sinks import opensearch
+from dataflow.opensearch import sink as opensearch
 from dataflow.sinks.deadletters import DeadLetterSink
 from dataflow.sinks.redis import RedisFeatureSink
-from dataflow.source import BrokerOffsets, OffsetGapCheckingSource
-from dataflow.windows import DAY_MS
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _slot_of(value: tuple[int, Any]) -> int:
 
 
 class LinkLogic(StatefulBatchLogic[list[Any], list[Update], bytes]):
-    """One shard of sessions for the autocomplete → search → click join (`dataflow.aclink`)."""
+    """One shard of sessions for the autocomplete → search → click join (`dataflow.core.aclink`)."""
 
     def __init__(self, grace_ms: int, resume: bytes | None) -> None:
         self.join = LinkShard(grace_ms) if resume is None else LinkShard.restore(resume, grace_ms)
@@ -132,7 +133,7 @@ class LinkLogic(StatefulBatchLogic[list[Any], list[Update], bytes]):
 
 
 class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
-    """One state shard of feature keys (see `dataflow.shard`).
+    """One state shard of feature keys (see `dataflow.core.shard`).
 
     Updates mark keys dirty; the writes go out at most every `flush_interval` (one timer
     per shard, not per key), so a hot key is written once per interval, not once per

@@ -7,7 +7,7 @@ partition, type, reason, sink, result; never a key or an id. Each process of a c
 serves its own numbers; sum them in PromQL.
 
 Kafka consumer lag per topic/partition is `search_features_consumer_lag`, measured by
-`dataflow.lag` off the hot path. Bytewax's own `bytewax_kafka_consumer_lag` is served too, but
+`dataflow.kafka.lag` off the hot path. Bytewax's own `bytewax_kafka_consumer_lag` is served too, but
 it is only updated while the input step polls Kafka: when a sink blocks the worker it
 freezes (or never appears) exactly when the lag grows. docs/observability.md lists them all.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from dataflow.events import EVENT_TYPES, REASONS
+from dataflow.core.events import EVENT_TYPES, REASONS
 
 NAMESPACE = "search_features"
 
@@ -66,7 +66,7 @@ OFFSETS_SKIPPED = Counter(
     "offsets_skipped",
     "Kafka messages lost to retention before they were read: a resume from a recovery "
     "snapshot found the partition's earliest retained offset past the snapshotted one "
-    "(dataflow.source); the features miss these events.",
+    "(dataflow.kafka.source); the features miss these events.",
     ["topic", "partition"],
     namespace=NAMESPACE,
 )

@@ -11,7 +11,7 @@ reader.autocomplete_link(["iphone", "ipad"])             # {query: AutocompleteL
 
 Each call is one Redis round trip (a pipeline of `HGETALL`), whatever the number of ids. A
 missing key reads as zero counts, zero decayed sums, the prior rate `α/(α+β)` and
-`as_of = 0`, never as an error. Keys come from `dataflow.keys`, the writer's own functions.
+`as_of = 0`, never as an error. Keys come from `dataflow.core.keys`, the writer's own functions.
 `decayed_to(t)` brings the decayed sums (and `ctr_decay`) to the caller's read time.
 """
 
@@ -24,10 +24,10 @@ from typing import Any, ClassVar, Self, TypeVar, cast
 
 import redis
 
-from dataflow import keys
-from dataflow.families import FeatureParams
-from dataflow.smoothing import Prior
-from dataflow.windows import decay_factor
+from dataflow.core import keys
+from dataflow.core.families import FeatureParams
+from dataflow.core.smoothing import Prior
+from dataflow.core.windows import decay_factor
 
 __all__ = [
     "AutocompleteFeatures",

@@ -8,7 +8,7 @@ from typing import Any
 from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from dataflow.shard import StepResult
+from dataflow.core.shard import StepResult
 from dataflow.sinks.redis import coalesce
 
 

@@ -23,7 +23,7 @@ Adding a family: write a contribution rule that receives the whole accepted stre
 fields rule, and add a ``FamilySpec`` to ``FAMILIES``. The ``acq`` family (contract 4.4) is
 the example of a join: for each select it scans its session's events, with no state, no
 expiry and no notion of arrival order, which is exactly what the pipeline's incremental
-join (``dataflow/aclink.py``) must agree with within its disorder tolerance.
+join (``dataflow/core/aclink.py``) must agree with within its disorder tolerance.
 """
 
 from __future__ import annotations
@@ -661,7 +661,7 @@ def max_disorder_ms(events: Iterable[Event]) -> int:
     order (0 for a stream in time order).
 
     The pipeline's link join is exact when every link event reaches it at most its grace
-    (``dataflow.aclink.DEFAULT_GRACE_MS``) behind the clock, so a test may demand exact
+    (``dataflow.core.aclink.DEFAULT_GRACE_MS``) behind the clock, so a test may demand exact
     ``acq`` values when this is within the grace, and only ``diff_acq_lower_bound`` beyond.
     """
     worst = 0

@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from dataflow import metrics
 from dataflow.config import KafkaSettings
-from dataflow.deadletter import DeadLetter
+from dataflow.core.deadletter import DeadLetter
 from dataflow.errors import SinkError
 from dataflow.logs import BurstLog
 

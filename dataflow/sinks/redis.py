@@ -21,9 +21,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflow import metrics
 from dataflow.config import RedisSettings
+from dataflow.core.shard import StepResult, Write
 from dataflow.errors import SinkError
 from dataflow.retry import Backoff
-from dataflow.shard import StepResult, Write
 
 log = logging.getLogger(__name__)
 

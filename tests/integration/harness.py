@@ -29,7 +29,7 @@ from pathlib import Path
 import redis
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from dataflow.generator import GeneratedMessage, GeneratorConfig, generate
+from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 from tests.reference_model import decode_store
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from dataflow.config import Config
 from dataflow.flow import build_flow
-from dataflow.generator import GeneratorConfig, generate
+from dataflow.tools.generator import GeneratorConfig, generate
 from tests.integration.test_opensearch import delete_indices, index_docs
 from tests.integration.test_pipeline import dump, produce
 from tests.reference_model import acq_key, diff_stores, expected_store, q_norm, select_families

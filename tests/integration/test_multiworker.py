@@ -19,9 +19,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import TestingSink, cluster_main
 
 from dataflow.config import Config
+from dataflow.core.shard import StepResult
 from dataflow.flow import build_flow
-from dataflow.shard import StepResult
-from dataflow.topics import produce
+from dataflow.kafka.topics import produce
 from tests.fakes import MemoryStore
 from tests.integration.harness import (
     PipelineProcess,

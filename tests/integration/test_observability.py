@@ -32,7 +32,7 @@ import redis
 import yaml
 from confluent_kafka import Producer
 
-from dataflow.generator import GeneratorConfig, generate
+from dataflow.tools.generator import GeneratorConfig, generate
 from tests.integration.conftest import PrometheusApi, PrometheusQuery, TopicFactory, http_get
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -37,9 +37,9 @@ from prometheus_client import REGISTRY
 from dataflow.config import Config
 from dataflow.errors import SinkError
 from dataflow.flow import build_flow
-from dataflow.generator import GeneratedMessage, GeneratorConfig, generate
-from dataflow.opensearch_index import run as index_command
-from dataflow.opensearch_updates import rank_value
+from dataflow.opensearch.index import run as index_command
+from dataflow.opensearch.updates import rank_value
+from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 
 REPO = Path(__file__).resolve().parents[2]
 STACK = REPO / "stack" / "stack.sh"
@@ -198,7 +198,7 @@ def test_index_command_creates_idempotently_refuses_conflicts_and_swaps(
 
         # The module runs as a command and reports through its exit code.
         proc = subprocess.run(
-            [sys.executable, "-m", "dataflow.opensearch_index", "status"],
+            [sys.executable, "-m", "dataflow.opensearch.index", "status"],
             env={**os.environ, **env},
             capture_output=True,
             text=True,

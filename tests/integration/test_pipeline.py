@@ -15,9 +15,9 @@ from confluent_kafka import Consumer, Producer
 
 from dataflow.config import Config
 from dataflow.flow import build_flow
-from dataflow.generator import GeneratorConfig, generate
+from dataflow.kafka.topics import produce
 from dataflow.reader import FeatureReader
-from dataflow.topics import produce
+from dataflow.tools.generator import GeneratorConfig, generate
 from tests.integration.harness import dump
 from tests.reference_model import (
     diff_stores,

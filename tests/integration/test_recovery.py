@@ -30,8 +30,8 @@ from confluent_kafka.admin import AdminClient
 from dataflow import metrics
 from dataflow.config import Config
 from dataflow.flow import build_flow
-from dataflow.generator import GeneratedMessage, GeneratorConfig, generate
-from dataflow.topics import produce
+from dataflow.kafka.topics import produce
+from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 from tests.integration.harness import (
     PipelineProcess,
     dump,
@@ -319,11 +319,13 @@ def test_resume_past_retention_reads_on_and_counts_what_it_never_saw(
         future.result(timeout=30)
     skipped = metrics.OFFSETS_SKIPPED.labels(topic=topic, partition="0")
     before = skipped._value.get()
-    with caplog.at_level("INFO", logger="dataflow.source"):
+    with caplog.at_level("INFO", logger="dataflow.kafka.source"):
         run()
 
     assert skipped._value.get() - before == 50
-    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "dataflow.source"]
+    errors = [
+        r for r in caplog.records if r.levelname == "ERROR" and r.name == "dataflow.kafka.source"
+    ]
     assert len(errors) == 1 and errors[0].skipped == 50  # type: ignore[attr-defined]
     assert snapshot_offsets(recovery) == {f"0-{topic}": 200}
     # The features hold what was read, 0..99 and 150..199, and nothing else.

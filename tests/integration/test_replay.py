@@ -1,4 +1,4 @@
-"""Replay into a fresh version (`python -m dataflow.replay`) while the live pipeline serves,
+"""Replay into a fresh version (`python -m dataflow.tools.replay`) while the live pipeline serves,
 hand the new version over to a live pipeline without a gap, switch readers with one
 setting, drop the old version (docs/operations.md, "Replay into a new version")."""
 
@@ -14,9 +14,9 @@ from urllib.parse import unquote
 import pytest
 import redis
 
-from dataflow.generator import GeneratorConfig, generate
+from dataflow.kafka.topics import produce
 from dataflow.reader import FeatureReader
-from dataflow.topics import produce
+from dataflow.tools.generator import GeneratorConfig, generate
 from tests.integration.harness import (
     PipelineProcess,
     dump,
@@ -95,7 +95,7 @@ def test_replay_into_a_new_version_while_live_serves_then_hand_over_and_drop_the
             env(old),
             tmp_path / "replay.log",
             ["--prefix", new, "--recovery-dir", str(replay_dir), "--progress-interval", "0.3"],
-            module="dataflow.replay",
+            module="dataflow.tools.replay",
         )
         produce(kafka_brokers, topic, fresh)
         replay.wait_ok()
@@ -139,12 +139,12 @@ def test_replay_into_a_new_version_while_live_serves_then_hand_over_and_drop_the
     kept = len(dump(redis_client, new))
     assert len(dump(redis_client, old)) > 1_000
     dry = PipelineProcess(
-        env(new), tmp_path / "drop.log", ["--drop-prefix", old], "dataflow.replay"
+        env(new), tmp_path / "drop.log", ["--drop-prefix", old], "dataflow.tools.replay"
     )
     dry.wait_ok()
     assert len(dump(redis_client, old)) > 1_000  # a dry run deletes nothing
     drop = PipelineProcess(
-        env(new), tmp_path / "drop.log", ["--drop-prefix", old, "--yes"], "dataflow.replay"
+        env(new), tmp_path / "drop.log", ["--drop-prefix", old, "--yes"], "dataflow.tools.replay"
     )
     drop.wait_ok()
     assert dump(redis_client, old) == {}
@@ -167,7 +167,7 @@ def test_replay_refuses_a_prefix_that_already_has_keys(
     )
     run = PipelineProcess(
         env, tmp_path / "replay.log", ["--prefix", taken, "--recovery-dir", str(tmp_path / "r")],
-        module="dataflow.replay",
+        module="dataflow.tools.replay",
     )  # fmt: skip
     assert run.wait(60) == 2
     assert "already holds keys" in run.tail()

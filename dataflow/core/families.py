@@ -1,0 +1,173 @@
+"""The feature families: which counters an event feeds (fan-out) and which fields a key's
+counters become (contract §4). Pure: no I/O, no clock.
+
+An `Update` is `(family, key_suffix, ts, counts)`. The key suffix is the Redis key without
+the configurable prefix, so state does not depend on the prefix (a replay into `feat_v2`
+uses the same layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from dataflow.core import keys
+from dataflow.core.counters import KeyState, Layout, totals
+from dataflow.core.events import AcImpression, AcSelect, Click, Dwell, Event, SearchImpression
+from dataflow.core.smoothing import Prior
+from dataflow.core.windows import DAY_MS
+
+DOC: Final = 0
+QD: Final = 1
+AC: Final = 2
+ACQ: Final = 3
+
+FAMILY_NAMES: Final = ("doc", "qd", "ac", "acq")
+
+# Per-day counts of each family, and which of them get a decayed sum.
+LAYOUTS: Final = (
+    Layout(counts=3, decayed=(0, 1)),  # doc: impressions, clicks, long clicks
+    Layout(counts=3, decayed=(0, 1)),  # qd: same as doc
+    Layout(counts=2),  # ac: impressions, selects
+    Layout(counts=3),  # acq: selects, searched, clicked
+)
+
+Update = tuple[int, str, int, tuple[int, ...]]
+"""(family, key suffix, event ts, counts to add)."""
+
+Fields = dict[str, str]
+
+_IMPRESSION: Final = (1, 0, 0)
+_CLICK: Final = (0, 1, 0)
+_LONG_CLICK: Final = (0, 0, 1)
+_AC_IMPRESSION: Final = (1, 0)
+_AC_SELECT: Final = (0, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureParams:
+    """Smoothing per family, popularity weights and the long-dwell threshold."""
+
+    doc: Prior = field(default_factory=Prior)
+    qd: Prior = field(default_factory=Prior)
+    ac: Prior = field(default_factory=Prior)
+    acq: Prior = field(default_factory=Prior)
+    weight_click: float = 1.0
+    weight_impression: float = 0.0
+    weight_long_click: float = 0.0
+    long_dwell_ms: int = 30_000
+
+
+def family_of(suffix: str) -> int:
+    """The family of a key suffix (`doc:…`, `qd:…`, `ac:…`, `acq:…`)."""
+    return _FAMILY_BY_HEAD[suffix[:3]]
+
+
+# The first three characters tell the families apart ("doc", "qd:", "ac:", "acq").
+_FAMILY_BY_HEAD: Final = {"doc": DOC, "qd:": QD, "ac:": AC, "acq": ACQ}
+
+
+def updates_for(event: Event, params: FeatureParams) -> list[Update]:
+    """The counter updates one accepted event makes (contract §4 counting rules)."""
+    ts = event.ts
+    if isinstance(event, SearchImpression):
+        qhash = _qhash(event.query)
+        out: list[Update] = []
+        for doc_id in dict.fromkeys(event.doc_ids):  # distinct, first occurrence order
+            out.append((DOC, keys.doc_suffix(doc_id), ts, _IMPRESSION))
+            if qhash is not None:
+                out.append((QD, keys.qd_suffix(qhash, doc_id), ts, _IMPRESSION))
+        return out
+    if isinstance(event, Click):
+        return _doc_and_qd(event.query, event.doc_id, ts, _CLICK)
+    if isinstance(event, Dwell):
+        if event.dwell_ms < params.long_dwell_ms:
+            return []
+        return _doc_and_qd(event.query, event.doc_id, ts, _LONG_CLICK)
+    if isinstance(event, AcImpression):
+        prefix = keys.q_norm(event.prefix)
+        if not prefix:
+            return []
+        candidates = dict.fromkeys(keys.q_norm(c) for c in event.candidates)
+        return [(AC, keys.ac_suffix(prefix, c), ts, _AC_IMPRESSION) for c in candidates if c]
+    if isinstance(event, AcSelect):
+        prefix = keys.q_norm(event.prefix)
+        candidate = keys.q_norm(event.candidate)
+        if not prefix or not candidate:
+            return []
+        return [(AC, keys.ac_suffix(prefix, candidate), ts, _AC_SELECT)]
+    raise TypeError(f"not an event: {event!r}")  # unreachable for decoded events
+
+
+def _qhash(query: str) -> str | None:
+    normalized = keys.q_norm(query) if query else ""
+    return keys.hash_normalized(normalized) if normalized else None
+
+
+def _doc_and_qd(query: str, doc_id: str, ts: int, counts: tuple[int, ...]) -> list[Update]:
+    out: list[Update] = [(DOC, keys.doc_suffix(doc_id), ts, counts)]
+    qhash = _qhash(query)
+    if qhash is not None:
+        out.append((QD, keys.qd_suffix(qhash, doc_id), ts, counts))
+    return out
+
+
+def fields_for(family: int, state: KeyState, as_of: int, params: FeatureParams) -> Fields:
+    """The Redis hash fields of one key at `as_of` (ints as decimal, floats as repr)."""
+    t = totals(state, LAYOUTS[family], as_of // DAY_MS, as_of)
+    if family in (DOC, QD):
+        prior = params.doc if family == DOC else params.qd
+        imp7, clk7, long7 = t.last_7d
+        imp30, clk30, long30 = t.last_30d
+        imp_decay, clk_decay = t.decayed
+        out = {
+            "impressions_7d": str(imp7),
+            "clicks_7d": str(clk7),
+            "impressions_30d": str(imp30),
+            "clicks_30d": str(clk30),
+            "long_clicks_30d": str(long30),
+            "ctr_7d": repr(prior.rate(clk7, imp7)),
+            "ctr_30d": repr(prior.rate(clk30, imp30)),
+            "impressions_decay": repr(imp_decay),
+            "clicks_decay": repr(clk_decay),
+            "ctr_decay": repr(prior.rate(clk_decay, imp_decay)),
+            "as_of": str(as_of),
+        }
+        if family == DOC:
+            out["popularity_7d"] = repr(popularity(params, imp7, clk7, long7))
+            out["popularity_30d"] = repr(popularity(params, imp30, clk30, long30))
+        return out
+    if family == AC:
+        imp7, sel7 = t.last_7d
+        imp30, sel30 = t.last_30d
+        return {
+            "impressions_7d": str(imp7),
+            "selects_7d": str(sel7),
+            "impressions_30d": str(imp30),
+            "selects_30d": str(sel30),
+            "select_rate_7d": repr(params.ac.rate(sel7, imp7)),
+            "select_rate_30d": repr(params.ac.rate(sel30, imp30)),
+            "as_of": str(as_of),
+        }
+    sel7, searched7, clicked7 = t.last_7d
+    sel30, searched30, clicked30 = t.last_30d
+    return {
+        "selects_7d": str(sel7),
+        "searched_7d": str(searched7),
+        "clicked_7d": str(clicked7),
+        "selects_30d": str(sel30),
+        "searched_30d": str(searched30),
+        "clicked_30d": str(clicked30),
+        "search_rate_30d": repr(params.acq.rate(searched30, sel30)),
+        "click_rate_30d": repr(params.acq.rate(clicked30, sel30)),
+        "as_of": str(as_of),
+    }
+
+
+def popularity(params: FeatureParams, impressions: int, clicks: int, long_clicks: int) -> float:
+    """The weighted popularity sum (always a float; weights may be fractional)."""
+    return float(
+        params.weight_click * clicks
+        + params.weight_impression * impressions
+        + params.weight_long_click * long_clicks
+    )

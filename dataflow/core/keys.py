@@ -1,0 +1,99 @@
+"""Normalisation and the feature-store key formats.
+
+This module is the only place that builds a key string: the writer (`flow`) and the
+reader (`reader`) both call it, and `tests/core/test_keys.py` pins the exact bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from urllib.parse import quote, unquote
+
+__all__ = [
+    "ac_key",
+    "acq_key",
+    "doc_key",
+    "enc",
+    "q_norm",
+    "qd_key",
+    "query_hash",
+    "stable_hash64",
+]
+
+
+def q_norm(text: str) -> str:
+    """NFKC, casefold, and collapse every run of whitespace to one space (trimmed)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def query_hash(query: str) -> str:
+    """16 lowercase hex chars: BLAKE2b-64 of the normalised query's UTF-8 bytes."""
+    return hash_normalized(q_norm(query))
+
+
+def hash_normalized(normalized_query: str) -> str:
+    """`query_hash` for a query that is already normalised (the hot path normalises once)."""
+    return hashlib.blake2b(normalized_query.encode("utf-8"), digest_size=8).hexdigest()
+
+
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def enc(component: str) -> str:
+    """Percent-encode a key component so `:` (and anything else) can never split a key."""
+    # Most ids are plain ASCII that `quote` would return unchanged: skip its per-byte work.
+    if _UNRESERVED.fullmatch(component):
+        return component
+    return quote(component, safe="")
+
+
+def dec(component: str) -> str:
+    """The inverse of `enc`: the id a key component was built from."""
+    return unquote(component)
+
+
+def stable_hash64(text: str) -> int:
+    """A hash that is the same in every process and run (Python's `hash()` is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+# Key suffixes (without the configurable prefix). State is keyed by suffix so that a
+# replay into a new prefix (`feat_v2`) reuses the same state layout.
+
+
+def doc_suffix(doc_id: str) -> str:
+    return f"doc:{enc(doc_id)}"
+
+
+def qd_suffix(qhash: str, doc_id: str) -> str:
+    return f"qd:{qhash}:{enc(doc_id)}"
+
+
+def ac_suffix(prefix_norm: str, candidate_norm: str) -> str:
+    return f"ac:{enc(prefix_norm)}:{enc(candidate_norm)}"
+
+
+def acq_suffix(qhash: str) -> str:
+    return f"acq:{qhash}"
+
+
+def doc_key(prefix: str, doc_id: str) -> str:
+    """`P:doc:{enc(doc_id)}`."""
+    return f"{prefix}:{doc_suffix(doc_id)}"
+
+
+def qd_key(prefix: str, query: str, doc_id: str) -> str:
+    """`P:qd:{query_hash(query)}:{enc(doc_id)}` (`query` raw; it is normalised here)."""
+    return f"{prefix}:{qd_suffix(query_hash(query), doc_id)}"
+
+
+def ac_key(prefix: str, typed_prefix: str, candidate: str) -> str:
+    """`P:ac:{enc(q_norm(prefix))}:{enc(q_norm(candidate))}` (inputs raw)."""
+    return f"{prefix}:{ac_suffix(q_norm(typed_prefix), q_norm(candidate))}"
+
+
+def acq_key(prefix: str, candidate: str) -> str:
+    """`P:acq:{query_hash(candidate)}` (input raw)."""
+    return f"{prefix}:{acq_suffix(query_hash(candidate))}"

@@ -1,0 +1,169 @@
+"""One state shard: many feature keys, their counters and the shard's copy of the clock.
+
+Keys are grouped into a fixed number of shards (`FEATURE_SHARDS`) by a stable hash, and
+each shard is one Bytewax key. Time-driven work (re-stating every key when the clock enters
+a new day, deleting keys whose 30 days are empty) then needs no per-key timer: the shard
+does it when its clock moves. See docs/architecture.md for the trade-offs.
+
+Pure: the clock is whatever the inputs say it is.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+
+from dataflow.core.counters import KeyState, add, prune
+from dataflow.core.families import LAYOUTS, FeatureParams, Fields, Update, family_of, fields_for
+from dataflow.core.windows import DAY_MS, RETENTION_DAYS
+
+Write = tuple[str, Fields | None]
+"""(key suffix, fields to HSET) or (key suffix, None) to DEL."""
+
+ShardItem = int | list[Update] | dict[str, str]
+"""A clock reading (epoch ms), a batch of counter updates, or key labels (suffix → text)."""
+
+
+@dataclass(slots=True)
+class StepResult:
+    writes: list[Write] = field(default_factory=list)
+    late_updates: int = 0
+    new_day: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    """For written or deleted keys that have one: the text behind a hashed key (`acq`)."""
+
+
+class FeatureShard:
+    """The counters of the keys in one shard, and which keys need writing.
+
+    `step` applies inputs and marks keys dirty; `flush` turns the dirty keys into writes.
+    Between the two, many updates of a hot key coalesce into one write. The dirty set is
+    part of the snapshot, so a crash between a step and its flush loses no write.
+    """
+
+    __slots__ = ("clock", "deleted", "dirty", "keys", "labels", "params", "restate")
+
+    def __init__(
+        self,
+        params: FeatureParams,
+        *,
+        clock: int = 0,
+        keys: dict[str, KeyState] | None = None,
+        dirty: set[str] | None = None,
+        deleted: set[str] | None = None,
+        restate: bool = False,
+        labels: dict[str, str] | None = None,
+    ):
+        self.params = params
+        self.clock = clock
+        self.keys: dict[str, KeyState] = {} if keys is None else keys
+        self.dirty: set[str] = set() if dirty is None else dirty
+        self.deleted: set[str] = set() if deleted is None else deleted
+        self.restate = restate  # the next flush follows a new day (for freshness metrics)
+        self.labels: dict[str, str] = {} if labels is None else labels
+
+    # Recovery: Bytewax pickles snapshots *after* the logic may already have processed the
+    # next epoch, so a snapshot must not share mutable objects with the live state. Pickling
+    # here costs what Bytewax would spend anyway, and returns immutable bytes.
+    def snapshot(self) -> bytes:
+        state = (self.clock, self.keys, self.dirty, self.deleted, self.restate, self.labels)
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def restore(cls, params: FeatureParams, blob: bytes) -> FeatureShard:
+        clock, keys, dirty, deleted, restate, labels = pickle.loads(blob)  # noqa: S301 - ours
+        return cls(
+            params,
+            clock=clock,
+            keys=keys,
+            dirty=dirty,
+            deleted=deleted,
+            restate=restate,
+            labels=labels,
+        )
+
+    def step(self, items: list[ShardItem]) -> StepResult:
+        """Apply clock readings and update batches in order; mark what needs writing.
+
+        When the clock enters a new day every key needs re-stating (or deleting once its
+        30 days are empty), which keeps each value a pure function of the events and the
+        clock's day. The returned result carries counts only; `flush` makes the writes.
+        """
+        result = StepResult()
+        start_day = self.clock // DAY_MS
+        clock = self.clock
+        late_before = (clock // DAY_MS) - RETENTION_DAYS  # a day <= this is late
+        dirty = self.dirty
+        keys = self.keys
+        for item in items:
+            if isinstance(item, int):
+                if item > clock:
+                    clock = item
+                    late_before = clock // DAY_MS - RETENTION_DAYS
+                continue
+            if isinstance(item, dict):
+                self.labels.update(item)
+                continue
+            for family, suffix, ts, counts in item:
+                if ts > clock:
+                    clock = ts
+                    late_before = clock // DAY_MS - RETENTION_DAYS
+                if ts // DAY_MS <= late_before:
+                    result.late_updates += 1
+                    continue
+                state = keys.get(suffix)
+                if state is None:
+                    keys[suffix] = add(None, LAYOUTS[family], ts, counts)
+                    self.deleted.discard(suffix)
+                else:
+                    add(state, LAYOUTS[family], ts, counts)
+                dirty.add(suffix)
+        self.clock = clock
+        day = clock // DAY_MS
+        if day != start_day:
+            result.new_day = True
+            self.restate = True
+            first_kept = day - RETENTION_DAYS + 1
+            expired = [
+                suffix
+                for suffix, state in keys.items()
+                if prune(state, LAYOUTS[family_of(suffix)], first_kept)
+            ]
+            for suffix in expired:
+                del keys[suffix]
+                dirty.discard(suffix)
+            self.deleted.update(expired)
+            # A label whose key never got (or no longer has) counts is not needed.
+            for suffix in [s for s in self.labels if s not in keys and s not in self.deleted]:
+                del self.labels[suffix]
+            dirty.update(keys)
+        return result
+
+    def flush(self) -> StepResult:
+        """The writes for every dirty key (its values now) and every deleted key."""
+        day_start = (self.clock // DAY_MS) * DAY_MS
+        params = self.params
+        keys = self.keys
+        writes: list[Write] = [(suffix, None) for suffix in self.deleted]
+        for suffix in self.dirty:
+            state = keys[suffix]
+            writes.append(
+                (suffix, fields_for(family_of(suffix), state, max(state[0], day_start), params))
+            )
+        labels = self.labels
+        result = StepResult(writes=writes, new_day=self.restate)
+        if labels:
+            result.labels = {s: labels[s] for s, _ in writes if s in labels}
+            for suffix in self.deleted:
+                labels.pop(suffix, None)
+        self.dirty = set()
+        self.deleted = set()
+        self.restate = False
+        return result
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.dirty or self.deleted)
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,2 @@
+"""The Kafka edge: the source and its wrappers (offset gaps, consumer lag), broker offsets
+and topic administration."""

@@ -1,0 +1,138 @@
+"""A state shard: order-independent results, daily re-statement, expiry, late updates."""
+
+import pickle
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dataflow.core.families import ACQ, DOC, QD, FeatureParams, Update
+from dataflow.core.shard import FeatureShard
+from dataflow.core.windows import DAY_MS
+
+BASE = 20_000 * DAY_MS
+PARAMS = FeatureParams()
+
+
+def upd(family: int, suffix: str, ts: int, counts: tuple[int, ...]) -> Update:
+    return (family, suffix, ts, counts)
+
+
+updates_strategy = st.lists(
+    st.tuples(
+        st.sampled_from([(DOC, "doc:a"), (DOC, "doc:b"), (QD, "qd:h:a")]),
+        st.integers(min_value=0, max_value=45 * DAY_MS),
+        st.sampled_from([(1, 0, 0), (0, 1, 0), (0, 0, 1)]),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+def run(batches: list[list[Update]]) -> tuple[FeatureShard, dict[str, dict[str, str] | None]]:
+    shard = FeatureShard(PARAMS)
+    store: dict[str, dict[str, str] | None] = {}
+    for batch in batches:
+        shard.step([batch])
+        for suffix, fields in shard.flush().writes:
+            store[suffix] = fields
+    return shard, store
+
+
+@given(updates_strategy, st.randoms(use_true_random=False))
+def test_final_writes_do_not_depend_on_order_or_batching(
+    raw: list[tuple[tuple[int, str], int, tuple[int, ...]]], rnd: random.Random
+) -> None:
+    updates = [upd(f, s, BASE + off, c) for (f, s), off, c in raw]
+    clock = max(u[2] for u in updates)
+    in_order = sorted(updates, key=lambda u: u[2])
+    shuffled = list(updates)
+    rnd.shuffle(shuffled)
+    cut = rnd.randint(1, len(shuffled))
+    a_shard, a = run([in_order, [upd(DOC, "doc:a", clock, (0, 0, 0))]])
+    b_shard, b = run([shuffled[:cut], shuffled[cut:], [upd(DOC, "doc:a", clock, (0, 0, 0))]])
+    live = {k: v for k, v in a.items() if v is not None}
+    assert live == {k: v for k, v in b.items() if v is not None}
+    assert a_shard.keys == b_shard.keys
+
+
+def test_new_day_restates_idle_keys_with_day_start_as_of() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step([[upd(DOC, "doc:idle", BASE + 1000, (1, 0, 0))]])
+    first = shard.flush()
+    assert first.writes[0][1] is not None and first.writes[0][1]["as_of"] == str(BASE + 1000)
+    # Another key's event on a later day moves the clock: the idle key is re-stated.
+    assert shard.step([[upd(DOC, "doc:busy", BASE + 3 * DAY_MS + 5, (0, 1, 0))]]).new_day
+    result = shard.flush()
+    assert result.new_day
+    by_key = dict(result.writes)
+    idle = by_key["doc:idle"]
+    assert idle is not None
+    assert idle["as_of"] == str(BASE + 3 * DAY_MS)
+    assert idle["impressions_7d"] == "1"
+    assert float(idle["impressions_decay"]) < 1.0  # decayed by 3 days minus 1 s
+
+
+def test_clock_tick_alone_restates_and_expires() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step(
+        [[upd(DOC, "doc:old", BASE, (1, 0, 0)), upd(DOC, "doc:new", BASE + 20 * DAY_MS, (1, 0, 0))]]
+    )
+    shard.flush()
+    shard.step([BASE + 30 * DAY_MS])  # a clock reading from another worker
+    result = shard.flush()
+    assert dict(result.writes)["doc:old"] is None  # 30 days empty: deleted
+    assert dict(result.writes)["doc:new"] is not None
+    assert "doc:old" not in shard.keys
+
+
+def test_late_updates_are_dropped() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step([[upd(DOC, "doc:a", BASE + 40 * DAY_MS, (1, 0, 0))]])
+    result = shard.step([[upd(DOC, "doc:b", BASE + 10 * DAY_MS, (1, 0, 0))]])
+    assert result.late_updates == 1
+    assert "doc:b" not in shard.keys
+    kept = shard.step([[upd(DOC, "doc:c", BASE + 11 * DAY_MS, (1, 0, 0))]])
+    assert kept.late_updates == 0  # day 11 is inside the 30-day window of day 40
+
+
+def test_snapshot_is_detached_from_live_state() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step([[upd(DOC, "doc:a", BASE, (1, 0, 0))]])
+    blob = shard.snapshot()
+    shard.step([[upd(DOC, "doc:a", BASE + 1, (1, 0, 0))]])
+    restored = FeatureShard.restore(PARAMS, blob)
+    assert restored.keys["doc:a"][2] == 1  # one impression, not two
+    assert pickle.loads(blob)[0] == BASE
+
+
+def test_hot_key_updates_coalesce_into_one_write_per_flush() -> None:
+    shard = FeatureShard(PARAMS)
+    for i in range(50):
+        shard.step([[upd(DOC, "doc:hot", BASE + i, (1, 0, 0))]])
+    writes = shard.flush().writes
+    assert [suffix for suffix, _ in writes] == ["doc:hot"]
+    assert writes[0][1] is not None and writes[0][1]["impressions_7d"] == "50"
+    assert shard.flush().writes == []  # nothing dirty any more
+
+
+def test_dirty_keys_survive_a_snapshot() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step([[upd(DOC, "doc:a", BASE, (1, 0, 0))]])
+    restored = FeatureShard.restore(PARAMS, shard.snapshot())
+    assert [s for s, _ in restored.flush().writes] == ["doc:a"]
+
+
+def test_labels_travel_with_writes_and_go_with_expired_keys() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step([{"acq:abc": "iphone case", "acq:never": "no counts"}])
+    shard.step([[upd(ACQ, "acq:abc", BASE, (1, 0, 0))]])
+    result = shard.flush()
+    assert result.labels == {"acq:abc": "iphone case"}
+    restored = FeatureShard.restore(PARAMS, shard.snapshot())
+    assert restored.labels["acq:abc"] == "iphone case"
+    shard.step([BASE + 31 * DAY_MS])  # the key's 30 days are empty: deleted
+    deleted = shard.flush()
+    assert deleted.writes == [("acq:abc", None)]
+    assert deleted.labels == {"acq:abc": "iphone case"}  # the index can drop the candidate
+    assert shard.labels == {}  # neither the expired key's nor the orphan label is kept
