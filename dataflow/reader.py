@@ -28,6 +28,7 @@ from dataflow.core import keys
 from dataflow.core.families import FeatureParams
 from dataflow.core.smoothing import Prior
 from dataflow.core.windows import decay_factor
+from dataflow.settings import FEATURE_PREFIX
 
 __all__ = [
     "AutocompleteFeatures",
@@ -178,7 +179,7 @@ class FeatureReader:
     ) -> FeatureReader:
         """Connect to `url`; the prefix defaults to `FEATURE_PREFIX` (else `feat`), so
         switching the ranking service to a rebuilt version is one setting."""
-        chosen = prefix if prefix is not None else os.environ.get("FEATURE_PREFIX", "feat")
+        chosen = prefix if prefix is not None else FEATURE_PREFIX.read(os.environ)
         return cls(redis.Redis.from_url(url), prefix=chosen, params=params)
 
     def doc_features(self, doc_ids: Sequence[str]) -> dict[str, DocFeatures]:

@@ -28,7 +28,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dataflow.config import Config, _Reader
+from dataflow import settings
+from dataflow.config import Config
 from dataflow.errors import ConfigError, PipelineError
 from dataflow.logs import configure_logging
 
@@ -41,15 +42,12 @@ def recovery_args(env: Mapping[str, str], argv: Sequence[str]) -> list[str]:
     """The recovery flags to add, creating the partitions if the directory is new."""
     if "-r" in argv or "--recovery-directory" in argv:
         return []
-    directory = env.get("RECOVERY_DIR", "").strip()
+    directory = settings.RECOVERY_DIR.read(env)
     if not directory:
         return []
-    reader = _Reader(env)
-    partitions = reader.integer("RECOVERY_PARTITIONS", 1, 1, 1024)
-    interval = reader.integer("SNAPSHOT_INTERVAL_SECONDS", 10, 1, 3600)
-    # Seconds to keep superseded snapshots: 0 deletes them at once; set it to how often the
-    # recovery directory is backed up, so a backup never references a deleted snapshot.
-    backup = reader.integer("RECOVERY_BACKUP_INTERVAL_SECONDS", 0, 0, 7 * 86_400)
+    partitions = settings.RECOVERY_PARTITIONS.read(env)
+    interval = settings.SNAPSHOT_INTERVAL_SECONDS.read(env)
+    backup = settings.RECOVERY_BACKUP_INTERVAL_SECONDS.read(env)
     ensure_recovery_dir(Path(directory), partitions)
     return ["-r", directory, "-s", str(interval), "-b", str(backup)]
 
@@ -87,14 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_env(env)
         configure_logging(config.log_level, config.log_format)
         extra = recovery_args(env, args)
-        metrics_on = _Reader(env).flag("METRICS_ENABLED", True)
+        metrics_on = settings.METRICS_ENABLED.read(env)
+        port = settings.BYTEWAX_DATAFLOW_API_PORT.read(env) if metrics_on else 0
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     if metrics_on:
         os.environ.setdefault("BYTEWAX_DATAFLOW_API_ENABLED", "true")
-        port = os.environ.get("BYTEWAX_DATAFLOW_API_PORT", "3030")
-        problem = port_problem(port)
+        problem = port_problem(str(port))
         if problem:
             # Bytewax's server thread would panic and the pipeline run on without /metrics.
             print(f"configuration error: BYTEWAX_DATAFLOW_API_PORT: {problem}", file=sys.stderr)  # noqa: T201

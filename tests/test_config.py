@@ -1,9 +1,20 @@
-"""Configuration: defaults, validation that names the variable, masked secrets."""
+"""Configuration: the settings table, defaults, validation that names the variable, masked
+secrets."""
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from dataflow import settings
 from dataflow.config import Config, Secret, mask_url
 from dataflow.errors import ConfigError
+from dataflow.settings import SETTINGS, Setting
+
+ROOT = Path(__file__).resolve().parents[1]
+# Rows that Config.from_env does not read: dataflow.run's own and the demo's.
+NOT_IN_CONFIG = {settings.RUN, settings.DEMO}
 
 
 def test_defaults_match_the_contract() -> None:
@@ -92,3 +103,130 @@ def test_secrets_never_show() -> None:
 
 def test_mask_url_without_password_is_unchanged() -> None:
     assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+# --- the settings table ------------------------------------------------------------------
+
+
+def _ids(rows: tuple[Setting[object], ...]) -> list[str]:
+    return [row.name for row in rows]
+
+
+def test_every_row_is_named_once_documented_and_exported_under_its_name() -> None:
+    names = [row.name for row in SETTINGS]
+    assert len(names) == len(set(names))
+    assert set(settings.BY_NAME) == set(names)
+    for row in SETTINGS:
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]*", row.name), row.name
+        assert getattr(settings, row.name) is row, row.name
+        for text in (row.doc, row.values, row.section):
+            # One line, and nothing that would break the README's Markdown table.
+            assert text and text.strip() == text and "\n" not in text and "|" not in text, row
+        assert row.doc.endswith("."), row.name
+
+
+@pytest.mark.parametrize("row", SETTINGS, ids=_ids(SETTINGS))
+def test_defaults_parse_and_are_what_an_empty_environment_reads(row: Setting[object]) -> None:
+    assert row.read({}) == row.value
+    assert row.text({}) == row.default
+    assert row.read({row.name: f"  {row.default}  "}) == row.value  # values are stripped
+
+
+BOUNDED = tuple(row for row in SETTINGS if row.low is not None or row.high is not None)
+
+
+@pytest.mark.parametrize("row", BOUNDED, ids=_ids(BOUNDED))
+def test_bounds_are_enforced_and_inclusive(row: Setting[object]) -> None:
+    assert row.low is not None and row.high is not None
+    assert row.low <= row.value <= row.high
+    for inside in (row.low, row.high):
+        assert row.read({row.name: str(inside)}) == inside
+    for outside in (row.low - 1, row.high + 1):
+        with pytest.raises(ConfigError) as caught:
+            row.read({row.name: str(outside)})
+        assert caught.value.variable == row.name
+        assert f"between {row.low} and {row.high}" in caught.value.problem
+
+
+def test_whole_number_rows_reject_fractions() -> None:
+    with pytest.raises(ConfigError, match="whole number"):
+        settings.FEATURE_SHARDS.read({"FEATURE_SHARDS": "1.5"})
+
+
+SECRETS = tuple(row for row in SETTINGS if row.secret)
+
+
+def test_the_secret_rows_are_the_credentials() -> None:
+    assert set(_ids(SECRETS)) == {
+        "KAFKA_SASL_PASSWORD",
+        "REDIS_URL",
+        "OPENSEARCH_URL",
+        "OPENSEARCH_PASSWORD",
+    }
+
+
+@pytest.mark.parametrize("row", SECRETS, ids=_ids(SECRETS))
+def test_secret_rows_read_as_masked_secrets(row: Setting[object]) -> None:
+    url = {"REDIS_URL": "redis://u:hunter2@r:6379/0", "OPENSEARCH_URL": "https://u:hunter2@o"}
+    value = url.get(row.name, "hunter2")
+    secret = row.read({row.name: value})
+    assert isinstance(secret, Secret) and secret.get() == value
+    assert "hunter2" not in repr(secret)
+    assert "hunter2" not in str(Config.from_env({row.name: value}).describe())
+
+
+def test_a_bad_secret_is_masked_in_the_error_too() -> None:
+    for variable, value, shown in (
+        ("REDIS_URL", "http://user:hunter2@redis:6379", "'http://user:****@redis:6379'"),
+        ("OPENSEARCH_URL", "ftp://user:hunter2@os", "'ftp://user:****@os'"),
+        ("OPENSEARCH_URL", "http://user:hunter2@[::1", "'********'"),  # unsplittable
+    ):
+        with pytest.raises(ConfigError) as caught:
+            Config.from_env({variable: value})
+        assert "hunter2" not in str(caught.value)
+        assert str(caught.value).endswith(f"(got {shown})"), caught.value
+    # Not a secret: the value is shown as it was given.
+    with pytest.raises(ConfigError, match=r"\(got 'x'\)"):
+        Config.from_env({"KAFKA_BATCH_SIZE": "x"})
+
+
+def test_the_dataclass_defaults_are_the_table_defaults() -> None:
+    # FeatureParams keeps its own defaults in dataflow.core: this is what ties them.
+    assert Config() == Config.from_env({})
+
+
+class _Recording(dict[str, str]):
+    """An environment that remembers which variables were looked up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: object = None) -> object:
+        self.asked.add(key)
+        return super().get(key, default)
+
+
+def test_from_env_reads_every_pipeline_row_and_nothing_else() -> None:
+    env = _Recording()
+    Config.from_env(env)
+    expected = {row.name for row in SETTINGS if row.section not in NOT_IN_CONFIG}
+    assert env.asked == expected
+
+
+def _package_sources() -> Iterator[Path]:
+    yield from (ROOT / "dataflow").rglob("*.py")
+
+
+def test_only_the_settings_table_reads_the_environment() -> None:
+    # Writes (setdefault, update) and handing the environment on ({**os.environ}) are fine;
+    # a read must go through a row, so that its default, check and doc live in one place.
+    read = re.compile(r"environ\.get\(|environ\[|getenv\(|in os\.environ\b")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _package_sources()
+        if path.name != "settings.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if read.search(line)
+    ]
+    assert offenders == []

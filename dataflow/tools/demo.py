@@ -24,6 +24,7 @@ import time
 import redis
 from opensearchpy import OpenSearchException
 
+from dataflow import settings
 from dataflow.config import Config
 from dataflow.core import keys
 from dataflow.kafka.topics import end_offsets, ensure_topics, produce
@@ -32,14 +33,17 @@ from dataflow.reader import FeatureReader
 from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 
 DAY_MS = 86_400_000
+# Unlike `dataflow.run`, the demo keeps a recovery directory unless RECOVERY_DIR names one:
+# a second `make run` resumes from the snapshot.
+DEMO_RECOVERY_DIR = ".recovery/demo"
 
 
 def main() -> int:
     config = Config.from_env()
     topic = config.kafka.topics[0]
     brokers = ",".join(config.kafka.brokers)
-    n_events = int(os.environ.get("DEMO_EVENTS", "20000"))
-    recovery_dir = os.environ.get("RECOVERY_DIR", ".recovery/demo")
+    n_events = settings.DEMO_EVENTS.read()
+    recovery_dir = settings.RECOVERY_DIR.read() or DEMO_RECOVERY_DIR
 
     ensure_topics(config.kafka, [*config.kafka.topics, config.kafka.dlq_topic], partitions=4)
     now = int(time.time() * 1000)

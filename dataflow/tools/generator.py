@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
+from dataflow.settings import KAFKA_BROKERS, KAFKA_TOPICS
+
 __all__ = [
     "DLQ_REASONS",
     "EVENT_TYPES",
@@ -950,9 +952,10 @@ def _fraction(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    default_brokers = os.environ.get("KAFKA_BROKERS") or "localhost:9092"
-    topics = [t.strip() for t in os.environ.get("KAFKA_TOPICS", "").split(",") if t.strip()]
-    default_topic = topics[0] if topics else "search-events"
+    # Unvalidated on purpose: a default for a flag, which the producer checks when used.
+    default_brokers = KAFKA_BROKERS.text() or KAFKA_BROKERS.default
+    topics = [t.strip() for t in KAFKA_TOPICS.text().split(",") if t.strip()]
+    default_topic = topics[0] if topics else KAFKA_TOPICS.default
     p = argparse.ArgumentParser(
         prog="python -m dataflow.tools.generator",
         description="Generate deterministic, realistic search events (contract §1) and "
@@ -1120,7 +1123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _write_lines(counted(), sink)
         failed, error = 0, ""
     else:
-        brokers = args.kafka or os.environ.get("KAFKA_BROKERS") or "localhost:9092"
+        brokers = args.kafka or KAFKA_BROKERS.text() or KAFKA_BROKERS.default
         dest = f"kafka {brokers} topic {args.topic}"
         failed, error = _produce(counted(), brokers, args.topic)
     elapsed = time.perf_counter() - started

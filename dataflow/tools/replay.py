@@ -43,9 +43,10 @@ from confluent_kafka import KafkaException
 from prometheus_client.metrics import MetricWrapperBase
 
 from dataflow import metrics, run
-from dataflow.config import Config, _prefix
+from dataflow.config import Config
 from dataflow.errors import ConfigError, PipelineError
 from dataflow.kafka.source import POSITIONS, BrokerOffsets, Partition
+from dataflow.settings import FEATURE_PREFIX
 
 MARKER = "replay.json"
 """Written into a replay's recovery directory: which prefix and topics it rebuilds."""
@@ -286,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _checked_prefix(flag: str, value: str) -> str:
     try:
-        return _prefix(value)
+        return FEATURE_PREFIX.parse(value)
     except ValueError as exc:
         raise ConfigError(flag, f"{exc} (got {value!r})") from None
 

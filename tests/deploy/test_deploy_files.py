@@ -7,8 +7,8 @@ exercised as a whole. Instead every claim they make is checked against something
   docker-compose 1.29.2, compose/config/compose_spec.json, unmodified);
 - k8s/*.yaml against the Kubernetes v1.30 strict JSON schemas (a subset vendored from the
   PyPI package kubernetes-validate 1.37.0, see the file's $comment);
-- environment variable names against the names dataflow/config.py, dataflow/run.py and
-  bytewax.run actually read (parsed from their source, so the files cannot drift);
+- environment variable names against the settings table (dataflow/settings.py, every
+  variable the package reads) and the names bytewax.run reads;
 - the values against `Config.from_env`, `dataflow.run.recovery_args` and bytewax.run's own
   argument parser;
 - the HEALTHCHECK command and the k8s init container script by running them;
@@ -17,7 +17,6 @@ exercised as a whole. Instead every claim they make is checked against something
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
 import functools
@@ -44,6 +43,8 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
+from dataflow import settings
+
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 K8S = ROOT / "k8s"
@@ -57,57 +58,13 @@ ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # --- names the code reads ---------------------------------------------------------------
 
 
-def _env_names_in(path: Path) -> set[str]:
-    """Environment names a module reads: the first string argument of any call
-    (`r.integer("KAFKA_BATCH_SIZE", ...)`, `env.get("RECOVERY_DIR", ...)`), plus f-string
-    templates (`f"SMOOTHING_{family}_ALPHA"`) expanded with the constants passed to the
-    function that holds them (`r.prior("DOC")`)."""
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-    calls_by_name: dict[str, list[str]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and node.args:
-            first = node.args[0]
-            func = node.func
-            fname = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if isinstance(first, ast.Constant) and isinstance(first.value, str):
-                calls_by_name.setdefault(fname, []).append(first.value)
-                if ENV_NAME.match(first.value):
-                    names.add(first.value)
-    for func in ast.walk(tree):
-        if not isinstance(func, ast.FunctionDef):
-            continue
-        for node in ast.walk(func):
-            if not (isinstance(node, ast.Call) and node.args):
-                continue
-            template = node.args[0]
-            if not isinstance(template, ast.JoinedStr):
-                continue
-            parts = template.values
-            holes = [p for p in parts if isinstance(p, ast.FormattedValue)]
-            if len(holes) != 1:
-                continue
-            for value in calls_by_name.get(func.name, []):
-                text = "".join(
-                    value if isinstance(p, ast.FormattedValue) else str(p.value) for p in parts
-                )
-                if ENV_NAME.match(text):
-                    names.add(text)
-    return names
-
-
 def _bytewax_env_names() -> set[str]:
-    """Names bytewax.run reads (string constants in its source) and the two the Rust side
-    reads for the metrics server (checked to be present in the compiled module)."""
+    """Names bytewax.run reads (the quoted BYTEWAX_* strings of its source) and the two the
+    Rust side reads for the metrics server (checked to be present in the compiled module)."""
     import bytewax.run
 
-    names = {
-        node.value
-        for node in ast.walk(ast.parse(Path(bytewax.run.__file__).read_text()))
-        if isinstance(node, ast.Constant)
-        and isinstance(node.value, str)
-        and re.fullmatch(r"BYTEWAX_[A-Z_]+", node.value)
-    }
+    source = Path(bytewax.run.__file__).read_text()
+    names = set(re.findall(r"[\"'](BYTEWAX_[A-Z_]+)[\"']", source))
     native = b"".join(
         p.read_bytes() for p in Path(bytewax.run.__file__).parent.glob("_bytewax*.so")
     )
@@ -119,27 +76,14 @@ def _bytewax_env_names() -> set[str]:
 
 @functools.cache
 def known_env_names() -> frozenset[str]:
-    return frozenset(
-        _env_names_in(ROOT / "dataflow" / "config.py")
-        | _env_names_in(ROOT / "dataflow" / "run.py")
-        | _bytewax_env_names()
-    )
+    return frozenset(settings.BY_NAME) | _bytewax_env_names()
 
 
 def secret_env_names() -> set[str]:
-    """Settings config.py wraps in `Secret(...)`."""
-    names = set()
-    for node in ast.walk(ast.parse((ROOT / "dataflow" / "config.py").read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Secret" and node.args:
-            inner = node.args[0]
-            if isinstance(inner, ast.Call) and inner.args:
-                first = inner.args[0]
-                if isinstance(first, ast.Constant) and isinstance(first.value, str):
-                    names.add(first.value)
-    return names
+    return {row.name for row in settings.SETTINGS if row.secret}
 
 
-def test_the_name_parsers_find_what_the_code_reads() -> None:
+def test_known_names_are_the_settings_table_and_what_bytewax_reads() -> None:
     known = known_env_names()
     for name in (
         "KAFKA_BROKERS",
@@ -160,9 +104,9 @@ def test_the_name_parsers_find_what_the_code_reads() -> None:
         "BYTEWAX_WORKERS_PER_PROCESS",
         "BYTEWAX_RECOVERY_DIRECTORY",
         "BYTEWAX_DATAFLOW_API_PORT",
+        "BYTEWAX_DATAFLOW_API_ENABLED",
     ):
         assert name in known, name
-    # Not a superset of everything: a plausible-looking name the code does not read.
     assert "SMOOTHING_XYZ_ALPHA" not in known
     assert "BYTEWAX_REPLICAS" not in known  # read by old Bytewax images, not by 0.21 run.py
     assert {"REDIS_URL", "KAFKA_SASL_PASSWORD", "OPENSEARCH_PASSWORD"} <= secret_env_names()
@@ -499,9 +443,9 @@ def test_pipeline_environment_uses_only_names_the_code_reads() -> None:
 
 def test_every_state_shard_count_is_pinned_in_compose_and_k8s() -> None:
     # Shard counts key the recovered state: a deployment must not silently take a default
-    # that a later code change could move. Any new *_SHARDS setting must be added here.
-    shard_settings = {n for n in known_env_names() if n.endswith("_SHARDS")}
-    assert {"FEATURE_SHARDS", "DEDUP_SHARDS"} <= shard_settings
+    # that a later code change could move. The table's state-layout section lists them.
+    shard_settings = {row.name for row in settings.SETTINGS if row.section == settings.STATE}
+    assert {"FEATURE_SHARDS", "DEDUP_SHARDS", "LINK_SHARDS"} <= shard_settings
     assert shard_settings <= set(_pipeline_env())
     assert shard_settings <= set(_configmap())
     for name in shard_settings:

@@ -1,0 +1,575 @@
+"""Every environment variable the package reads: one table, one row per variable.
+
+A row (`Setting`) holds the variable's name, its default (as text, the way it would be set),
+the parser that turns the text into a typed value or raises ValueError saying what is wrong,
+numeric bounds where it has them, a one-line doc and whether it is secret. The rest derives
+from the rows:
+
+- `dataflow.config.Config.from_env` reads its settings through them, and the dataclasses in
+  `dataflow.config` take their defaults from them;
+- `dataflow.run` (recovery, snapshots, metrics), the demo, the generator's defaults and
+  `FeatureReader.from_url` read their variables through them;
+- tests/deploy checks docker-compose.yml and k8s/ against them.
+
+`Setting.read` raises `ConfigError(variable, problem)`; a secret's value is masked there too.
+This module imports nothing heavy: the event generator reads its defaults here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from dataflow.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Secret:
+    """A string that never shows itself in logs, reprs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by `****` (for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:****@{netloc}"))
+
+
+def _masked(text: str) -> str:
+    """A secret's text as an error message may show it: a URL keeps all but its password."""
+    if "://" in text:
+        try:
+            return mask_url(text)
+        except ValueError:  # too malformed to tell the password apart: show none of it
+            pass
+    return "********" if text else ""
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One environment variable: how to read it, its default, and what it is for."""
+
+    name: str
+    default: str  # as it would be written in the environment
+    parse: Callable[[str], T]  # raises ValueError saying what is wrong
+    doc: str
+    section: str
+    values: str  # what the variable accepts, for people (the README's column)
+    low: float | None = None
+    high: float | None = None
+    secret: bool = False
+
+    @property
+    def value(self) -> T:
+        """The default, parsed."""
+        return self.parse(self.default)
+
+    def read(self, env: Mapping[str, str] | None = None) -> T:
+        """The variable from `env` (default: the process environment), else the default."""
+        raw = (os.environ if env is None else env).get(self.name)
+        try:
+            return self.parse(self.default if raw is None else raw.strip())
+        except ValueError as exc:
+            shown = _masked(raw) if self.secret and raw is not None else raw
+            raise ConfigError(self.name, f"{exc} (got {shown!r})") from None
+
+    def text(self, env: Mapping[str, str] | None = None) -> str:
+        """The variable as set (stripped), else the default; *not* validated, for tools
+        that only pass the text on (the generator's --kafka default)."""
+        raw = (os.environ if env is None else env).get(self.name)
+        return self.default if raw is None else raw.strip()
+
+
+_ROWS: list[Setting[Any]] = []
+
+
+def _add(row: Setting[T]) -> Setting[T]:
+    _ROWS.append(row)
+    return row
+
+
+# --- parsers ----------------------------------------------------------------------------
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
+_INDEX_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]{0,254}$")
+
+
+def _any_text(text: str) -> str:
+    return text
+
+
+def _broker(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("each broker must be host:port")
+    return text
+
+
+def _topic(text: str) -> str:
+    if not _TOPIC_RE.match(text):
+        raise ValueError("a Kafka topic name is 1..249 of [A-Za-z0-9._-]")
+    return text
+
+
+def _prefix(text: str) -> str:
+    if not _PREFIX_RE.match(text):
+        raise ValueError("a key prefix is 1..64 of [A-Za-z0-9_.-] (no ':')")
+    return text
+
+
+def _redis_url(text: str) -> str:
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _http_url_or_empty(text: str) -> str:
+    if text and (urlsplit(text).scheme not in ("http", "https") or not urlsplit(text).netloc):
+        raise ValueError("must be an http:// or https:// URL, or empty to disable")
+    return text
+
+
+def _index(text: str) -> str:
+    if not _INDEX_RE.match(text):
+        raise ValueError("an index name is lowercase [a-z0-9._-], not starting with - . or _")
+    return text
+
+
+def _index_or_empty(text: str) -> str:
+    return _index(text) if text else text
+
+
+def _number_text(value: float) -> str:
+    """A bound for people: digits grouped, no `.0` on whole numbers."""
+    if isinstance(value, int) or value.is_integer():
+        return f"{int(value):,}"
+    return f"{value:,}"
+
+
+# --- kinds of row -----------------------------------------------------------------------
+
+
+def _text(
+    section: str,
+    name: str,
+    default: str,
+    doc: str,
+    *,
+    check: Callable[[str], str] = _any_text,
+    values: str = "text",
+) -> Setting[str]:
+    return _add(Setting(name, default, check, doc, section, values))
+
+
+def _secret(
+    section: str,
+    name: str,
+    default: str,
+    doc: str,
+    *,
+    check: Callable[[str], str] = _any_text,
+    values: str = "text",
+) -> Setting[Secret]:
+    def parse(text: str) -> Secret:
+        return Secret(check(text))
+
+    return _add(Setting(name, default, parse, doc, section, values, secret=True))
+
+
+def _list(
+    section: str, name: str, default: str, doc: str, *, check: Callable[[str], str], values: str
+) -> Setting[tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(check(part.strip()) for part in text.split(",") if part.strip())
+        if not items:
+            raise ValueError("needs at least one comma-separated value")
+        return items
+
+    return _add(Setting(name, default, parse, doc, section, values))
+
+
+def _integer(
+    section: str, name: str, default: int, bounds: tuple[int, int], doc: str
+) -> Setting[int]:
+    low, high = bounds
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    values = f"whole number, {_number_text(low)} to {_number_text(high)}"
+    return _add(Setting(name, str(default), parse, doc, section, values, low, high))
+
+
+def _number(
+    section: str, name: str, default: float, bounds: tuple[float, float], doc: str
+) -> Setting[float]:
+    low, high = bounds
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not low <= value <= high:  # also rejects NaN
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    values = f"number, {_number_text(low)} to {_number_text(high)}"
+    return _add(Setting(name, repr(default), parse, doc, section, values, low, high))
+
+
+def _flag(section: str, name: str, default: bool, doc: str) -> Setting[bool]:
+    def parse(text: str) -> bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("must be true or false")
+
+    text = "true" if default else "false"
+    return _add(Setting(name, text, parse, doc, section, "`true` or `false`"))
+
+
+def _choice(
+    section: str, name: str, default: str, options: tuple[str, ...], doc: str
+) -> Setting[str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text
+
+    values = ", ".join(f"`{option}`" for option in options)
+    return _add(Setting(name, default, parse, doc, section, values))
+
+
+def _prior(section: str, family: str, what: str) -> tuple[Setting[float], Setting[float]]:
+    alpha = _number(
+        section, f"SMOOTHING_{family}_ALPHA", 1.0, (0.0, 1e9), f"Smoothing prior α of {what}."
+    )
+    beta = _number(
+        section,
+        f"SMOOTHING_{family}_BETA",
+        20.0,
+        (0.0, 1e9),
+        f"Smoothing prior β of {what} (α + β must be positive).",
+    )
+    return alpha, beta
+
+
+# --- the table --------------------------------------------------------------------------
+# `Config.from_env` reads every row outside the last two sections.
+
+KAFKA = "Kafka input and dead letters"
+REDIS = "Redis feature store"
+FEATURES = "Features"
+STATE = "State layout (fixed for the life of a recovery directory)"
+OPENSEARCH = "OpenSearch rank_feature indices"
+LOGGING = "Logging"
+RUN = "Recovery and metrics (`dataflow.run`)"
+DEMO = "Demo (`make run`)"
+
+KAFKA_BROKERS = _list(
+    KAFKA,
+    "KAFKA_BROKERS",
+    "localhost:9092",
+    "Brokers to bootstrap from.",
+    check=_broker,
+    values="`host:port`, comma-separated",
+)
+KAFKA_TOPICS = _list(
+    KAFKA,
+    "KAFKA_TOPICS",
+    "search-events",
+    "Input topics.",
+    check=_topic,
+    values="topic names, comma-separated",
+)
+KAFKA_DLQ_TOPIC = _text(
+    KAFKA,
+    "KAFKA_DLQ_TOPIC",
+    "search-events-dlq",
+    "Dead-letter topic (must not be an input topic).",
+    check=_topic,
+    values="a topic name",
+)
+KAFKA_BATCH_SIZE = _integer(
+    KAFKA, "KAFKA_BATCH_SIZE", 1000, (1, 100_000), "Messages per consumer poll per partition."
+)
+KAFKA_STOP_AT_END = _flag(
+    KAFKA,
+    "KAFKA_STOP_AT_END",
+    False,
+    "Stop at the end of the topics (backfills, tests, the demo).",
+)
+KAFKA_SECURITY_PROTOCOL = _choice(
+    KAFKA,
+    "KAFKA_SECURITY_PROTOCOL",
+    "PLAINTEXT",
+    ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "librdkafka `security.protocol` of every Kafka client.",
+)
+KAFKA_SASL_MECHANISM = _text(
+    KAFKA, "KAFKA_SASL_MECHANISM", "", "SASL mechanism (e.g. `SCRAM-SHA-512`); empty: no SASL."
+)
+KAFKA_SASL_USERNAME = _text(KAFKA, "KAFKA_SASL_USERNAME", "", "SASL user name.")
+KAFKA_SASL_PASSWORD = _secret(KAFKA, "KAFKA_SASL_PASSWORD", "", "SASL password.")
+
+REDIS_URL = _secret(
+    REDIS,
+    "REDIS_URL",
+    "redis://localhost:6379/0",
+    "The feature store.",
+    check=_redis_url,
+    values="`redis://`, `rediss://` or `unix://` URL",
+)
+FEATURE_PREFIX = _text(
+    REDIS,
+    "FEATURE_PREFIX",
+    "feat",
+    "Key prefix, i.e. the feature-store version (`feat_v2` for a rebuild); "
+    "also the prefix `FeatureReader.from_url` reads.",
+    check=_prefix,
+    values="1 to 64 of `A-Za-z0-9_.-`",
+)
+FEATURE_TTL_SECONDS = _integer(
+    REDIS,
+    "FEATURE_TTL_SECONDS",
+    35 * 86_400,
+    (86_400, 10 * 365 * 86_400),
+    "TTL refreshed on every write (the default is 35 days).",
+)
+REDIS_PIPELINE_KEYS = _integer(
+    REDIS, "REDIS_PIPELINE_KEYS", 500, (1, 100_000), "Keys per Redis pipeline round trip."
+)
+REDIS_MAX_RETRIES = _integer(
+    REDIS,
+    "REDIS_MAX_RETRIES",
+    8,
+    (0, 1000),
+    "Retries of a failed write before the pipeline stops for recovery.",
+)
+REDIS_BACKOFF_MAX_SECONDS = _number(
+    REDIS,
+    "REDIS_BACKOFF_MAX_SECONDS",
+    5.0,
+    (0.0, 600.0),
+    "Longest wait between two retries of a Redis write.",
+)
+FEATURE_FLUSH_INTERVAL_MS = _integer(
+    REDIS,
+    "FEATURE_FLUSH_INTERVAL_MS",
+    1000,
+    (0, 600_000),
+    "How often a shard writes its changed keys (0: after every batch).",
+)
+
+SMOOTHING_DOC_ALPHA, SMOOTHING_DOC_BETA = _prior(FEATURES, "DOC", "document CTRs")
+SMOOTHING_QD_ALPHA, SMOOTHING_QD_BETA = _prior(FEATURES, "QD", "query-document CTRs")
+SMOOTHING_AC_ALPHA, SMOOTHING_AC_BETA = _prior(FEATURES, "AC", "autocomplete select rates")
+SMOOTHING_ACQ_ALPHA, SMOOTHING_ACQ_BETA = _prior(FEATURES, "ACQ", "autocomplete-link rates")
+POPULARITY_WEIGHT_CLICK = _number(
+    FEATURES, "POPULARITY_WEIGHT_CLICK", 1.0, (0.0, 1e6), "Popularity weight of a click."
+)
+POPULARITY_WEIGHT_IMPRESSION = _number(
+    FEATURES, "POPULARITY_WEIGHT_IMPRESSION", 0.0, (0.0, 1e6), "Popularity weight of an impression."
+)
+POPULARITY_WEIGHT_LONG_CLICK = _number(
+    FEATURES, "POPULARITY_WEIGHT_LONG_CLICK", 0.0, (0.0, 1e6), "Popularity weight of a long click."
+)
+LONG_DWELL_MS = _integer(
+    FEATURES,
+    "LONG_DWELL_MS",
+    30_000,
+    (0, 86_400_000),
+    "A dwell at least this long is a long click.",
+)
+FUTURE_TOLERANCE_SECONDS = _integer(
+    FEATURES,
+    "FUTURE_TOLERANCE_SECONDS",
+    600,
+    (0, 7 * 86_400),
+    "Events further ahead of the wall clock are dead-lettered.",
+)
+ACQ_LINK_GRACE_SECONDS = _integer(
+    FEATURES,
+    "ACQ_LINK_GRACE_SECONDS",
+    600,
+    (0, 86_400),
+    "How late a search or click may reach the autocomplete-link join and still link.",
+)
+
+LINK_SHARDS = _integer(
+    STATE, "LINK_SHARDS", 64, (1, 65_536), "Session shards of the autocomplete-link join."
+)
+FEATURE_SHARDS = _integer(STATE, "FEATURE_SHARDS", 128, (1, 65_536), "Feature state shards.")
+DEDUP_SHARDS = _integer(STATE, "DEDUP_SHARDS", 16, (1, 4096), "Dedup shards per slot.")
+
+OPENSEARCH_URL = _secret(
+    OPENSEARCH,
+    "OPENSEARCH_URL",
+    "http://localhost:9200",
+    "The support-index cluster; empty disables the sink.",
+    check=_http_url_or_empty,
+    values="`http://` or `https://` URL, or empty",
+)
+OPENSEARCH_INDEX = _text(
+    OPENSEARCH,
+    "OPENSEARCH_INDEX",
+    "doc-features",
+    "Document popularity index (an alias).",
+    check=_index,
+    values="an index name",
+)
+OPENSEARCH_AC_INDEX = _text(
+    OPENSEARCH,
+    "OPENSEARCH_AC_INDEX",
+    "ac-features",
+    "Autocomplete candidate index.",
+    check=_index,
+    values="an index name",
+)
+OPENSEARCH_DOCS_INDEX = _text(
+    OPENSEARCH,
+    "OPENSEARCH_DOCS_INDEX",
+    "",
+    "Optional: also update the popularity fields on the search index itself.",
+    check=_index_or_empty,
+    values="an index name, or empty",
+)
+OPENSEARCH_USERNAME = _text(OPENSEARCH, "OPENSEARCH_USERNAME", "", "Basic-auth user.")
+OPENSEARCH_PASSWORD = _secret(OPENSEARCH, "OPENSEARCH_PASSWORD", "", "Basic-auth password.")
+OPENSEARCH_MIN_CHANGE = _number(
+    OPENSEARCH,
+    "OPENSEARCH_MIN_CHANGE",
+    0.05,
+    (0.0, 10.0),
+    "Relative change that makes a document worth re-sending.",
+)
+OPENSEARCH_BULK_DOCS = _integer(
+    OPENSEARCH, "OPENSEARCH_BULK_DOCS", 500, (1, 100_000), "Documents per bulk request."
+)
+OPENSEARCH_BULK_BYTES = _integer(
+    OPENSEARCH,
+    "OPENSEARCH_BULK_BYTES",
+    5 * 1024 * 1024,
+    (1024, 100 * 1024 * 1024),
+    "Bytes per bulk request (the default is 5 MiB).",
+)
+OPENSEARCH_MAX_PENDING = _integer(
+    OPENSEARCH,
+    "OPENSEARCH_MAX_PENDING",
+    1_000_000,
+    (1, 100_000_000),
+    "Pending documents kept while OpenSearch is away.",
+)
+OPENSEARCH_PARTITIONS = _integer(
+    OPENSEARCH, "OPENSEARCH_PARTITIONS", 4, (1, 1024), "Sink partitions (parallel writers)."
+)
+OPENSEARCH_TIMEOUT_SECONDS = _number(
+    OPENSEARCH, "OPENSEARCH_TIMEOUT_SECONDS", 10.0, (0.1, 600.0), "Request timeout."
+)
+OPENSEARCH_MAX_RETRIES = _integer(
+    OPENSEARCH,
+    "OPENSEARCH_MAX_RETRIES",
+    5,
+    (0, 1000),
+    "Retries of a failed bulk request before the pipeline stops for recovery.",
+)
+OPENSEARCH_BACKOFF_MAX_SECONDS = _number(
+    OPENSEARCH,
+    "OPENSEARCH_BACKOFF_MAX_SECONDS",
+    30.0,
+    (0.0, 3600.0),
+    "Longest wait between two retries of a bulk request.",
+)
+
+LOG_LEVEL = _choice(
+    LOGGING, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), "Lowest level logged."
+)
+LOG_FORMAT = _choice(
+    LOGGING, "LOG_FORMAT", "text", ("text", "json"), "`json`: one JSON object per line."
+)
+
+RECOVERY_DIR = _text(
+    RUN,
+    "RECOVERY_DIR",
+    "",
+    "Recovery directory, partitions created on first use; empty runs without recovery "
+    "(`make run` uses `.recovery/demo`).",
+    values="a directory, or empty",
+)
+RECOVERY_PARTITIONS = _integer(
+    RUN, "RECOVERY_PARTITIONS", 1, (1, 1024), "Recovery partitions created on first use."
+)
+SNAPSHOT_INTERVAL_SECONDS = _integer(
+    RUN,
+    "SNAPSHOT_INTERVAL_SECONDS",
+    10,
+    (1, 3600),
+    "Epoch length (`-s`): snapshot work against replay length.",
+)
+# 0 deletes superseded snapshots at once; set it to how often the recovery directory is
+# backed up, so a backup never references a deleted snapshot.
+RECOVERY_BACKUP_INTERVAL_SECONDS = _integer(
+    RUN,
+    "RECOVERY_BACKUP_INTERVAL_SECONDS",
+    0,
+    (0, 7 * 86_400),
+    "How long Bytewax keeps superseded snapshots (`-b`); match the backup interval.",
+)
+METRICS_ENABLED = _flag(
+    RUN, "METRICS_ENABLED", True, "Serve `/metrics` (the Bytewax dataflow API server)."
+)
+# Bytewax's own variable: its server reads it too, with the same default.
+BYTEWAX_DATAFLOW_API_PORT = _integer(
+    RUN,
+    "BYTEWAX_DATAFLOW_API_PORT",
+    3030,
+    (1, 65_535),
+    "Port of `/metrics` (Bytewax's setting, checked to be free before the run).",
+)
+
+DEMO_EVENTS = _integer(
+    DEMO, "DEMO_EVENTS", 20_000, (0, 100_000_000), "Generated events the demo produces per run."
+)
+
+SETTINGS: tuple[Setting[Any], ...] = tuple(_ROWS)
+BY_NAME: Mapping[str, Setting[Any]] = {row.name: row for row in SETTINGS}
