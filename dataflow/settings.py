@@ -9,6 +9,8 @@ from the rows:
   `dataflow.config` take their defaults from them;
 - `dataflow.run` (recovery, snapshots, metrics), the demo, the generator's defaults and
   `FeatureReader.from_url` read their variables through them;
+- README.md's configuration table is generated from them:
+  `python -m dataflow.settings --markdown` prints it, `--write README.md` replaces it;
 - tests/deploy checks docker-compose.yml and k8s/ against them.
 
 `Setting.read` raises `ConfigError(variable, problem)`; a secret's value is masked there too.
@@ -17,10 +19,13 @@ This module imports nothing heavy: the event generator reads its defaults here.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -295,7 +300,7 @@ def _prior(section: str, family: str, what: str) -> tuple[Setting[float], Settin
 
 
 # --- the table --------------------------------------------------------------------------
-# `Config.from_env` reads every row outside the last two sections.
+# Sections order the README table; `Config.from_env` reads every row outside the last two.
 
 KAFKA = "Kafka input and dead letters"
 REDIS = "Redis feature store"
@@ -573,3 +578,62 @@ DEMO_EVENTS = _integer(
 
 SETTINGS: tuple[Setting[Any], ...] = tuple(_ROWS)
 BY_NAME: Mapping[str, Setting[Any]] = {row.name: row for row in SETTINGS}
+
+
+# --- the README table -------------------------------------------------------------------
+
+README_BEGIN = (
+    "<!-- generated from dataflow/settings.py by `python -m dataflow.settings --write "
+    "README.md`; edit the table there, not here -->"
+)
+README_END = "<!-- end of the generated settings table -->"
+
+
+def markdown() -> str:
+    """README.md's configuration table: a bold row per section, a row per variable."""
+    lines = ["| variable | default | values | meaning |", "|---|---|---|---|"]
+    section = ""
+    for row in SETTINGS:
+        if row.section != section:
+            section = row.section
+            lines.append(f"| **{section}** | | | |")
+        default = f"`{row.default}`" if row.default else "empty"
+        doc = f"{row.doc} Secret: masked in logs and errors." if row.secret else row.doc
+        lines.append(f"| `{row.name}` | {default} | {row.values} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def with_table(readme: str) -> str:
+    """`readme` with the text between the two markers replaced by `markdown()`."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"no {README_BEGIN!r} ... {README_END!r} block to replace")
+    head = readme[: begin + len(README_BEGIN)]
+    return f"{head}\n{markdown()}{readme[end:]}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dataflow.settings",
+        description="The environment variables the pipeline reads (dataflow/settings.py).",
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--markdown", action="store_true", help="print the README table")
+    mode.add_argument(
+        "--write", metavar="README", type=Path, help="replace the generated table in README"
+    )
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown())
+        return 0
+    path: Path = args.write
+    try:
+        path.write_text(with_table(path.read_text()))
+    except (OSError, ValueError) as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """Configuration: the settings table, defaults, validation that names the variable, masked
-secrets."""
+secrets, and the README table generated from the settings table."""
 
 import re
 from collections.abc import Iterator
@@ -230,3 +230,39 @@ def test_only_the_settings_table_reads_the_environment() -> None:
         if read.search(line)
     ]
     assert offenders == []
+
+
+# --- the README table ---------------------------------------------------------------------
+
+
+def test_readme_configuration_table_is_the_generated_one() -> None:
+    readme = (ROOT / "README.md").read_text()
+    if settings.with_table(readme) != readme:
+        pytest.fail(
+            "README.md's configuration table differs from dataflow/settings.py; "
+            "regenerate it with `python -m dataflow.settings --write README.md`",
+            pytrace=False,
+        )
+
+
+def test_the_generated_table_has_a_row_per_variable() -> None:
+    table = settings.markdown()
+    for row in SETTINGS:
+        assert f"| `{row.name}` | " in table
+    assert table.count("\n") == 2 + len(SETTINGS) + len({row.section for row in SETTINGS})
+
+
+def test_the_command_prints_and_writes_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert settings.main(["--markdown"]) == 0
+    assert capsys.readouterr().out == settings.markdown()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{settings.README_BEGIN}\nstale\n{settings.README_END}\nafter\n")
+    assert settings.main(["--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.endswith(f"{settings.README_END}\nafter\n")
+    assert settings.with_table(text) == text
+    readme.write_text("no markers\n")
+    assert settings.main(["--write", str(readme)]) == 2
+    assert "no " in capsys.readouterr().err
