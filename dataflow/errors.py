@@ -27,6 +27,20 @@ class SinkError(PipelineError):
     """
 
 
+class RecoveryFormatError(PipelineError):
+    """A recovery snapshot was written by another layout of a stateful step."""
+
+    def __init__(self, step: str, found: object, expected: int) -> None:
+        self.step, self.found, self.expected = step, found, expected
+        super().__init__(
+            f"recovery state of step {step!r} has layout version {found}; this build reads "
+            f"version {expected}. Rebuild the features into a new prefix with "
+            "`python -m dataflow.tools.replay --prefix <new prefix>` and its own recovery "
+            "directory (docs/operations.md, 'Replay'), then switch the readers to it; or "
+            "start this pipeline with an empty RECOVERY_DIR."
+        )
+
+
 class RequestError(PipelineError):
     """One request to a store failed; `reason` is a short, low-cardinality label for metrics."""
 
@@ -45,3 +59,12 @@ class RejectedError(RequestError):
 
 class IndexMappingError(PipelineError):
     """An existing OpenSearch index has a mapping that conflicts with the one we need."""
+
+
+class ReaderError(PipelineError):
+    """A feature read got no usable answer from Redis (`dataflow.reader`); the message says
+    what failed. The ranking service serves the request without these features."""
+
+
+class ReaderTimeout(ReaderError):
+    """A feature read did not complete within its deadline (a slow or unreachable Redis)."""

@@ -1,16 +1,22 @@
-"""The Bytewax dataflow: Kafka → intake → dedup → fan-out → state shards → sinks.
+"""The Bytewax dataflow, top to bottom as it runs.
 
 ```
-kafka_in ─► intake ─┬─ dead letters ─────────────────────────────► dlq (Kafka)
-                    ├─ events by (slot, shard) ─► dedup ─► fan_out ─► features ─┬─► redis
-                    ├─ events past the dedup horizon ─────► fan_out             └─► opensearch
-                    └─ clock readings ─► clock ─► new day ─────────► features
+kafka_in: decode and route where each partition is read (partition clocks in its snapshot)
+ ├─ dead letters ───────────────────────────────────────────────────────► dlq (Kafka)
+ ├─ partition clocks ─┬─► clock ─► day ticks ───────────────────────────────┐
+ │                    └─► dedup_watermark ─► forgets ─┐                     │
+ ├─ events to check ──────────────────────────────────┴─► dedup ─┐          │
+ └─ events past the dedup horizon ───────────────────────────────┴─► accepted
+accepted ─┬─► fan_out ─► counter updates ────────────────────────► features ─┬─► redis
+          └─► link_route ─┬─► aclink (join by session) ─► increments ─►      └─► opensearch
+                          ├─► selects without a session ──────────────►
+                          └─► candidate labels ───────────────────────►
 ```
 
 `python -m bytewax.run dataflow.flow` finds `flow` here, built from the environment
 (`Config.from_env()`); tests call `build_flow(config, source=...)` with their own source.
-The pure logic lives in `intake`, `dedup`, `families` and `shard`; the classes here only
-adapt it to Bytewax's stateful operators and report metrics.
+The logic lives in `dataflow.core`; the classes here only adapt it to Bytewax's stateful
+operators and report metrics. Each stage is a function returning its named streams.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import logging
 import time
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
-from bytewax.connectors.kafka import KafkaError, KafkaSource
-from bytewax.dataflow import Dataflow
+from bytewax.connectors.kafka import KafkaSource
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
@@ -32,14 +39,16 @@ from confluent_kafka import OFFSET_BEGINNING
 
 from dataflow import metrics
 from dataflow.config import Config
-from dataflow.core import aclink
-from dataflow.core.aclink import LinkShard
+from dataflow.core import aclink, snapshots
+from dataflow.core.aclink import LinkItem, LinkShard
 from dataflow.core.deadletter import DeadLetter
-from dataflow.core.dedup import SlotIds
+from dataflow.core.dedup import DedupEntry, Forget, Watermark
+from dataflow.core.events import Event
 from dataflow.core.families import FeatureParams, Update, updates_for
 from dataflow.core.intake import Intake, IntakeResult
 from dataflow.core.shard import FeatureShard, ShardItem, StepResult
 from dataflow.core.windows import DAY_MS
+from dataflow.kafka.intake import IntakeSource
 from dataflow.kafka.lag import KafkaOffsets, LagTracker, LagTrackingSource
 from dataflow.kafka.source import BrokerOffsets, OffsetGapCheckingSource
 from dataflow.logs import configure_logging
@@ -50,6 +59,13 @@ from dataflow.sinks.redis import RedisFeatureSink
 log = logging.getLogger(__name__)
 
 CLOCK_KEY = "clock"
+WATERMARK_KEY = "watermark"
+UNCHECKED_KEY = "unchecked"
+CLOCK_LAYOUT = 1
+
+Keyed = tuple[str, Any]
+DedupItem = tuple[int, int, list[tuple[int, Event]]] | Forget
+"""(slot, origin, [(id digest, event), ...]) to check, or a forget from the watermark."""
 
 
 def shard_of(suffix: str, shards: int) -> int:
@@ -57,22 +73,39 @@ def shard_of(suffix: str, shards: int) -> int:
     return zlib.crc32(suffix.encode("utf-8")) % shards
 
 
+def by_feature_shard(updates: Iterable[Update], shards: int) -> list[tuple[str, list[Update]]]:
+    """Counter updates grouped by the state shard of their key."""
+    grouped: dict[int, list[Update]] = {}
+    for update in updates:
+        family, suffix, ts, counts = update
+        idx = shard_of(suffix, shards)
+        batch = grouped.get(idx)
+        if batch is None:
+            grouped[idx] = [update]
+        else:
+            batch.append(update)
+    return [(str(idx), batch) for idx, batch in grouped.items()]
+
+
 # --- stateful logics ---------------------------------------------------------------------
 
 
-class ClockLogic(StatefulBatchLogic[int, list[tuple[str, int]], int]):
+class ClockLogic(StatefulBatchLogic[dict[int, int], list[tuple[str, int]], bytes]):
     """The global event-time clock (one key, so one worker holds it).
 
     When the clock enters a new UTC day it tells every state shard, so that shards whose
     own updates lag (other workers' partitions) still re-state and expire their keys.
     """
 
-    def __init__(self, feature_shards: int, clock: int | None) -> None:
+    def __init__(self, feature_shards: int, resume: bytes | None) -> None:
         self.feature_shards = feature_shards
-        self.clock = clock or 0
+        self.clock: int = 0 if resume is None else snapshots.unwrap("clock", CLOCK_LAYOUT, resume)
 
-    def on_batch(self, values: list[int]) -> tuple[Iterable[list[tuple[str, int]]], bool]:
-        reading = max(values)
+    def on_batch(
+        self, values: list[dict[int, int]]
+    ) -> tuple[Iterable[list[tuple[str, int]]], bool]:
+        reading = max(max(clocks.values()) for clocks in values)
+        metrics.observe_clock(reading)
         if reading <= self.clock:
             return [], self.RETAIN
         old, self.clock = self.clock, reading
@@ -80,56 +113,84 @@ class ClockLogic(StatefulBatchLogic[int, list[tuple[str, int]], int]):
             return [], self.RETAIN
         return [[(str(i), reading) for i in range(self.feature_shards)]], self.RETAIN
 
-    def snapshot(self) -> int:
-        return self.clock
+    def snapshot(self) -> bytes:
+        return snapshots.wrap("clock", CLOCK_LAYOUT, self.clock)
 
 
-class DedupLogic(StatefulBatchLogic[Any, list[Any], bytes]):
+class WatermarkLogic(StatefulBatchLogic[dict[int, int], list[tuple[str, Forget]], bytes]):
+    """The dedup watermark (one key): the slowest partition's clock, and the forgets it
+    sends the dedup ring entries when it passes a slot's horizon (`dataflow.core.dedup`)."""
+
+    def __init__(self, dedup_shards: int, resume: bytes | None) -> None:
+        self.dedup_shards = dedup_shards
+        self.mark = Watermark() if resume is None else Watermark.restore(resume)
+
+    def on_batch(
+        self, values: list[dict[int, int]]
+    ) -> tuple[Iterable[list[tuple[str, Forget]]], bool]:
+        forgets = self.mark.advance(
+            (kv for clocks in values for kv in clocks.items()), self.dedup_shards
+        )
+        clocks = self.mark.clocks.values()
+        metrics.DEDUP_WATERMARK_LAG.set((max(clocks) - min(clocks)) / 1000.0)
+        return ([forgets] if forgets else []), self.RETAIN
+
+    def snapshot(self) -> bytes:
+        return self.mark.snapshot()
+
+
+class DedupLogic(StatefulBatchLogic[DedupItem, list[Event], bytes]):
     """One dedup ring entry of seen event ids; emits the first copy of each event."""
 
     def __init__(self, resume: bytes | None) -> None:
-        self.ids = SlotIds() if resume is None else SlotIds.restore(resume)
+        self.entry = DedupEntry() if resume is None else DedupEntry.restore(resume)
 
-    def on_batch(self, values: list[Any]) -> tuple[Iterable[list[Any]], bool]:
-        accepted: list[Any] = []
+    def on_batch(self, values: list[DedupItem]) -> tuple[Iterable[list[Event]], bool]:
+        accepted: list[Event] = []
         offered = 0
-        # Oldest slot first: one epoch can hold an entry's slot and the slot 72 h newer
-        # (a backfill reads days per second, several partitions interleave), and admitting
-        # the newer one first would recycle the entry before the older slot's duplicates
-        # are checked. Stable, so copies within a slot keep their order (first copy wins).
-        for slot, pairs in sorted(values, key=_slot_of):
+        unheld = self.entry.unheld
+        for value in values:
+            if isinstance(value, Forget):
+                self.entry.forget(value)
+                continue
+            slot, origin, pairs = value
             offered += len(pairs)
-            accepted.extend(self.ids.admit(slot, pairs))
+            accepted.extend(self.entry.admit(slot, pairs, origin))
         duplicates = offered - len(accepted)
         if duplicates:
             metrics.DROPPED.labels(reason="duplicate").inc(duplicates)
-        metrics.DEDUP_IDS.report(self, len(self.ids.seen))
+        if self.entry.unheld > unheld:
+            metrics.DEDUP_UNHELD_CHECKS.inc(self.entry.unheld - unheld)
+        metrics.DEDUP_IDS.report(self, self.entry.held())
         return ([accepted] if accepted else []), self.RETAIN
 
     def snapshot(self) -> bytes:
-        return self.ids.snapshot()
+        # The epoch closes here: the watermark's forgets of this epoch take effect now.
+        blob = self.entry.snapshot()
+        metrics.DEDUP_IDS.report(self, self.entry.held())
+        return blob
 
 
-def _slot_of(value: tuple[int, Any]) -> int:
-    return value[0]
-
-
-class LinkLogic(StatefulBatchLogic[list[Any], list[Update], bytes]):
-    """One shard of sessions for the autocomplete → search → click join (`dataflow.core.aclink`)."""
+class LinkLogic(StatefulBatchLogic[list[LinkItem], list[Update], bytes]):
+    """One shard of sessions for the autocomplete → search → click join
+    (`dataflow.core.aclink`)."""
 
     def __init__(self, grace_ms: int, resume: bytes | None) -> None:
         self.join = LinkShard(grace_ms) if resume is None else LinkShard.restore(resume, grace_ms)
 
-    def on_batch(self, values: list[list[Any]]) -> tuple[Iterable[list[Update]], bool]:
+    def on_batch(self, values: list[list[LinkItem]]) -> tuple[Iterable[list[Update]], bool]:
         stale = self.join.stale
-        updates = self.join.step([item for batch in values for item in batch])
+        updates = self.join.step(item for batch in values for item in batch)
         if self.join.stale > stale:
             metrics.LINK_STALE.inc(self.join.stale - stale)
         metrics.LINK_SESSIONS.report(self, len(self.join))
         return ([updates] if updates else []), self.RETAIN
 
     def snapshot(self) -> bytes:
-        return self.join.snapshot()
+        # The epoch closes here: what can no longer link is dropped now.
+        blob = self.join.snapshot()
+        metrics.LINK_SESSIONS.report(self, len(self.join))
+        return blob
 
 
 class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
@@ -187,54 +248,36 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
 # --- stateless steps ---------------------------------------------------------------------
 
 
-class IntakeStep:
-    """`flat_map_batch` mapper around `Intake`: tags each output for the branches below."""
+class IntakeReport:
+    """`map` over each intake result: count it, log consumer errors, feed the lag gauge."""
 
-    def __init__(self, intake: Intake, lag: LagTracker | None = None) -> None:
-        self.intake = intake
+    def __init__(self, lag: LagTracker | None = None) -> None:
         self.lag = lag
 
-    def __call__(self, items: list[Any]) -> list[tuple[str, Any]]:
-        messages = [item for item in items if not isinstance(item, KafkaError)]
-        if len(messages) != len(items):
-            for item in items:
-                if isinstance(item, KafkaError):
-                    _log_consumer_error(item)
-        if self.lag is not None and messages:
-            # Offsets ascend within a partition, so the last one per partition wins.
-            self.lag.consumed({(m.topic, m.partition): m.offset for m in messages})
-        result = self.intake.route(messages)
-        _count(result)
-        out: list[tuple[str, Any]] = [("dlq", letter) for letter in result.dead_letters]
-        out.extend(("dedup", (key, (slot, pairs))) for (key, slot), pairs in result.by_slot.items())
-        if result.unchecked:
-            out.append(("direct", ("unchecked", result.unchecked)))
-        if result.by_slot or result.events_by_type:
-            out.append(("clock", (CLOCK_KEY, result.max_ts)))
-            metrics.observe_clock(result.max_ts)
-        return out
+    def __call__(self, result: IntakeResult) -> IntakeResult:
+        for err in result.consumer_errors:
+            _log_consumer_error(err)
+        if self.lag is not None and result.last_offsets:
+            self.lag.consumed(result.last_offsets)
+        for (topic, partition), n in result.messages_by_partition.items():
+            metrics.MESSAGES.labels(topic=topic, partition=str(partition)).inc(n)
+        for kind, n in result.events_by_type.items():
+            metrics.EVENTS.labels(type=kind).inc(n)
+        for reason, n in result.dropped.items():
+            metrics.DROPPED.labels(reason=reason).inc(n)
+        return result
 
 
-def _count(result: IntakeResult) -> None:
-    for (topic, partition), n in result.messages_by_partition.items():
-        metrics.MESSAGES.labels(topic=topic, partition=str(partition)).inc(n)
-    for kind, n in result.events_by_type.items():
-        metrics.EVENTS.labels(type=kind).inc(n)
-    for reason, n in result.dropped.items():
-        metrics.DROPPED.labels(reason=reason).inc(n)
+def _to_check(result: IntakeResult) -> list[tuple[str, DedupItem]]:
+    return [(key, (slot, origin, pairs)) for (key, slot, origin), pairs in result.by_slot.items()]
 
 
-def by_feature_shard(updates: Iterable[Update], shards: int) -> list[tuple[str, list[Update]]]:
-    """Counter updates grouped by the state shard of their key (CRC32, stable everywhere)."""
-    grouped: dict[int, list[Update]] = {}
-    for update in updates:
-        idx = zlib.crc32(update[1].encode("utf-8")) % shards
-        batch = grouped.get(idx)
-        if batch is None:
-            grouped[idx] = [update]
-        else:
-            batch.append(update)
-    return [(str(idx), batch) for idx, batch in grouped.items()]
+def _past_horizon(result: IntakeResult) -> Keyed | None:
+    return (UNCHECKED_KEY, result.unchecked) if result.unchecked else None
+
+
+def _partition_clocks(result: IntakeResult) -> dict[int, int] | None:
+    return result.partition_clocks or None
 
 
 class FanOut:
@@ -244,7 +287,7 @@ class FanOut:
         self.params = params
         self.shards = shards
 
-    def __call__(self, batches: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Update]]]:
+    def __call__(self, batches: list[tuple[str, list[Event]]]) -> list[tuple[str, list[Update]]]:
         params = self.params
         return by_feature_shard(
             (u for _key, events in batches for e in events for u in updates_for(e, params)),
@@ -253,25 +296,14 @@ class FanOut:
 
 
 class LinkRouter:
-    """`flat_map_batch` mapper: accepted events → autocomplete-link join items by session
-    shard ("join"), and the `+1 select` of selects without a session by state shard
-    ("count")."""
+    """`map_batch` mapper: accepted events → what the autocomplete link needs of them."""
 
-    def __init__(self, link_shards: int, feature_shards: int) -> None:
+    def __init__(self, link_shards: int) -> None:
         self.link_shards = link_shards
-        self.feature_shards = feature_shards
 
-    def __call__(self, batches: list[tuple[str, list[Any]]]) -> list[tuple[str, Any]]:
-        routed = aclink.route((e for _key, events in batches for e in events), self.link_shards)
-        out: list[tuple[str, Any]] = [("join", kv) for kv in routed.by_shard.items()]
-        out.extend(("count", kv) for kv in by_feature_shard(routed.direct, self.feature_shards))
-        if routed.labels:
-            by_shard: dict[str, dict[str, str]] = {}
-            for suffix, text in routed.labels.items():
-                shard = str(zlib.crc32(suffix.encode("utf-8")) % self.feature_shards)
-                by_shard.setdefault(shard, {})[suffix] = text
-            out.extend(("count", kv) for kv in by_shard.items())
-        return out
+    def __call__(self, batches: list[tuple[str, list[Event]]]) -> list[aclink.LinkRoute]:
+        events = (e for _key, events in batches for e in events)
+        return [aclink.route(events, self.link_shards)]
 
 
 class LinkFanOut:
@@ -284,16 +316,117 @@ class LinkFanOut:
         return by_feature_shard((u for _k, ups in batches for u in ups), self.feature_shards)
 
 
-def _tagged(tag: str) -> Any:
-    def pick(item: tuple[str, Any]) -> Any:
-        return item[1] if item[0] == tag else None
-
-    return pick
-
-
 def _log_consumer_error(err: Any) -> None:
     metrics.CONSUMER_ERRORS.labels(topic=getattr(err.msg, "topic", None) or "").inc()
     log.error("kafka consumer error", extra={"error": str(err.err)})
+
+
+# --- the stages --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntakeOut:
+    dead_letters: Stream[DeadLetter]
+    to_check: Stream[tuple[str, DedupItem]]
+    """Events to dedup, keyed by ring entry."""
+    past_horizon: Stream[Keyed]
+    """Events whose partition's clock is past the dedup horizon: accepted unchecked."""
+    partition_clocks: Stream[dict[int, int]]
+    """Per batch: origin id -> that partition's clock."""
+
+
+def intake(
+    flow: Dataflow, source: Source[Any], config: Config, lag: LagTracker | None
+) -> IntakeOut:
+    """Kafka in: decode and route every batch where its partition is read."""
+    router = Intake(
+        future_tolerance_ms=config.future_tolerance_ms,
+        dedup_shards=config.dedup_shards,
+        now_ms=lambda: int(time.time() * 1000),
+    )
+    results = op.input("kafka_in", flow, IntakeSource(source, router))  # type: ignore[arg-type]
+    reported = op.map("intake", results, IntakeReport(lag))
+    return IntakeOut(
+        dead_letters=op.flat_map("dead_letters", reported, lambda r: r.dead_letters),
+        to_check=op.flat_map("to_dedup", reported, _to_check),
+        past_horizon=op.filter_map("past_dedup_horizon", reported, _past_horizon),
+        partition_clocks=op.filter_map("partition_clocks", reported, _partition_clocks),
+    )
+
+
+def clock(clocks: Stream[dict[int, int]], config: Config) -> Stream[tuple[str, int]]:
+    """The global clock; emits a reading for every state shard when a new day starts."""
+    keyed = op.key_on("clock_readings", clocks, lambda _: CLOCK_KEY)
+    ticks = op.stateful_batch(
+        "clock", keyed, lambda resume: ClockLogic(config.feature_shards, resume)
+    )
+    return op.flat_map("day_ticks", ticks, lambda keyed: keyed[1])
+
+
+def dedup(into: IntakeOut, config: Config) -> Stream[Keyed]:
+    """First copies of the checked events, merged with the unchecked ones: every event
+    that counts, keyed by where it came from."""
+    keyed = op.key_on("watermark_readings", into.partition_clocks, lambda _: WATERMARK_KEY)
+    marks = op.stateful_batch(
+        "dedup_watermark", keyed, lambda resume: WatermarkLogic(config.dedup_shards, resume)
+    )
+    forgets = op.flat_map("forgets", marks, lambda keyed: keyed[1])
+    checked = op.stateful_batch(
+        "dedup", op.merge("to_dedup_and_forgets", into.to_check, forgets), DedupLogic
+    )
+    return op.merge("to_count", checked, into.past_horizon)
+
+
+@dataclass(frozen=True)
+class LinkOut:
+    increments: Stream[tuple[str, list[Update]]]
+    """`acq` increments from the session join, by state shard."""
+    without_session: Stream[tuple[str, list[Update]]]
+    """`+1 select` of selects that have no session, by state shard."""
+    labels: Stream[tuple[str, dict[str, str]]]
+    """`acq` key suffix → the candidate text it counts, by state shard."""
+
+
+def link(accepted: Stream[Keyed], config: Config) -> LinkOut:
+    """The autocomplete → search → click link."""
+    routes = op.flat_map_batch("link_route", accepted, LinkRouter(config.link_shards))
+    to_join = op.flat_map("to_join", routes, lambda r: r.by_shard.items())
+    joined = op.stateful_batch(
+        "aclink", to_join, lambda resume: LinkLogic(config.link_grace_ms, resume)
+    )
+    shards = config.feature_shards
+    return LinkOut(
+        increments=op.flat_map_batch("link_fan_out", joined, LinkFanOut(shards)),
+        without_session=op.flat_map(
+            "selects_without_session", routes, lambda r: by_feature_shard(r.direct, shards)
+        ),
+        labels=op.flat_map("candidate_labels", routes, lambda r: _labels_by_shard(r, shards)),
+    )
+
+
+def _labels_by_shard(route: aclink.LinkRoute, shards: int) -> list[tuple[str, dict[str, str]]]:
+    by_shard: dict[str, dict[str, str]] = {}
+    for suffix, text in route.labels.items():
+        by_shard.setdefault(str(shard_of(suffix, shards)), {})[suffix] = text
+    return list(by_shard.items())
+
+
+def features(
+    updates: Stream[tuple[str, list[Update]]],
+    linked: LinkOut,
+    day_ticks: Stream[tuple[str, int]],
+    config: Config,
+) -> Stream[StepResult]:
+    """The state shards: counters per key; the writes they flush."""
+    shard_in: Stream[tuple[str, ShardItem]] = op.merge(
+        "shard_in", updates, linked.increments, linked.without_session, linked.labels, day_ticks
+    )
+    results = op.stateful_batch(
+        "features",
+        shard_in,
+        lambda resume: ShardLogic(config.features, config.flush_interval_ms, resume),
+    )
+    return op.key_rm("writes", results)
 
 
 # --- the dataflow ------------------------------------------------------------------------
@@ -338,52 +471,17 @@ def build_flow(
     if source is None:
         lag = LagTracker(lambda: KafkaOffsets(config.kafka))
         source = kafka_source(config, lag)
-    messages = op.input("kafka_in", flow, source)
 
-    intake = Intake(
-        future_tolerance_ms=config.future_tolerance_ms,
-        dedup_shards=config.dedup_shards,
-        now_ms=lambda: int(time.time() * 1000),
-    )
-    routed = op.flat_map_batch("intake", messages, IntakeStep(intake, lag))
-    dead_letters = op.filter_map("dead_letters", routed, _tagged("dlq"))
-    to_dedup = op.filter_map("to_dedup", routed, _tagged("dedup"))
-    readings = op.filter_map("clock_readings", routed, _tagged("clock"))
-    unchecked = op.filter_map("past_dedup_horizon", routed, _tagged("direct"))
-
-    clock = op.stateful_batch(
-        "clock",
-        readings,
-        lambda resume: ClockLogic(config.feature_shards, resume),
-    )
-    day_ticks = op.flat_map("day_ticks", clock, lambda keyed: keyed[1])
-
-    accepted = op.stateful_batch("dedup", to_dedup, DedupLogic)
-    to_count = op.merge("to_count", accepted, unchecked)
-    updates = op.flat_map_batch("fan_out", to_count, FanOut(config.features, config.feature_shards))
-
-    link_routed = op.flat_map_batch(
-        "link_route", to_count, LinkRouter(config.link_shards, config.feature_shards)
-    )
-    to_join = op.filter_map("to_join", link_routed, _tagged("join"))
-    unlinked = op.filter_map("selects_without_session", link_routed, _tagged("count"))
-    joined = op.stateful_batch(
-        "aclink", to_join, lambda resume: LinkLogic(config.link_grace_ms, resume)
-    )
-    link_updates = op.flat_map_batch("link_fan_out", joined, LinkFanOut(config.feature_shards))
-
-    shard_in = op.merge("shard_in", updates, link_updates, unlinked, day_ticks)
-    results = op.stateful_batch(
-        "features",
-        shard_in,
-        lambda resume: ShardLogic(config.features, config.flush_interval_ms, resume),
-    )
-    writes = op.key_rm("writes", results)
+    into = intake(flow, source, config, lag)
+    day_ticks = clock(into.partition_clocks, config)
+    accepted = dedup(into, config)
+    updates = op.flat_map_batch("fan_out", accepted, FanOut(config.features, config.feature_shards))
+    writes = features(updates, link(accepted, config), day_ticks, config)
 
     op.output("redis", writes, redis_sink or RedisFeatureSink(config.redis))
     if with_opensearch and config.opensearch.enabled:
         opensearch.attach(writes, config.opensearch)
-    op.output("dlq", dead_letters, dlq_sink or DeadLetterSink(config.kafka))
+    op.output("dlq", into.dead_letters, dlq_sink or DeadLetterSink(config.kafka))
     return flow
 
 

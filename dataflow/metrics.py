@@ -192,13 +192,28 @@ class _SizeBoard:
 
 STATE_KEYS = _SizeBoard("state_keys", "Feature keys held in state by this process.")
 DEDUP_IDS = _SizeBoard("dedup_ids", "Event-id digests held for dedup by this process.")
+DEDUP_WATERMARK_LAG = Gauge(
+    "dedup_watermark_lag_seconds",
+    "How far the dedup watermark (the slowest partition's clock) trails the fastest partition, "
+    "in event time. Ids are held this much longer than 24 hours; large while partitions are "
+    "read far apart (a backfill, a stalled consumer) or one partition stopped receiving events.",
+    namespace=NAMESPACE,
+)
+DEDUP_UNHELD_CHECKS = Counter(
+    "dedup_unheld_checks",
+    "Dedup checks of a slot already forgotten: a partition that joined the watermark after it "
+    "had passed that slot delivered an event for it. Copies of it read elsewhere earlier "
+    "cannot be recognised.",
+    namespace=NAMESPACE,
+)
 LINK_SESSIONS = _SizeBoard(
     "link_sessions", "Sessions held by the autocomplete-link join in this process."
 )
 LINK_STALE = Counter(
     "link_stale_events",
-    "Autocomplete-link events that arrived later than ACQ_LINK_GRACE_SECONDS behind their "
-    "session: selects still count, but a link they would have made may be missed.",
+    "Autocomplete-link events read more than 30 min + ACQ_LINK_GRACE_SECONDS after their own "
+    "ts (a late upload, a backlog): selects still count, and links within the session's own "
+    "upload are made, but a partner read earlier than that hold may have been dropped.",
     namespace=NAMESPACE,
 )
 

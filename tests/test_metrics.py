@@ -157,7 +157,7 @@ def test_clock_and_state_keys_are_reported_while_the_flow_runs() -> None:
 def test_dedup_size_is_reported_and_leaves_with_its_logic() -> None:
     before = sample("search_features_dedup_ids")
     logic = DedupLogic(None)
-    logic.on_batch([(7, [(1, "a"), (2, "b"), (1, "a")])])
+    logic.on_batch([(7, 0, [(1, "a"), (2, "b"), (1, "a")])])
     assert sample("search_features_dedup_ids") == before + 2
     del logic
     gc.collect()

@@ -6,45 +6,45 @@ An `ac_select` at `t` with normalised candidate `c` is *searched* when its sessi
 each way. The output is `ACQ` counter increments bucketed by the select's `ts`, applied by
 the state shards like every other family.
 
-Why increments work although arrival order is free: a select emits `+1 select` (plus
-whatever the partners already held give it) the moment it arrives; a search or click that
-arrives later emits `+1 searched`/`+1 clicked` for each held select it completes, and a
-flag on the select makes that happen at most once. Whichever of two partners arrives
-second sees the first, so the totals are the brute-force join's, provided the first is
-still held (the disorder tolerance below). A link is only ever made when the window rule
-holds, so beyond the tolerance counts can fall short but never exceed the true values.
+**A deterministic function of each partition's message sequence.** Every link event
+carries its partition's clock when it was read (`Event.clock`: the largest `ts` read from
+that partition so far, snapshotted with the partition's offset). A select and a partner are
+joined when the window rule holds *and* they were read within `hold_ms` = 30 min + grace of
+each other by that clock: `|clock_select − clock_partner| <= hold_ms`. The relation is
+symmetric and uses nothing but values fixed at intake, so whichever of the two arrives
+second links them, in any order, batching, worker count or crash point:
+
+- a select emits `+1 select` (plus what the held partners it links give it) on arrival; a
+  search or click emits `+1 searched`/`+1 clicked` for each held select it completes, and a
+  flag on the select makes that happen at most once each way;
+- an entry is held until no event it could still link can arrive: when an epoch closes,
+  entries with `clock + hold_ms` below the largest clock read from their partition in that
+  epoch or before are dropped (every later event of the partition has a larger clock). The
+  epoch close is where Bytewax snapshots the join, so pruning happens in `snapshot()`.
+
+Tolerance (exact results against the brute-force join): every linked pair is read within
+`hold_ms` of each other in its partition's clock. A live stream reads a click 30 minutes
+after its select, a grace of disorder later at most; a session uploaded hours late as a
+whole arrives with one clock and links exactly. Beyond the tolerance counts fall short
+(selects stay exact), and a link is never invented. A session's events must be read from one
+partition (producers key by session), as their clocks are compared.
 
 State and expiry, without a timer per session: sessions are grouped into a fixed number of
-join shards by a stable hash (`link_shard`), one Bytewax key per shard. Within a session,
-entries are pruned against the *session's* clock (its largest link-event `ts`): a select
-is held until that clock passes `t + 30 min + grace`, a search or click until it passes
-`ts + grace`. A whole session is dropped once the *shard's* clock (largest `ts` it has
-seen, or a clock reading) has moved `30 min + grace` past the session's last arrival.
-Each step's items are sorted by `ts` first, so disorder inside one batch costs nothing.
-
-Tolerance (exact results) — for every select and matching search/click, when the later
-of the two reaches the join: (i) its session's clock is at most `grace` ahead of its
-`ts`, and (ii) the session has had an arrival within the last `30 min + grace` of the
-shard's clock. Both hold when every link event reaches the join at most `grace` behind
-the largest `ts` read before it. A whole session arriving late (an offline client
-uploading an hour later) is fine: (i) and (ii) are about the session, not the stream.
+join shards by a stable hash (`link_shard`), one Bytewax key per shard.
 
 Pure: no Bytewax, no wall clock. See docs/contract.md §4.4.
 """
 
 from __future__ import annotations
 
-import bisect
 import gc
-import pickle
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Final
 
-from dataflow.core import keys
+from dataflow.core import keys, snapshots
 from dataflow.core.events import AcSelect, Click, Event, SearchImpression
 from dataflow.core.families import ACQ, Update
 
@@ -53,24 +53,16 @@ SEARCH_WINDOW_MS: Final = 60_000
 CLICK_WINDOW_MS: Final = 30 * 60_000
 """A click links a select at `t` when `t <= ts <= t + CLICK_WINDOW_MS`."""
 DEFAULT_GRACE_MS: Final = 10 * 60_000
-"""Default disorder tolerance: how far behind its session's clock a link event may
-arrive and still be joined exactly (the same 10 minutes as the future-timestamp rule)."""
-SWEEP_MS: Final = 60_000
-"""Idle sessions are swept in buckets of this much shard clock, and a session's expired
-entries are pruned at most once per this much session clock. Both only hold state a
-little longer than needed, which never changes a count (see the module docstring)."""
+"""Default disorder tolerance on top of the click window: a select and a partner are joined
+when read within 30 min + grace of each other by their partition's clock."""
 
 SELECT: Final = 0
 SEARCH: Final = 1
 CLICK: Final = 2
 
-# A held select is one int, `ts << 2 | flags`: sorting the ints sorts by ts, and a million
-# selects are a million plain ints rather than a million small lists for the garbage
-# collector to walk (which made restoring a large snapshot ten times slower).
 _SEARCHED: Final = 1
 _CLICKED: Final = 2
 _LINKED: Final = _SEARCHED | _CLICKED
-_FLAG_BITS: Final = 2
 
 _SELECT_ONLY: Final = (1, 0, 0)
 _SEARCHED_INC: Final = (0, 1, 0)
@@ -82,14 +74,12 @@ _SELECT_COUNTS: Final = (
     (1, 1, 1),  # both
 )
 
-LinkItem = tuple[int, str, int, str, int]
+LinkItem = tuple[int, str, int, str, int, int]
 """(SELECT | SEARCH | CLICK, session id, ts, query hash of the normalised text, origin: the
-Kafka partition the event came from, `intake.origin_id`)."""
+Kafka partition the event came from (`intake.origin_id`), that partition's clock when the
+event was read)."""
 
-JoinItem = LinkItem | int
-"""A link event, or a clock reading (epoch ms) that only moves the shard's clock."""
-
-_item_ts = itemgetter(2)
+LAYOUT: Final = 2
 
 
 def session_of(event: Event) -> str | None:
@@ -149,7 +139,7 @@ def route(events: Iterable[Event], shards: int) -> LinkRoute:
             out.direct.append((ACQ, keys.acq_suffix(qhash), event.ts, _SELECT_ONLY))
             continue
         shard_key = str(link_shard(session, shards))
-        item: LinkItem = (kind, session, event.ts, qhash, event.origin)
+        item: LinkItem = (kind, session, event.ts, qhash, event.origin, event.clock)
         batch = by_shard.get(shard_key)
         if batch is None:
             by_shard[shard_key] = [item]
@@ -159,19 +149,19 @@ def route(events: Iterable[Event], shards: int) -> LinkRoute:
 
 
 class _Session:
-    """One session's held link events, per query hash, each list sorted by `ts`."""
+    """One session's held link events, per query hash.
 
-    __slots__ = ("clicks", "clock", "due", "mark", "origin", "pruned", "searches", "selects")
+    Selects are `[ts, clock, flags]`; searches and clicks `(ts, clock)` (distinct pairs:
+    only existence matters)."""
 
-    def __init__(self, clock: int, mark: int, pruned: int, origin: int) -> None:
-        self.clock = clock  # largest ts of the session's link events
-        self.mark = mark  # its partition's clock at the session's last arrival
-        self.origin = origin  # the Kafka partition its events come from
-        self.pruned = pruned  # the session clock at its last prune
-        self.due = -1  # the sweep bucket the session is registered in
-        self.selects: dict[str, list[int]] = {}  # ts << 2 | link flags
-        self.searches: dict[str, list[int]] = {}  # distinct ts: only existence matters
-        self.clicks: dict[str, list[int]] = {}
+    __slots__ = ("clicks", "clock", "origin", "searches", "selects")
+
+    def __init__(self, origin: int) -> None:
+        self.origin = origin  # the Kafka partition its events are read from
+        self.clock = 0  # the largest partition clock of its held events
+        self.selects: dict[str, list[list[int]]] = {}
+        self.searches: dict[str, set[tuple[int, int]]] = {}
+        self.clicks: dict[str, set[tuple[int, int]]] = {}
 
     def held(self) -> int:
         return sum(
@@ -182,205 +172,150 @@ class _Session:
 class LinkShard:
     """The sessions of one join shard: `step` turns link items into `ACQ` increments."""
 
-    __slots__ = ("clock", "due", "grace_ms", "origins", "sessions", "stale")
+    __slots__ = ("grace_ms", "read", "sessions", "stale")
 
-    def __init__(self, grace_ms: int = DEFAULT_GRACE_MS, clock: int = 0) -> None:
+    def __init__(self, grace_ms: int = DEFAULT_GRACE_MS) -> None:
         if grace_ms < 0:
             raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
         self.grace_ms = grace_ms
-        self.clock = clock
-        # Each source partition's clock: a session is idle by its own partition's clock,
-        # so a partition read far behind the others (a backlog) keeps its sessions.
-        self.origins: dict[int, int] = {}
+        # The largest clock read from each partition: a bound on every later event's clock.
+        self.read: dict[int, int] = {}
         self.sessions: dict[str, _Session] = {}
-        # (origin, sweep bucket) -> sessions registered there
-        self.due: dict[tuple[int, int], list[str]] = {}
         self.stale = 0
-        """Link events that arrived more than `grace_ms` behind their session's clock
-        (cumulative, not snapshotted): their links may be missed. For a metric."""
+        """Link events read more than `hold_ms` after their own `ts` (cumulative, not
+        snapshotted): a partner read before them may have been dropped. For a metric."""
 
     @property
-    def idle_ms(self) -> int:
-        """Shard-clock time after a session's last arrival before it is dropped."""
+    def hold_ms(self) -> int:
+        """How far apart, in their partition's clock, a select and a partner may be read."""
         return CLICK_WINDOW_MS + self.grace_ms
 
     # --- recovery ------------------------------------------------------------------------
 
-    # Bytewax pickles a snapshot after the logic may have moved on to the next epoch, so
-    # it must not share mutable lists with the live state: return immutable bytes. The
-    # sweep index is not stored; it is a function of each session's `mark`.
     def snapshot(self) -> bytes:
+        """The state at an epoch's close, after dropping what can no longer link."""
+        self.close_epoch()
         sessions = {
-            sid: (s.clock, s.mark, s.pruned, s.origin, s.selects, s.searches, s.clicks)
+            sid: (s.origin, s.clock, s.selects, s.searches, s.clicks)
             for sid, s in self.sessions.items()
         }
-        state = (self.clock, self.origins, sessions)
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return snapshots.wrap("aclink", LAYOUT, (self.read, sessions))
 
     @classmethod
     def restore(cls, blob: bytes, grace_ms: int = DEFAULT_GRACE_MS) -> LinkShard:
         with _gc_paused():
-            clock, origins, sessions = pickle.loads(blob)  # noqa: S301 - our own snapshot
-            shard = cls(grace_ms, clock)
-            shard.origins = origins
-            for sid, state in sessions.items():
-                s_clock, mark, pruned, origin, selects, searches, clicks = state
-                session = _Session(s_clock, mark, pruned, origin)
+            read, sessions = snapshots.unwrap("aclink", LAYOUT, blob)
+            shard = cls(grace_ms)
+            shard.read = read
+            for sid, (origin, clock, selects, searches, clicks) in sessions.items():
+                session = _Session(origin)
+                session.clock = clock
                 session.selects, session.searches, session.clicks = selects, searches, clicks
                 shard.sessions[sid] = session
-                shard._register(sid, session)
         return shard
 
     # --- the join ------------------------------------------------------------------------
 
-    def step(self, items: Iterable[JoinItem]) -> list[Update]:
-        """Apply link items (sorted by `ts` first) and clock readings; return increments."""
-        links: list[LinkItem] = []
-        clock = self.clock
-        for item in items:
-            if isinstance(item, int):
-                clock = max(clock, item)
-            else:
-                links.append(item)
-        # Sorting makes the order inside a batch irrelevant: only disorder *across* steps
-        # counts against the grace (batches are regrouped by key upstream, by dedup slot).
-        links.sort(key=_item_ts)
+    def step(self, items: Iterable[LinkItem]) -> list[Update]:
+        """Apply link items, in any order; return the increments."""
         out: list[Update] = []
-        origins = self.origins
-        for kind, sid, ts, qhash, origin in links:
-            self.clock = max(self.clock, ts)
-            if ts > origins.get(origin, 0):
-                origins[origin] = ts
-            session = self._touch(sid, ts, origin)
+        read = self.read
+        hold = self.hold_ms
+        sessions = self.sessions
+        for kind, sid, ts, qhash, origin, clock in items:
+            if clock > read.get(origin, -1):
+                read[origin] = clock
+            if clock - ts > hold:
+                self.stale += 1
+            session = sessions.get(sid)
+            if session is None:
+                session = sessions[sid] = _Session(origin)
+            session.origin = origin
+            session.clock = max(session.clock, clock)
             if kind == SELECT:
-                self._select(session, ts, qhash, out)
+                self._select(session, ts, clock, qhash, out)
             else:
-                self._partner(session, ts, qhash, _SEARCHED if kind == SEARCH else _CLICKED, out)
-        if clock > self.clock:
-            # A reading (not fed by the flow; for idle shards and tests) is a promise about
-            # every partition at once.
-            self.clock = clock
-            for origin, at in origins.items():
-                origins[origin] = max(at, clock)
-        self._sweep()
+                self._partner(session, ts, clock, qhash, kind, out)
         return out
 
-    def _touch(self, sid: str, ts: int, origin: int) -> _Session:
-        session = self.sessions.get(sid)
-        mark = self.origins[origin]
-        if session is None:
-            session = _Session(ts, mark, ts, origin)
-            self.sessions[sid] = session
-        else:
-            # A session keyed to one partition by its producer stays there; should it ever
-            # move, follow the partition it is read from now.
-            session.origin = origin
-            session.mark = mark
-            if ts > session.clock:
-                session.clock = ts
-                # Pruning walks every query the session holds: do it once a sweep period,
-                # not at every event of a busy session.
-                if ts - session.pruned >= SWEEP_MS:
-                    session.pruned = ts
-                    self._prune(session)
-            elif ts + self.grace_ms < session.clock:
-                self.stale += 1
-        self._register(sid, session)
-        return session
-
-    def _select(self, session: _Session, ts: int, qhash: str, out: list[Update]) -> None:
+    def _select(
+        self, session: _Session, ts: int, clock: int, qhash: str, out: list[Update]
+    ) -> None:
+        hold = self.hold_ms
         flags = 0
-        if _any_within(session.searches.get(qhash), ts, ts + SEARCH_WINDOW_MS):
+        searches = session.searches.get(qhash)
+        if searches and any(
+            ts <= p_ts <= ts + SEARCH_WINDOW_MS and abs(p_clock - clock) <= hold
+            for p_ts, p_clock in searches
+        ):
             flags |= _SEARCHED
-        if _any_within(session.clicks.get(qhash), ts, ts + CLICK_WINDOW_MS):
+        clicks = session.clicks.get(qhash)
+        if clicks and any(
+            ts <= p_ts <= ts + CLICK_WINDOW_MS and abs(p_clock - clock) <= hold
+            for p_ts, p_clock in clicks
+        ):
             flags |= _CLICKED
         out.append((ACQ, keys.acq_suffix(qhash), ts, _SELECT_COUNTS[flags]))
-        # A fully linked select can change no more; one past its hold can't be reached
-        # by a partner within the tolerance. Neither needs holding.
-        if flags != _LINKED and ts + self.idle_ms >= session.clock:
-            code = ts << _FLAG_BITS | flags
-            held = session.selects.get(qhash)
-            if held is None:
-                session.selects[qhash] = [code]
-            else:
-                bisect.insort(held, code)
+        if flags != _LINKED:  # a fully linked select can change no more
+            session.selects.setdefault(qhash, []).append([ts, clock, flags])
 
-    def _partner(
-        self, session: _Session, ts: int, qhash: str, flag: int, out: list[Update]
+    def _partner(  # noqa: PLR0917 - the hot path passes the item's fields as they are
+        self, session: _Session, ts: int, clock: int, qhash: str, kind: int, out: list[Update]
     ) -> None:
-        """A search (`flag` = searched) or click at `ts` completes the held selects at
-        `[ts - window, ts]`, each at most once."""
+        """A search or click at `ts` completes the held selects at `[ts - window, ts]` read
+        within the hold of it, each at most once."""
+        searched = kind == SEARCH
+        flag = _SEARCHED if searched else _CLICKED
+        window = SEARCH_WINDOW_MS if searched else CLICK_WINDOW_MS
         held = session.selects.get(qhash)
         if held:
-            searched = flag == _SEARCHED
-            window = SEARCH_WINDOW_MS if searched else CLICK_WINDOW_MS
+            hold = self.hold_ms
             increment = _SEARCHED_INC if searched else _CLICKED_INC
             suffix = keys.acq_suffix(qhash)
-            # Setting a flag can unsort selects of the *same* ts among themselves; they are
-            # interchangeable, and the order by ts (all that bisect relies on) stays.
-            i = bisect.bisect_left(held, (ts - window) << _FLAG_BITS)
-            end = (ts + 1) << _FLAG_BITS  # every select at or before ts is below this
-            n = len(held)
-            while i < n and held[i] < end:
-                code = held[i]
-                if not code & flag:
-                    held[i] = code | flag
-                    out.append((ACQ, suffix, code >> _FLAG_BITS, increment))
-                i += 1
-        if ts + self.grace_ms >= session.clock:
-            table = session.searches if flag == _SEARCHED else session.clicks
-            stamps = table.get(qhash)
-            if stamps is None:
-                table[qhash] = [ts]
-            else:
-                j = bisect.bisect_left(stamps, ts)
-                if j == len(stamps) or stamps[j] != ts:
-                    stamps.insert(j, ts)
+            for entry in held:
+                s_ts, s_clock, flags = entry
+                if (
+                    not flags & flag
+                    and s_ts <= ts <= s_ts + window
+                    and abs(s_clock - clock) <= hold
+                ):
+                    entry[2] = flags | flag
+                    out.append((ACQ, suffix, s_ts, increment))
+            if any(entry[2] == _LINKED for entry in held):
+                held[:] = [entry for entry in held if entry[2] != _LINKED]
+                if not held:
+                    del session.selects[qhash]
+        table = session.searches if searched else session.clicks
+        stamps = table.get(qhash)
+        if stamps is None:
+            table[qhash] = {(ts, clock)}
+        else:
+            stamps.add((ts, clock))
 
-    def _prune(self, session: _Session) -> None:
-        """Drop what no partner within the tolerance can reach any more."""
-        clock = session.clock
-        oldest_select = clock - self.idle_ms
-        for qhash, held in list(session.selects.items()):
-            start = bisect.bisect_left(held, oldest_select << _FLAG_BITS)
-            kept = [code for code in held[start:] if code & _LINKED != _LINKED]
-            if kept:
-                session.selects[qhash] = kept
-            else:
-                del session.selects[qhash]
-        oldest = clock - self.grace_ms
-        for table in (session.searches, session.clicks):
-            for qhash, stamps in list(table.items()):
-                start = bisect.bisect_left(stamps, oldest)
-                if start == len(stamps):
-                    del table[qhash]
-                elif start:
-                    del stamps[:start]
-
-    def _register(self, sid: str, session: _Session) -> None:
-        due = (session.mark + self.idle_ms) // SWEEP_MS
-        if due != session.due:
-            session.due = due
-            key = (session.origin, due)
-            bucket = self.due.get(key)
-            if bucket is None:
-                self.due[key] = [sid]
-            else:
-                bucket.append(sid)
-
-    def _sweep(self) -> None:
-        """Drop the sessions idle for `idle_ms` of shard clock (whole buckets only, so a
-        session may outlive its hold by up to `SWEEP_MS`: holding longer is harmless)."""
-        origins = self.origins
-        # Buckets that lie wholly before their partition's clock.
-        done = [key for key in self.due if key[1] <= origins.get(key[0], 0) // SWEEP_MS - 1]
-        sessions = self.sessions
-        for key in done:
-            for sid in self.due.pop(key):
-                session = sessions.get(sid)
-                # A session touched since registering here has moved to a later bucket.
-                if session is not None and session.due == key[1] and session.origin == key[0]:
-                    del sessions[sid]
+    def close_epoch(self) -> None:
+        """Drop what no event still to be read can link: entries read more than `hold_ms`
+        before the largest clock read from their partition (in this epoch or before)."""
+        read = self.read
+        hold = self.hold_ms
+        for sid in list(self.sessions):
+            session = self.sessions[sid]
+            horizon = read.get(session.origin, 0) - hold
+            if session.clock < horizon:
+                del self.sessions[sid]
+                continue
+            for qhash, held in list(session.selects.items()):
+                kept = [entry for entry in held if entry[1] >= horizon]
+                if kept:
+                    session.selects[qhash] = kept
+                else:
+                    del session.selects[qhash]
+            for table in (session.searches, session.clicks):
+                for qhash, stamps in list(table.items()):
+                    live = {stamp for stamp in stamps if stamp[1] >= horizon}
+                    if live:
+                        table[qhash] = live
+                    else:
+                        del table[qhash]
 
     # --- sizes, for metrics ----------------------------------------------------------------
 
@@ -404,11 +339,3 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _any_within(stamps: list[int] | None, lo: int, hi: int) -> bool:
-    """Whether the sorted `stamps` hold a value in `[lo, hi]`."""
-    if not stamps:
-        return False
-    i = bisect.bisect_left(stamps, lo)
-    return i < len(stamps) and stamps[i] <= hi

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal
 
 import orjson
@@ -50,7 +50,11 @@ class SearchImpression:
     session_id: str | None
     query: str  # raw; "" when the event had none
     doc_ids: tuple[str, ...]
-    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
+    origin: int = field(default=0, compare=False)
+    """Not data: the Kafka partition it was read from (`intake.origin_id`)."""
+    clock: int = field(default=0, compare=False)
+    """Not data: its partition's clock when it was read (largest `ts` so far, itself
+    included); the link join expires sessions by it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +67,11 @@ class Click:
     query: str
     doc_id: str
     position: int | None
-    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
+    origin: int = field(default=0, compare=False)
+    """Not data: the Kafka partition it was read from (`intake.origin_id`)."""
+    clock: int = field(default=0, compare=False)
+    """Not data: its partition's clock when it was read (largest `ts` so far, itself
+    included); the link join expires sessions by it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +84,11 @@ class Dwell:
     query: str
     doc_id: str
     dwell_ms: int
-    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
+    origin: int = field(default=0, compare=False)
+    """Not data: the Kafka partition it was read from (`intake.origin_id`)."""
+    clock: int = field(default=0, compare=False)
+    """Not data: its partition's clock when it was read (largest `ts` so far, itself
+    included); the link join expires sessions by it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +100,11 @@ class AcImpression:
     session_id: str | None
     prefix: str
     candidates: tuple[str, ...]
-    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
+    origin: int = field(default=0, compare=False)
+    """Not data: the Kafka partition it was read from (`intake.origin_id`)."""
+    clock: int = field(default=0, compare=False)
+    """Not data: its partition's clock when it was read (largest `ts` so far, itself
+    included); the link join expires sessions by it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +116,11 @@ class AcSelect:
     session_id: str | None
     prefix: str
     candidate: str
-    origin: int = 0  # which Kafka partition it came from (`intake.origin_id`); not data
+    origin: int = field(default=0, compare=False)
+    """Not data: the Kafka partition it was read from (`intake.origin_id`)."""
+    clock: int = field(default=0, compare=False)
+    """Not data: its partition's clock when it was read (largest `ts` so far, itself
+    included); the link join expires sessions by it."""
 
 
 Event = SearchImpression | Click | Dwell | AcImpression | AcSelect
@@ -123,7 +143,12 @@ class _Invalid(Exception):
 
 
 def decode(
-    value: bytes | None, *, now_ms: int, future_tolerance_ms: int, origin: int = 0
+    value: bytes | None,
+    *,
+    now_ms: int,
+    future_tolerance_ms: int,
+    origin: int = 0,
+    clock: int = 0,
 ) -> Event | Rejection:
     """Decode and validate one Kafka message value.
 
@@ -151,7 +176,7 @@ def decode(
         return Rejection("unknown_type", f"type: {kind[:64]!r} is not one of {EVENT_TYPES}")
 
     try:
-        event = builder(obj, origin)
+        event = builder(obj, origin, clock)
     except _Invalid as exc:
         return Rejection("invalid_event", exc.detail)
 
@@ -222,50 +247,50 @@ def _string_list(obj: dict[str, Any], field: str, max_items: int) -> list[Any]:
     return value
 
 
-def _search_impression(obj: dict[str, Any], origin: int) -> SearchImpression:
+def _search_impression(obj: dict[str, Any], origin: int, clock: int) -> SearchImpression:
     event_id, ts, session_id = _common(obj)
     query = _text(obj, "query", required=False)
     raw = _string_list(obj, "doc_ids", MAX_DOC_IDS)
     doc_ids = tuple(_doc_id(d, f"doc_ids[{i}]") for i, d in enumerate(raw))
-    return SearchImpression(event_id, ts, session_id, query, doc_ids, origin)
+    return SearchImpression(event_id, ts, session_id, query, doc_ids, origin, max(clock, ts))
 
 
-def _click(obj: dict[str, Any], origin: int) -> Click:
+def _click(obj: dict[str, Any], origin: int, clock: int) -> Click:
     event_id, ts, session_id = _common(obj)
     query = _text(obj, "query", required=False)
     doc_id = _doc_id(obj.get("doc_id"), "doc_id")
     position = obj.get("position")
     if position is not None and (type(position) is not int or position < 1):
         raise _Invalid("position: optional integer >= 1")
-    return Click(event_id, ts, session_id, query, doc_id, position, origin)
+    return Click(event_id, ts, session_id, query, doc_id, position, origin, max(clock, ts))
 
 
-def _dwell(obj: dict[str, Any], origin: int) -> Dwell:
+def _dwell(obj: dict[str, Any], origin: int, clock: int) -> Dwell:
     event_id, ts, session_id = _common(obj)
     query = _text(obj, "query", required=False)
     doc_id = _doc_id(obj.get("doc_id"), "doc_id")
     dwell_ms = _int_at_least(obj, "dwell_ms", 0)
-    return Dwell(event_id, ts, session_id, query, doc_id, dwell_ms, origin)
+    return Dwell(event_id, ts, session_id, query, doc_id, dwell_ms, origin, max(clock, ts))
 
 
-def _ac_impression(obj: dict[str, Any], origin: int) -> AcImpression:
+def _ac_impression(obj: dict[str, Any], origin: int, clock: int) -> AcImpression:
     event_id, ts, session_id = _common(obj)
     prefix = _text(obj, "prefix", required=True)
     raw = _string_list(obj, "candidates", MAX_CANDIDATES)
     for i, candidate in enumerate(raw):
         if not isinstance(candidate, str) or len(candidate) > MAX_TEXT_CHARS:
             raise _Invalid(f"candidates[{i}]: string of at most {MAX_TEXT_CHARS} characters")
-    return AcImpression(event_id, ts, session_id, prefix, tuple(raw), origin)
+    return AcImpression(event_id, ts, session_id, prefix, tuple(raw), origin, max(clock, ts))
 
 
-def _ac_select(obj: dict[str, Any], origin: int) -> AcSelect:
+def _ac_select(obj: dict[str, Any], origin: int, clock: int) -> AcSelect:
     event_id, ts, session_id = _common(obj)
     prefix = _text(obj, "prefix", required=True)
     candidate = _text(obj, "candidate", required=True)
-    return AcSelect(event_id, ts, session_id, prefix, candidate, origin)
+    return AcSelect(event_id, ts, session_id, prefix, candidate, origin, max(clock, ts))
 
 
-_BUILDERS: Final[dict[str, Callable[[dict[str, Any], int], Event]]] = {
+_BUILDERS: Final[dict[str, Callable[[dict[str, Any], int, int], Event]]] = {
     "search_impression": _search_impression,
     "click": _click,
     "dwell": _dwell,

@@ -1,8 +1,13 @@
 """The first step after Kafka: decode a batch of messages and route what comes out.
 
 Rejected messages become dead letters; valid events that are late are dropped; the rest are
-grouped by dedup slot, and the batch's largest `ts` becomes a clock reading. Pure apart from
-the wall-clock callable it is given (for the future-timestamp rule).
+grouped by dedup slot, or pass unchecked when their partition's clock is past the dedup
+horizon; each partition's clock becomes a reading for the global clock and the dedup
+watermark. Pure apart from the wall-clock callable it is given (future-timestamp rule).
+
+It runs where a partition is read (`dataflow.kafka.intake`), so the partition clocks it
+keeps are snapshotted with the partition's offset: every decision that depends on them is a
+function of the partition's message sequence, whatever the batching, and survives restarts.
 """
 
 from __future__ import annotations
@@ -39,15 +44,26 @@ DedupBatch = tuple[int, list[tuple[int, Event]]]
 @dataclass(slots=True)
 class IntakeResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    by_slot: dict[tuple[str, int], list[tuple[int, Event]]] = field(default_factory=dict)
-    """Events to check, by (ring key, slot)."""
+    by_slot: dict[tuple[str, int, int], list[tuple[int, Event]]] = field(default_factory=dict)
+    """Events to check, by (ring key, slot, origin id)."""
     unchecked: list[Event] = field(default_factory=list)
-    """Valid events whose dedup slot is already past the 24-hour horizon: nothing to check
-    them against, so they skip dedup (docs/contract.md §5)."""
+    """Valid events whose dedup slot their partition's clock has already passed by more than
+    24 hours: nothing to check them against, so they skip dedup (docs/contract.md §5)."""
+    partition_clocks: dict[int, int] = field(default_factory=dict)
+    """Origin id -> that partition's clock after this batch, for each partition read."""
     max_ts: int = 0
     events_by_type: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
     messages_by_partition: Counter[tuple[str, int]] = field(default_factory=Counter)
+    last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    """The last offset read per partition (for the consumer-lag gauge)."""
+    consumer_errors: list[object] = field(default_factory=list)
+    """Errors the consumer reported in place of messages (set by the source, logged and
+    counted by the flow)."""
+
+
+PartitionClocks = dict[tuple[str, int], int]
+"""(topic, partition) -> the largest valid `ts` read from it so far."""
 
 
 def origin_id(topic: str, partition: int) -> int:
@@ -57,13 +73,12 @@ def origin_id(topic: str, partition: int) -> int:
 
 
 class Intake:
-    """Decode-and-route, with this process's view of the clock.
+    """Decode-and-route, with this process's view of the global clock.
 
-    - The late rule needs *a* clock before dedup, so that events older than the 30-day
-      window never reach dedup state. This process's largest valid `ts` is a lower bound of
-      the global clock; the state shards re-apply the rule with their own copy.
-    - The dedup horizon is judged by the clock of the event's own Kafka partition, so that a
-      partition reading behind the others (a backfill) still has its duplicates checked.
+    The late rule needs *a* clock before dedup, so that events older than the 30-day window
+    never reach dedup state. This process's largest valid `ts` is a lower bound of the
+    global clock; the state shards re-apply the rule with their own copy. Worker threads of
+    one process share this object; each source partition brings its own `PartitionClocks`.
     """
 
     def __init__(
@@ -73,28 +88,35 @@ class Intake:
         self.dedup_shards = dedup_shards
         self.now_ms = now_ms
         self.clock = 0
-        self.partition_clocks: dict[tuple[str, int], int] = {}
         self.origin_ids: dict[tuple[str, int], int] = {}  # memo of `origin_id`, per message
 
-    def route(self, messages: Iterable[KafkaMessage]) -> IntakeResult:
+    def route(self, messages: Iterable[KafkaMessage], clocks: PartitionClocks) -> IntakeResult:
+        """Route one batch of one source partition; `clocks` is that partition's state and is
+        updated in place, message by message."""
         result = IntakeResult()
         now = self.now_ms()
         tolerance = self.future_tolerance_ms
         shards = self.dedup_shards
         clock = self.clock
         late_day = clock // DAY_MS - RETENTION_DAYS
-        partition_clocks = self.partition_clocks
         origin_ids = self.origin_ids
         for msg in messages:
             topic = msg.topic or ""
             partition = msg.partition if msg.partition is not None else -1
             origin = (topic, partition)
             result.messages_by_partition[origin] += 1
+            if msg.offset is not None:
+                result.last_offsets[origin] = msg.offset
             origin_number = origin_ids.get(origin)
             if origin_number is None:
                 origin_number = origin_ids[origin] = origin_id(topic, partition)
+            partition_clock = clocks.get(origin, 0)
             decoded = decode(
-                msg.value, now_ms=now, future_tolerance_ms=tolerance, origin=origin_number
+                msg.value,
+                now_ms=now,
+                future_tolerance_ms=tolerance,
+                origin=origin_number,
+                clock=partition_clock,
             )
             if isinstance(decoded, Rejection):
                 source = Source(topic, partition, msg.offset if msg.offset is not None else -1)
@@ -108,9 +130,9 @@ class Intake:
             if ts > clock:
                 clock = ts
                 late_day = clock // DAY_MS - RETENTION_DAYS
-            partition_clock = partition_clocks.get(origin, 0)
             if ts > partition_clock:
-                partition_clocks[origin] = partition_clock = ts
+                clocks[origin] = partition_clock = ts
+            result.partition_clocks[origin_number] = partition_clock
             if ts // DAY_MS <= late_day:
                 result.dropped["late"] += 1
                 continue
@@ -119,7 +141,7 @@ class Intake:
                 result.unchecked.append(decoded)
                 continue
             digest = id_digest(decoded.event_id)
-            entry = (dedup_key(slot, digest, shards), slot)
+            entry = (dedup_key(slot, digest, shards), slot, origin_number)
             batch = result.by_slot.get(entry)
             if batch is None:
                 result.by_slot[entry] = [(digest, decoded)]

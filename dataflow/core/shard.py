@@ -10,12 +10,15 @@ Pure: the clock is whatever the inputs say it is.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 
+from dataflow.core import snapshots
 from dataflow.core.counters import KeyState, add, prune
 from dataflow.core.families import LAYOUTS, FeatureParams, Fields, Update, family_of, fields_for
 from dataflow.core.windows import DAY_MS, RETENTION_DAYS
+
+LAYOUT = 1
+"""Version of the recovery state's layout (`dataflow.core.snapshots`)."""
 
 Write = tuple[str, Fields | None]
 """(key suffix, fields to HSET) or (key suffix, None) to DEL."""
@@ -67,11 +70,11 @@ class FeatureShard:
     # here costs what Bytewax would spend anyway, and returns immutable bytes.
     def snapshot(self) -> bytes:
         state = (self.clock, self.keys, self.dirty, self.deleted, self.restate, self.labels)
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return snapshots.wrap("features", LAYOUT, state)
 
     @classmethod
     def restore(cls, params: FeatureParams, blob: bytes) -> FeatureShard:
-        clock, keys, dirty, deleted, restate, labels = pickle.loads(blob)  # noqa: S301 - ours
+        clock, keys, dirty, deleted, restate, labels = snapshots.unwrap("features", LAYOUT, blob)
         return cls(
             params,
             clock=clock,

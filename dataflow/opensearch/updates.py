@@ -18,7 +18,6 @@ The sink (`dataflow.opensearch.sink`) is a thin I/O shell around the pieces here
 
 from __future__ import annotations
 
-import pickle
 import struct
 import zlib
 from collections import Counter
@@ -30,6 +29,7 @@ from urllib.parse import unquote
 import orjson
 
 from dataflow.config import OpenSearchSettings
+from dataflow.core import snapshots
 from dataflow.core.shard import StepResult
 from dataflow.retry import Backoff
 
@@ -465,20 +465,18 @@ class Outbox:
         return outbox
 
 
-SNAPSHOT_VERSION: Final = 1
+SNAPSHOT_VERSION: Final = 2
+"""Version of the sink partitions' recovery layout (`dataflow.core.snapshots`)."""
 
 
 def snapshot_bytes(outboxes: Mapping[str, Outbox]) -> bytes:
     """Immutable bytes: Bytewax pickles a snapshot later, after more batches may have run."""
     states = {name: outbox.state() for name, outbox in outboxes.items()}
-    return pickle.dumps((SNAPSHOT_VERSION, states), protocol=pickle.HIGHEST_PROTOCOL)
+    return snapshots.wrap("opensearch", SNAPSHOT_VERSION, states)
 
 
 def restore_states(blob: bytes) -> dict[str, Any]:
-    version, states = pickle.loads(blob)  # noqa: S301 - our own recovery snapshot
-    if version != SNAPSHOT_VERSION:
-        raise ValueError(f"unknown OpenSearch sink snapshot version {version}")
-    return dict(states)
+    return dict(snapshots.unwrap("opensearch", SNAPSHOT_VERSION, blob))
 
 
 # --- the _bulk request and its answer ----------------------------------------------------

@@ -3,12 +3,14 @@
 import pickle
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dataflow.core.families import ACQ, DOC, QD, FeatureParams, Update
 from dataflow.core.shard import FeatureShard
 from dataflow.core.windows import DAY_MS
+from dataflow.errors import RecoveryFormatError
 
 BASE = 20_000 * DAY_MS
 PARAMS = FeatureParams()
@@ -103,7 +105,13 @@ def test_snapshot_is_detached_from_live_state() -> None:
     shard.step([[upd(DOC, "doc:a", BASE + 1, (1, 0, 0))]])
     restored = FeatureShard.restore(PARAMS, blob)
     assert restored.keys["doc:a"][2] == 1  # one impression, not two
-    assert pickle.loads(blob)[0] == BASE
+    assert restored.clock == BASE
+
+
+def test_a_snapshot_of_the_previous_layout_names_the_way_forward() -> None:
+    old = pickle.dumps((BASE, {}, set(), set(), False, {}))  # the tuple before the envelope
+    with pytest.raises(RecoveryFormatError, match=r"'features'.*dataflow.tools.replay"):
+        FeatureShard.restore(PARAMS, old)
 
 
 def test_hot_key_updates_coalesce_into_one_write_per_flush() -> None:

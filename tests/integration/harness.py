@@ -4,9 +4,10 @@
   Redis;
 - `PipelineProcess`: one `python -m dataflow.run` process with its own log file, so that a
   failure shows what the pipeline said;
-- `RedisProxy`: a TCP proxy between the pipeline and Redis that watches the commands go by
+- `RedisProxy`: a TCP proxy between a client and Redis that watches the commands go by
   (how far the pipeline has got, in event time) and can hold a pipeline write half-way, so
   a test can SIGKILL the process while Redis has applied part of a pipeline and not the rest;
+  it can also hold every reply (a Redis that stops answering) or delay them (a slow link);
 - `snapshot_offsets`: the Kafka offsets the last committed recovery snapshot would resume
   from (read from Bytewax's SQLite partitions).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import socket
 import sqlite3
@@ -221,9 +223,13 @@ def snapshot_offsets(recovery_dir: Path, step: str = "search_features.kafka_in")
     Read from Bytewax's SQLite partitions: a resume restores, per state key, the newest
     snapshot at or before the committed epoch (the smallest `commit_epoch` over all
     partitions); rows of a later epoch may exist if a kill landed between writing them
-    and committing, and are ignored. The state of `kafka_in` is the next offset to read.
+    and committing, and are ignored. The state of `kafka_in` is the intake envelope around
+    the Kafka source's state, the next offset to read.
     """
     import pickle
+
+    from dataflow.core import snapshots
+    from dataflow.kafka.intake import LAYOUT, STEP
 
     parts = sorted(recovery_dir.glob("part-*.sqlite3"))
     if not parts:
@@ -253,7 +259,8 @@ def snapshot_offsets(recovery_dir: Path, step: str = "search_features.kafka_in")
     offsets: dict[str, int] = {}
     for key, (_, blob) in newest.items():
         if blob is not None:
-            value = pickle.loads(blob)  # noqa: S301 - Bytewax's own snapshot of an offset
+            envelope = pickle.loads(blob)  # noqa: S301 - Bytewax's own snapshot
+            value, _clocks = snapshots.unwrap(STEP, LAYOUT, envelope)
             if isinstance(value, int) and value >= 0:
                 offsets[key] = value
     return offsets
@@ -317,6 +324,11 @@ class _ProxyState:
     trap_armed: bool = False
     trapped: threading.Event = field(default_factory=threading.Event)
     held: HeldWrite | None = None
+    answering: threading.Event = field(default_factory=threading.Event)
+    reply_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.answering.set()
 
 
 class RedisProxy:
@@ -362,6 +374,20 @@ class RedisProxy:
             self.state.held = None
             self.state.trapped.clear()
 
+    def stop_answering(self) -> None:
+        """Hold every reply from Redis (commands still reach it): to clients, a Redis that
+        stopped answering. `answer()` sends what was held and resumes."""
+        self.state.answering.clear()
+
+    def answer(self) -> None:
+        self.state.answering.set()
+
+    def delay_replies(self, seconds: float) -> None:
+        """Forward each chunk of replies `seconds` after it left Redis (0: at once): one more
+        round trip then costs at least `seconds` more."""
+        with self.state.lock:
+            self.state.reply_delay = seconds
+
     def reset(self) -> None:
         """Forget what earlier processes wrote (call before starting the next one)."""
         with self.state.lock:
@@ -393,6 +419,7 @@ class RedisProxy:
 
     def close(self) -> None:
         self._closing = True
+        self.state.answering.set()
         self._server.close()
         for sock in list(self._sockets):
             with contextlib.suppress(OSError):
@@ -422,8 +449,29 @@ class RedisProxy:
             ).start()
 
     def _server_to_client(self, upstream: socket.socket, client: socket.socket) -> None:
+        # Replies are stamped when they leave Redis and forwarded by a second thread, so a
+        # delay or a hold never slows down reading them.
+        pending: queue.SimpleQueue[tuple[bytes, float] | None] = queue.SimpleQueue()
+        forwarder = threading.Thread(
+            target=self._forward_replies, args=(pending, client), daemon=True
+        )
+        forwarder.start()
         with contextlib.suppress(OSError):
             while data := upstream.recv(65536):
+                with self.state.lock:
+                    due = time.monotonic() + self.state.reply_delay
+                pending.put((data, due))
+        pending.put(None)
+
+    def _forward_replies(
+        self, pending: queue.SimpleQueue[tuple[bytes, float] | None], client: socket.socket
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while (item := pending.get()) is not None:
+                data, due = item
+                self.state.answering.wait()
+                if (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)
                 client.sendall(data)
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_RDWR)

@@ -33,7 +33,7 @@ from tests.integration.harness import (
 )
 from tests.reference_model import diff_stores, expected_store, select_families
 
-WIRED = ("doc", "qd", "ac")  # the families the flow writes
+WIRED = ("doc", "qd", "ac", "acq")  # the families the flow writes
 PARTITIONS = 4
 READING = re.compile(r"reading a Kafka partition from its earliest retained offset topic=\S+ "
                      r"partition=(\d+)")  # fmt: skip

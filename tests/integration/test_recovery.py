@@ -43,7 +43,7 @@ from tests.integration.harness import (
 )
 from tests.reference_model import diff_stores, expected_store, select_families
 
-WIRED = ("doc", "qd", "ac")  # the families the flow writes
+WIRED = ("doc", "qd", "ac", "acq")  # the families the flow writes
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
 

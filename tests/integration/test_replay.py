@@ -26,7 +26,7 @@ from tests.integration.harness import (
 )
 from tests.reference_model import diff_stores, expected_store, select_families
 
-WIRED = ("doc", "qd", "ac")  # the families the flow writes
+WIRED = ("doc", "qd", "ac", "acq")  # the families the flow writes
 HOUR_MS = 3_600_000
 PROGRESS = re.compile(r"replay \S+: [\d,]+ events read, [\d,]+ events/s, offsets left [\d,]+, ETA")
 RESUMED = re.compile(r"resuming a Kafka partition from the recovery snapshot topic=(\S+) "

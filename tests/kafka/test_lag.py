@@ -15,7 +15,8 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from prometheus_client import REGISTRY
 
 from dataflow.core.intake import Intake
-from dataflow.flow import IntakeStep
+from dataflow.flow import IntakeReport
+from dataflow.kafka.intake import IntakePartition
 from dataflow.kafka.lag import LagTracker, LagTrackingSource, Partition
 from tests.fakes import kafka_messages
 from tests.registry import Delta, sample
@@ -27,6 +28,25 @@ def click(event_id: str, ts: int = NOW - 60_000, doc: str = "d1") -> bytes:
     return json.dumps(
         {"event_id": event_id, "type": "click", "ts": ts, "query": "shoes", "doc_id": doc}
     ).encode()
+
+
+class _Batch(StatefulSourcePartition[Any, Any]):
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def next_batch(self) -> list[Any]:
+        items, self.items = self.items, []
+        return items
+
+    def snapshot(self) -> None:
+        return None
+
+
+def read(items: list[Any]) -> Any:
+    """One batch through the intake source partition, as the flow reads it."""
+    intake = Intake(future_tolerance_ms=0, dedup_shards=1, now_ms=lambda: NOW)
+    [result] = IntakePartition(_Batch(items), intake, {}).next_batch()
+    return result
 
 
 # --- consumer lag --------------------------------------------------------------------------
@@ -88,23 +108,21 @@ def test_lag_is_end_offset_minus_next_offset(lag_topic: str) -> None:
 def test_intake_step_reports_the_last_offset_per_partition(lag_topic: str) -> None:
     t = lag_topic
     tracker = LagTracker(lambda: FakeOffsets({}, {}), background=False)
-    step = IntakeStep(Intake(future_tolerance_ms=0, dedup_shards=1, now_ms=lambda: NOW), tracker)
     batch: list[Any] = [
         *kafka_messages([click("a"), click("b")], topic=t, partition=0),
         *kafka_messages([click("c"), b"{bad"], topic=t, partition=1),
     ]
-    step(batch)
+    IntakeReport(tracker)(read(batch))
     assert tracker.positions() == {(t, 0): 2, (t, 1): 2}
 
 
 def test_a_kafka_error_item_is_counted_and_not_taken_for_a_position(lag_topic: str) -> None:
     t = lag_topic
     tracker = LagTracker(lambda: FakeOffsets({}, {}), background=False)
-    step = IntakeStep(Intake(future_tolerance_ms=0, dedup_shards=1, now_ms=lambda: NOW), tracker)
     [message] = kafka_messages([click("a")], topic=t, partition=0)
     error = BytewaxKafkaError(err="broker transport failure", msg=message)
     with Delta("search_features_consumer_errors_total", topic=t) as errors:
-        step([error])
+        IntakeReport(tracker)(read([error]))
     assert errors.value == 1
     assert tracker.positions() == {}
 

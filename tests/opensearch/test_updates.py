@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from dataflow import metrics
 from dataflow.config import Config, OpenSearchSettings
 from dataflow.core.shard import StepResult
+from dataflow.errors import RecoveryFormatError
 from dataflow.opensearch.sink import (
     _count_offers,
 )
@@ -427,5 +428,5 @@ def test_snapshot_is_immutable_bytes_and_round_trips() -> None:
 
 
 def test_restore_refuses_an_unknown_snapshot_version() -> None:
-    with pytest.raises(ValueError, match="version"):
-        restore_states(pickle.dumps((99, {})))
+    with pytest.raises(RecoveryFormatError, match="replay"):
+        restore_states(pickle.dumps((1, {})))  # the layout before the versioned envelope

@@ -1,0 +1,41 @@
+"""The one envelope every stateful step's recovery state travels in.
+
+Bytewax stores whatever a step's `snapshot()` returns and hands it back to the step's
+builder on resume. A layout change in one of those states would otherwise surface as an
+unpacking error deep in a restore. Every state is therefore wrapped with its step name and
+a layout version, and `unwrap` refuses anything else with an error that says what to do.
+
+Bytewax pickles a snapshot *after* the logic may have processed more items, so `wrap`
+returns immutable bytes: the state can never be shared with the live objects.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Final
+
+from dataflow.errors import RecoveryFormatError
+
+MAGIC: Final = "search-features/state"
+
+
+def wrap(step: str, version: int, state: Any) -> bytes:
+    """The recovery bytes of `state`, written by layout `version` of `step`."""
+    return pickle.dumps((MAGIC, step, version, state), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unwrap(step: str, version: int, blob: Any) -> Any:
+    """The state inside `blob`, which must be `step`'s state at layout `version`."""
+    found: object = "none (a layout from before versioned recovery state)"
+    if isinstance(blob, bytes):
+        try:
+            envelope = pickle.loads(blob)  # noqa: S301 - our own recovery store
+        except Exception:  # noqa: BLE001 - any undecodable blob gets the same clear error
+            envelope = None
+        if isinstance(envelope, tuple) and len(envelope) == 4 and envelope[0] == MAGIC:
+            _, found_step, found, state = envelope
+            if found_step == step and found == version:
+                return state
+            if found_step != step:
+                found = f"{found} of step {found_step!r}"
+    raise RecoveryFormatError(step, found, version)
