@@ -185,30 +185,26 @@ def test_reader_reads_what_the_pipeline_wrote_in_one_round_trip(
     run_main(build_flow(pipeline_config(kafka_brokers, topic, dlq, key_prefix, redis_url)))
 
     reader = FeatureReader(redis_client, prefix=key_prefix)
-    executes = 0
-    real_pipeline = redis_client.pipeline
+    # One connection borrowed per call (tests/integration/test_reader.py shows that each
+    # call is one round trip on it).
+    borrows = 0
+    pool = redis_client.connection_pool
+    real_get = pool.get_connection
 
-    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipe = real_pipeline(*args, **kwargs)
-        original = pipe.execute
+    def counting_get(*args: Any, **kwargs: Any) -> Any:
+        nonlocal borrows
+        borrows += 1
+        return real_get(*args, **kwargs)
 
-        def execute(*a: Any, **k: Any) -> Any:
-            nonlocal executes
-            executes += 1
-            return original(*a, **k)
-
-        pipe.execute = execute  # type: ignore[method-assign]
-        return pipe
-
-    redis_client.pipeline = counting_pipeline  # type: ignore[method-assign]
+    pool.get_connection = counting_get  # type: ignore[method-assign]
     try:
         docs = reader.doc_features(["d1", "d:2", "never-seen"])
-        assert executes == 1
+        assert borrows == 1
         qd = reader.query_doc_features("ＩＰＨＯＮＥ case", ["d1", "d:2"])
         ac = reader.autocomplete_features(" ip ", ["IPHONE CASE", "ipad", "other"])
-        assert executes == 3
+        assert borrows == 3
     finally:
-        del redis_client.pipeline  # back to the class attribute
+        del pool.get_connection  # back to the class attribute
 
     assert (docs["d1"].impressions_30d, docs["d1"].clicks_30d) == (1, 1)
     assert docs["d1"].ctr_30d == (1 + 1) / (1 + 1 + 20)
