@@ -105,7 +105,7 @@ class ClockLogic(StatefulBatchLogic[dict[int, int], list[tuple[str, int]], bytes
         self, values: list[dict[int, int]]
     ) -> tuple[Iterable[list[tuple[str, int]]], bool]:
         reading = max(max(clocks.values()) for clocks in values)
-        metrics.observe_clock(reading)
+        metrics.observe_clock(max(reading, self.clock))  # never a slower partition's dip
         if reading <= self.clock:
             return [], self.RETAIN
         old, self.clock = self.clock, reading
