@@ -237,12 +237,10 @@ def test_only_the_settings_table_reads_the_environment() -> None:
 
 def test_readme_configuration_table_is_the_generated_one() -> None:
     readme = (ROOT / "README.md").read_text()
-    if settings.with_table(readme) != readme:
-        pytest.fail(
-            "README.md's configuration table differs from dataflow/settings.py; "
-            "regenerate it with `python -m dataflow.settings --write README.md`",
-            pytrace=False,
-        )
+    assert settings.with_table(readme) == readme, (
+        "README.md's configuration table differs from dataflow/settings.py; "
+        "regenerate it with `python -m dataflow.settings --write README.md`"
+    )
 
 
 def test_the_generated_table_has_a_row_per_variable() -> None:

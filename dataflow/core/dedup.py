@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from dataflow.core import snapshots
@@ -75,30 +76,13 @@ def last_forgotten_slot(clock_ms: int) -> int:
     return (clock_ms - HORIZON_MS - 1) // SLOT_MS - 1
 
 
+@dataclass(frozen=True, slots=True)
 class Forget:
     """Tells a ring entry that every slot up to `slot` is past the watermark of the
     partitions in `origins` (the ones the watermark knew when it moved)."""
 
-    __slots__ = ("origins", "slot")
-
-    def __init__(self, slot: int, origins: frozenset[int]) -> None:
-        self.slot = slot
-        self.origins = origins
-
-    def __reduce__(self) -> tuple[type[Forget], tuple[int, frozenset[int]]]:
-        return Forget, (self.slot, self.origins)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Forget) and (other.slot, other.origins) == (
-            self.slot,
-            self.origins,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.slot, self.origins))
-
-    def __repr__(self) -> str:
-        return f"Forget({self.slot}, {sorted(self.origins)})"
+    slot: int
+    origins: frozenset[int]
 
 
 class DedupEntry:

@@ -51,7 +51,6 @@ class IntakeResult:
     24 hours: nothing to check them against, so they skip dedup (docs/contract.md §5)."""
     partition_clocks: dict[int, int] = field(default_factory=dict)
     """Origin id -> that partition's clock after this batch, for each partition read."""
-    max_ts: int = 0
     events_by_type: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
     messages_by_partition: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -149,5 +148,4 @@ class Intake:
                 batch.append((digest, decoded))
         # Worker threads of one process share this object: never move the clock backwards.
         self.clock = max(self.clock, clock)
-        result.max_ts = clock
         return result

@@ -34,6 +34,35 @@ def partition_of(message: GeneratedMessage, i: int) -> int:
     return zlib.crc32(key) % PARTITIONS
 
 
+def stream(
+    seed: int,
+    n_events: int,
+    span_ms: int,
+    *,
+    duplicates: float,
+    disorder_ms: int,
+    docs: int = 300,
+    queries: int = 30,
+) -> list[GeneratedMessage]:
+    """A generated stream ending now, with 1% broken messages."""
+    now = int(time.time() * 1000)
+    return list(
+        generate(
+            GeneratorConfig(
+                seed=seed,
+                n_events=n_events,
+                n_docs=docs,
+                n_queries=queries,
+                start_ms=now - span_ms,
+                span_ms=span_ms - 60_000,
+                duplicate_fraction=duplicates,
+                invalid_fraction=0.01,
+                max_disorder_ms=disorder_ms,
+            )
+        )
+    )
+
+
 def produce_to(brokers: str, topic: str, messages: list[tuple[int, GeneratedMessage]]) -> None:
     producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20})
     for partition, msg in messages:
@@ -80,21 +109,8 @@ def test_a_sparse_backfill_whose_batches_span_days_drops_every_copy(
 ) -> None:
     # ~7,600 events over 20 days on 3 partitions, copies re-sent close to their original:
     # one 1000-message consumer batch covers days of event time.
-    now = int(time.time() * 1000)
-    messages = list(
-        generate(
-            GeneratorConfig(
-                seed=23,
-                n_events=7_000,
-                n_docs=400,
-                n_queries=40,
-                start_ms=now - 20 * DAY_MS,
-                span_ms=20 * DAY_MS - 60_000,
-                duplicate_fraction=0.1,
-                invalid_fraction=0.01,
-                max_disorder_ms=300_000,
-            )
-        )
+    messages = stream(
+        23, 7_000, 20 * DAY_MS, duplicates=0.1, disorder_ms=300_000, docs=400, queries=40
     )
     topic, dlq = topic_factory(PARTITIONS), topic_factory(1)
     produce_to(kafka_brokers, topic, [(partition_of(m, i), m) for i, m in enumerate(messages)])
@@ -114,22 +130,7 @@ def test_a_partition_read_days_after_the_others_keeps_its_duplicates_out(
     # does partition 2 get its ten days: it is read from a restart, days behind the others.
     # (Re-sends follow their original within hours, so the 24-hour horizon is the same
     # whether judged by the partition's clock or the whole stream's, as the model does.)
-    now = int(time.time() * 1000)
-    messages = list(
-        generate(
-            GeneratorConfig(
-                seed=29,
-                n_events=8_000,
-                n_docs=300,
-                n_queries=30,
-                start_ms=now - 10 * DAY_MS,
-                span_ms=10 * DAY_MS - 60_000,
-                duplicate_fraction=0.1,
-                invalid_fraction=0.01,
-                max_disorder_ms=300_000,
-            )
-        )
-    )
+    messages = stream(29, 8_000, 10 * DAY_MS, duplicates=0.1, disorder_ms=300_000)
     placed = [(partition_of(m, i), m) for i, m in enumerate(messages)]
     topic, dlq = topic_factory(PARTITIONS), topic_factory(1)
     recovery = tmp_path / "recovery"
@@ -151,22 +152,7 @@ def test_sessions_uploaded_hours_late_as_a_whole_link_exactly(
     redis_url: str,
     key_prefix: str,
 ) -> None:
-    now = int(time.time() * 1000)
-    messages = list(
-        generate(
-            GeneratorConfig(
-                seed=31,
-                n_events=6_000,
-                n_docs=300,
-                n_queries=30,
-                start_ms=now - 8 * 3_600_000,
-                span_ms=8 * 3_600_000 - 60_000,
-                duplicate_fraction=0.05,
-                invalid_fraction=0.01,
-                max_disorder_ms=60_000,
-            )
-        )
-    )
+    messages = stream(31, 6_000, 8 * 3_600_000, duplicates=0.05, disorder_ms=60_000)
     # A third of the sessions reach Kafka at the very end, each as a whole, in order:
     # hours behind the other sessions of their partition.
     rnd = random.Random(5)

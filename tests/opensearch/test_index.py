@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from prometheus_client import REGISTRY
 
-from dataflow.config import OpenSearchSettings
 from dataflow.errors import ConfigError
 from dataflow.opensearch.index import check_properties, owned_spec, wanted_properties
-from dataflow.opensearch.updates import (
-    DOC_FEATURES,
-    DocUpdate,
-    IndexSpec,
-    specs_for,
-)
-
-SUPPORT = IndexSpec("support", "doc-features", "doc", DOC_FEATURES)
-DOCS = IndexSpec(
-    "docs", "search", "doc", DOC_FEATURES, op="update", id_field=None, time_field="popularity_as_of"
-)
-AC = specs_for(OpenSearchSettings())[1]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def up(doc: str, p7: float, p30: float = 10.0, ctr: float = 0.1, as_of: int = 1000) -> DocUpdate:
-    return DocUpdate("support", doc, (p7, p30, ctr), as_of)
-
-
-def delete(doc: str, spec: str = "support") -> DocUpdate:
-    return DocUpdate(spec, doc, None, 0)
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+from tests.opensearch.samples import AC, SUPPORT
 
 
 def test_wanted_mapping_and_conflict_check() -> None:

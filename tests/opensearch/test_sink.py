@@ -27,7 +27,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opensearchpy import ConnectionError as OSConnectionError
 from opensearchpy import ConnectionTimeout, TransportError
-from prometheus_client import REGISTRY
 
 from dataflow.config import OpenSearchSettings, Secret
 from dataflow.core.shard import StepResult
@@ -51,30 +50,10 @@ from dataflow.opensearch.updates import (
     classify,
     outcomes_of,
     rank_value,
-    specs_for,
 )
 from dataflow.retry import Backoff
-from tests.opensearch.samples import acq, acq_fields, fields
-
-SUPPORT = IndexSpec("support", "doc-features", "doc", DOC_FEATURES)
-DOCS = IndexSpec(
-    "docs", "search", "doc", DOC_FEATURES, op="update", id_field=None, time_field="popularity_as_of"
-)
-AC = specs_for(OpenSearchSettings())[1]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def up(doc: str, p7: float, p30: float = 10.0, ctr: float = 0.1, as_of: int = 1000) -> DocUpdate:
-    return DocUpdate("support", doc, (p7, p30, ctr), as_of)
-
-
-def delete(doc: str, spec: str = "support") -> DocUpdate:
-    return DocUpdate(spec, doc, None, 0)
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
+from tests.opensearch.samples import AC, DOCS, SUPPORT, acq, acq_fields, delete, fields, up
+from tests.registry import sample
 
 # --- bulk bodies and replies -------------------------------------------------------------
 

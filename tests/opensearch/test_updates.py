@@ -9,7 +9,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
 
 from dataflow import metrics
 from dataflow.config import Config, OpenSearchSettings
@@ -37,27 +36,10 @@ from dataflow.opensearch.updates import (
     snapshot_bytes,
     specs_for,
 )
-from tests.opensearch.samples import acq, acq_fields, fields
+from tests.opensearch.samples import AC, DOCS, SUPPORT, acq, acq_fields, delete, fields, up
+from tests.registry import sample
 
-SUPPORT = IndexSpec("support", "doc-features", "doc", DOC_FEATURES)
-DOCS = IndexSpec(
-    "docs", "search", "doc", DOC_FEATURES, op="update", id_field=None, time_field="popularity_as_of"
-)
-
-AC = specs_for(OpenSearchSettings())[1]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def up(doc: str, p7: float, p30: float = 10.0, ctr: float = 0.1, as_of: int = 1000) -> DocUpdate:
-    return DocUpdate("support", doc, (p7, p30, ctr), as_of)
-
-
-def delete(doc: str, spec: str = "support") -> DocUpdate:
-    return DocUpdate(spec, doc, None, 0)
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 # --- zero handling and the threshold -----------------------------------------------------
