@@ -11,9 +11,9 @@ reader.autocomplete_link(["iphone", "ipad"])             # {query: AutocompleteL
 await AsyncFeatureReader.from_url(url).doc_features(["d1"])   # the same on redis.asyncio
 ```
 
-Each call is one Redis round trip, whatever the number of ids: one buffer of `HMGET key
-field…` commands (the record's fields in the record's order) written at once, the replies
-read straight off the connection's hiredis reader and converted column by column. A missing
+Each call is one Redis round trip, whatever the number of ids: one buffer of `HGETALL key`
+commands (`dataflow.resp`) written at once, the replies read straight off the connection's
+hiredis reader and converted column by column. A missing
 key reads as zero counts, zero decayed sums, the prior rate `α/(α+β)` and `as_of = 0`, never
 as an error. Keys come from `dataflow.core.keys`, the writer's own functions.
 `decayed_to(t)` brings the decayed sums (and `ctr_decay`) to the caller's read time.
@@ -41,17 +41,13 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from dataflow import resp
 from dataflow.core import counters, keys
 from dataflow.core.families import AC, ACQ, DOC, LAYOUTS, QD, FeatureParams, fields_for
 from dataflow.core.smoothing import Prior
 from dataflow.core.windows import decay_factor
 from dataflow.errors import ReaderError, ReaderTimeout
 from dataflow.settings import FEATURE_PREFIX
-
-try:  # redis-py's marker for "no complete reply buffered yet" (hiredis parser)
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NO_REPLY
-except ImportError:  # pragma: no cover - another redis-py layout: replies go through read_response
-    _NO_REPLY = None
 
 __all__ = [
     "DEFAULT_DEADLINE_MS",
@@ -83,7 +79,7 @@ def decay_to(value: float, as_of_ms: int, read_ms: int) -> float:
 # --------------------------------------------------------------------------- records
 #
 # Records are named tuples: one object per key, built from a row of values in one C call.
-# Field order is the contract's (§4) and, for the wire, the order of the `HMGET` fields.
+# Field order is the contract's (§4), the order the writer writes the fields in.
 
 
 class DocFeatures(NamedTuple):
@@ -267,17 +263,6 @@ def _parse_mapping(layout: _Layout[_R], raw: Mapping[Any, Any], prior: Prior) ->
 # --------------------------------------------------------------------------- wire format
 
 
-def pack_hgetall(key_list: Sequence[str]) -> bytes:
-    """RESP of one `HGETALL key` per key, in one buffer (a pipeline on the wire)."""
-    text = "".join([f"*2\r\n$7\r\nHGETALL\r\n${len(k)}\r\n{k}\r\n" for k in key_list])
-    data = text.encode()
-    if len(data) == len(text):  # all ASCII (keys are percent-encoded): the lengths hold
-        return data
-    return b"".join(
-        b"*2\r\n$7\r\nHGETALL\r\n$%d\r\n%s\r\n" % (len(k), k) for k in map(str.encode, key_list)
-    )
-
-
 def decode_rows(layout: _Layout[_R], rows: Sequence[Any], prior: Prior) -> list[_R]:
     """`HGETALL` replies as records, in order: the same records as `Record.parse(reply)`.
 
@@ -378,7 +363,7 @@ Conversation = Generator[tuple[bytes, int], list[Any], list[dict[str, Any]]]
 
 
 def _pack_part(part: _Part) -> bytes:
-    return pack_hgetall([part.key_of(i) for i in part.ids])
+    return resp.pack_hgetall([part.key_of(i) for i in part.ids])
 
 
 def _conversation(parts: Sequence[_Part]) -> Conversation:
@@ -603,7 +588,7 @@ class FeatureReader(_ReaderBase):
             raise _unavailable(where, exc) from exc
         try:
             return _drive_sync(conn, _conversation(parts), deadline)
-        except (_Expired, redis.TimeoutError, TimeoutError) as exc:
+        except (resp.Expired, redis.TimeoutError, TimeoutError) as exc:
             conn.disconnect()
             raise _timeout(where, count, budget, exc) from exc
         except (redis.ConnectionError, OSError) as exc:
@@ -619,57 +604,16 @@ class FeatureReader(_ReaderBase):
             pool.release(conn)
 
 
-class _Expired(Exception):
-    """The call's deadline passed while replies were still due."""
-
-
 def _drive_sync(conn: Any, talk: Conversation, deadline: float) -> list[dict[str, Any]]:
     out, count = next(talk)
     while True:
         if out:
             conn.send_packed_command([out], check_health=False)
         try:
-            out, count = talk.send(_read_sync(conn, count, deadline))
+            out, count = talk.send(resp.read_replies(conn, count, deadline))
         except StopIteration as done:
             result: list[dict[str, Any]] = done.value
             return result
-
-
-def _read_sync(conn: Any, count: int, deadline: float) -> list[Any]:
-    """`count` replies off `conn`: straight from its hiredis reader when it has one (no
-    per-reply Python layers), else through `read_response`. Every socket read waits at
-    most what is left of the deadline."""
-    replies: list[Any] = []
-    if not count:
-        return replies
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    fill = getattr(parser, "read_from_socket", None)
-    append = replies.append
-    monotonic = time.monotonic
-    if _NO_REPLY is None or reader is None or fill is None:
-        for _ in range(count):
-            left = deadline - monotonic()
-            if left <= 0:
-                raise _Expired("deadline passed")
-            append(conn.read_response(timeout=left))
-        return replies
-    gets = reader.gets
-    while len(replies) < count:
-        reply = gets()
-        if reply is _NO_REPLY:
-            left = deadline - monotonic()
-            if left <= 0:
-                raise _Expired("deadline passed")
-            fill(timeout=left)
-        elif type(reply) is list or not _is_push(reply):
-            append(reply)
-    return replies
-
-
-def _is_push(reply: object) -> bool:
-    """A RESP3 push message (client tracking, maintenance notices): not a reply of ours."""
-    return type(reply).__name__ == "PushNotification"
 
 
 class AsyncFeatureReader(_ReaderBase):
@@ -784,29 +728,7 @@ async def _drive_async(conn: Any, talk: Conversation) -> list[dict[str, Any]]:
         if out:
             await conn.send_packed_command(out, check_health=False)
         try:
-            out, count = talk.send(await _read_async(conn, count))
+            out, count = talk.send(await resp.read_replies_async(conn, count))
         except StopIteration as done:
             result: list[dict[str, Any]] = done.value
             return result
-
-
-async def _read_async(conn: Any, count: int) -> list[Any]:
-    replies: list[Any] = []
-    if not count:
-        return replies
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    fill = getattr(parser, "read_from_socket", None)
-    append = replies.append
-    if _NO_REPLY is None or reader is None or fill is None:
-        for _ in range(count):
-            append(await conn.read_response())
-        return replies
-    gets = reader.gets
-    while len(replies) < count:
-        reply = gets()
-        if reply is _NO_REPLY:
-            await fill()
-        elif type(reply) is list or not _is_push(reply):
-            append(reply)
-    return replies

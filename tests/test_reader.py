@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflow import reader as rd
+from dataflow import resp
 from dataflow.core import counters, keys
 from dataflow.core.families import AC, ACQ, DOC, LAYOUTS, QD, FeatureParams, fields_for
 from dataflow.core.smoothing import Prior
@@ -31,8 +32,8 @@ from dataflow.reader import (
     FeatureReader,
     QueryDocFeatures,
     decode_rows,
-    pack_hgetall,
 )
+from dataflow.resp import pack_hgetall
 
 FAMILIES = [
     (DOC, rd._DOC, DocFeatures),
@@ -229,7 +230,7 @@ class FakeConnection:
 
     def __init__(self, replies: bytes, chunk: int = 7) -> None:
         self._parser = self
-        self._reader = hiredis.Reader(notEnoughData=rd._NO_REPLY)
+        self._reader = hiredis.Reader(notEnoughData=resp.NO_REPLY)
         self._data = replies
         self._chunk = chunk
         self.sent: list[bytes] = []
@@ -287,8 +288,8 @@ def test_an_error_reply_becomes_a_reader_error_after_every_reply_is_read() -> No
 def test_the_read_gives_up_at_the_deadline() -> None:
     conn = FakeConnection(b"*2\r\n$1\r\na\r\n")  # half a reply, then silence
     start = time.monotonic()
-    with pytest.raises((rd._Expired, TimeoutError)):
-        rd._read_sync(conn, 1, start + 0.05)
+    with pytest.raises((resp.Expired, TimeoutError)):
+        resp.read_replies(conn, 1, start + 0.05)
     assert time.monotonic() - start < 0.5
 
 
@@ -299,7 +300,7 @@ def test_async_read_reassembles_replies_from_pieces() -> None:
 
     fields = [written_fields(AC, 1), written_fields(AC, 2)]
     conn = AsyncFake(b"".join(encode_reply(f) for f in fields))
-    replies = asyncio.run(rd._read_async(conn, 2))
+    replies = asyncio.run(resp.read_replies_async(conn, 2))
     assert decode_rows(rd._AC, replies, PRIOR) == [
         AutocompleteFeatures.parse(f, PRIOR) for f in fields
     ]

@@ -1,0 +1,133 @@
+"""The Redis wire protocol, for the two hot paths that talk to Redis: the feature writes and
+the reader.
+
+redis-py builds every command argument by argument in Python and parses every reply through
+several Python layers. Both paths send hundreds of commands at a time of a shape known in
+advance, so they write RESP themselves into one buffer and read the replies straight off the
+connection's hiredis reader. The connections, pools, timeouts and errors stay redis-py's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+try:  # redis-py's marker for "no complete reply buffered yet" (hiredis parser)
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as NO_REPLY
+except ImportError:  # pragma: no cover - another redis-py layout: replies go through read_response
+    NO_REPLY = None
+
+
+class Expired(Exception):
+    """A deadline passed while replies were still due."""
+
+
+def pack_hgetall(key_list: Sequence[str]) -> bytes:
+    """RESP of one `HGETALL key` per key, in one buffer (a pipeline on the wire)."""
+    text = "".join([f"*2\r\n$7\r\nHGETALL\r\n${len(k)}\r\n{k}\r\n" for k in key_list])
+    data = text.encode()
+    if len(data) == len(text):  # all ASCII (keys are percent-encoded): the lengths hold
+        return data
+    return b"".join(
+        b"*2\r\n$7\r\nHGETALL\r\n$%d\r\n%s\r\n" % (len(k), k) for k in map(str.encode, key_list)
+    )
+
+
+def pack_hset(key: str, fields: Mapping[str, str]) -> str:
+    """`HSET key field value …` as RESP text; encode it with `encode_ascii`."""
+    parts = [f"*{2 + 2 * len(fields)}\r\n$4\r\nHSET\r\n${len(key)}\r\n{key}\r\n"]
+    parts.extend(f"${len(f)}\r\n{f}\r\n${len(v)}\r\n{v}\r\n" for f, v in fields.items())
+    return "".join(parts)
+
+
+def pack_expire(key: str, seconds: int) -> str:
+    ttl = str(seconds)
+    return f"*3\r\n$6\r\nEXPIRE\r\n${len(key)}\r\n{key}\r\n${len(ttl)}\r\n{ttl}\r\n"
+
+
+def pack_del(key: str) -> str:
+    return f"*2\r\n$3\r\nDEL\r\n${len(key)}\r\n{key}\r\n"
+
+
+def encode_ascii(commands: Iterable[str], fallback: Iterable[Sequence[str]]) -> bytes:
+    """The RESP text of `commands` as bytes. RESP lengths count bytes, and the text counted
+    characters: when it is not all ASCII, the same commands are packed again from
+    `fallback` (each command's arguments) with byte lengths."""
+    text = "".join(commands)
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) == len(text):
+        return data
+    out = []
+    for args in fallback:
+        encoded = [a.encode("utf-8", "surrogatepass") for a in args]
+        out.append(b"*%d\r\n" % len(encoded))
+        out.extend(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
+    return b"".join(out)
+
+
+def is_push(reply: object) -> bool:
+    """A RESP3 push message (client tracking, maintenance notices): not a reply of ours."""
+    return type(reply).__name__ == "PushNotification"
+
+
+def read_replies(conn: Any, count: int, deadline: float | None = None) -> list[Any]:
+    """`count` replies off `conn`: straight from its hiredis reader when it has one (no
+    per-reply Python layers), else through `read_response`. With a `deadline`
+    (`time.monotonic()`), every socket read waits at most what is left of it. Error replies
+    come back as exception objects, in their place."""
+    replies: list[Any] = []
+    if not count:
+        return replies
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    fill = getattr(parser, "read_from_socket", None)
+    append = replies.append
+    monotonic = time.monotonic
+    if NO_REPLY is None or reader is None or fill is None:
+        for _ in range(count):
+            if deadline is None:
+                append(conn.read_response())
+                continue
+            left = deadline - monotonic()
+            if left <= 0:
+                raise Expired("deadline passed")
+            append(conn.read_response(timeout=left))
+        return replies
+    gets = reader.gets
+    while len(replies) < count:
+        reply = gets()
+        if reply is NO_REPLY:
+            if deadline is None:
+                fill()
+                continue
+            left = deadline - monotonic()
+            if left <= 0:
+                raise Expired("deadline passed")
+            fill(timeout=left)
+        elif type(reply) is list or not is_push(reply):
+            append(reply)
+    return replies
+
+
+async def read_replies_async(conn: Any, count: int) -> list[Any]:
+    """`read_replies` on a `redis.asyncio` connection (the caller bounds it in time)."""
+    replies: list[Any] = []
+    if not count:
+        return replies
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    fill = getattr(parser, "read_from_socket", None)
+    append = replies.append
+    if NO_REPLY is None or reader is None or fill is None:
+        for _ in range(count):
+            append(await conn.read_response())
+        return replies
+    gets = reader.gets
+    while len(replies) < count:
+        reply = gets()
+        if reply is NO_REPLY:
+            await fill()
+        elif type(reply) is list or not is_push(reply):
+            append(reply)
+    return replies
