@@ -10,7 +10,7 @@ connection's hiredis reader. The connections, pools, timeouts and errors stay re
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 try:  # redis-py's marker for "no complete reply buffered yet" (hiredis parser)
@@ -35,35 +35,21 @@ def pack_hgetall(key_list: Sequence[str]) -> bytes:
 
 
 def pack_hset(key: str, fields: Mapping[str, str]) -> str:
-    """`HSET key field value …` as RESP text; encode it with `encode_ascii`."""
+    """`HSET key field value …` as RESP text (lengths in characters: ASCII text only)."""
     parts = [f"*{2 + 2 * len(fields)}\r\n$4\r\nHSET\r\n${len(key)}\r\n{key}\r\n"]
     parts.extend(f"${len(f)}\r\n{f}\r\n${len(v)}\r\n{v}\r\n" for f, v in fields.items())
     return "".join(parts)
 
 
 def pack_expire(key: str, seconds: int) -> str:
+    """`EXPIRE key seconds` as RESP text (ASCII keys only)."""
     ttl = str(seconds)
     return f"*3\r\n$6\r\nEXPIRE\r\n${len(key)}\r\n{key}\r\n${len(ttl)}\r\n{ttl}\r\n"
 
 
 def pack_del(key: str) -> str:
+    """`DEL key` as RESP text (ASCII keys only)."""
     return f"*2\r\n$3\r\nDEL\r\n${len(key)}\r\n{key}\r\n"
-
-
-def encode_ascii(commands: Iterable[str], fallback: Iterable[Sequence[str]]) -> bytes:
-    """The RESP text of `commands` as bytes. RESP lengths count bytes, and the text counted
-    characters: when it is not all ASCII, the same commands are packed again from
-    `fallback` (each command's arguments) with byte lengths."""
-    text = "".join(commands)
-    data = text.encode("utf-8", "surrogatepass")
-    if len(data) == len(text):
-        return data
-    out = []
-    for args in fallback:
-        encoded = [a.encode("utf-8", "surrogatepass") for a in args]
-        out.append(b"*%d\r\n" % len(encoded))
-        out.extend(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
-    return b"".join(out)
 
 
 def is_push(reply: object) -> bool:

@@ -21,7 +21,7 @@ class MemoryStore:
         self.writes = 0
 
     def apply(self, results: Iterable[StepResult]) -> None:
-        latest, _ = coalesce(results)
+        latest, _, _ = coalesce(results)
         for suffix, fields in latest.values():
             key = f"{self.prefix}:{suffix}"
             self.writes += 1
@@ -53,3 +53,48 @@ def kafka_messages(
         KafkaSourceMessage(key=None, value=v, topic=topic, partition=partition, offset=i)
         for i, v in enumerate(values)
     ]
+
+
+# --- a Redis client for the sink's error paths ------------------------------------------
+
+
+class FakeConnection:
+    """A connection that fails as told, then answers every command."""
+
+    def __init__(self, client: FakeRedis) -> None:
+        self.client = client
+
+    def send_packed_command(self, data: list[bytes]) -> None:
+        self.client.attempts += 1
+        self.client.sent.extend(data)
+        if self.client.errors:
+            raise self.client.errors.pop(0)
+
+    def read_response(self) -> int:
+        return 1
+
+    def disconnect(self) -> None:
+        self.client.disconnects += 1
+
+
+class FakePool:
+    def __init__(self, client: FakeRedis) -> None:
+        self.client = client
+
+    def get_connection(self) -> FakeConnection:
+        return FakeConnection(self.client)
+
+    def release(self, conn: FakeConnection) -> None:
+        pass
+
+
+class FakeRedis:
+    def __init__(self, errors: Iterable[Exception] = ()) -> None:
+        self.errors = list(errors)
+        self.attempts = 0
+        self.disconnects = 0
+        self.sent: list[bytes] = []
+        self.connection_pool = FakePool(self)
+
+    def close(self) -> None:
+        pass

@@ -10,7 +10,7 @@ import gc
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -29,7 +29,7 @@ from dataflow.flow import DedupLogic, build_flow
 from dataflow.retry import NO_WAIT
 from dataflow.sinks.deadletters import _DeadLetterPartition
 from dataflow.sinks.redis import RedisWriter, _RedisPartition
-from tests.fakes import MemoryStore, MemoryStoreSink, kafka_messages
+from tests.fakes import FakeRedis, MemoryStore, MemoryStoreSink, kafka_messages
 from tests.registry import Delta, sample
 
 NOW = int(time.time() * 1000)
@@ -165,39 +165,6 @@ def test_dedup_size_is_reported_and_leaves_with_its_logic() -> None:
 
 
 # --- the Redis sink ------------------------------------------------------------------------
-
-
-class FakePipeline:
-    def __init__(self, client: FakeRedis) -> None:
-        self.client = client
-        self.commands = 0
-
-    def hset(self, key: str, mapping: dict[str, str]) -> None:
-        self.commands += 1
-
-    def expire(self, key: str, ttl: int) -> None:
-        self.commands += 1
-
-    def delete(self, key: str) -> None:
-        self.commands += 1
-
-    def execute(self) -> list[Any]:
-        self.client.attempts += 1
-        if self.client.errors:
-            raise self.client.errors.pop(0)
-        return []
-
-
-class FakeRedis:
-    def __init__(self, errors: Iterable[Exception] = ()) -> None:
-        self.errors = list(errors)
-        self.attempts = 0
-
-    def pipeline(self, transaction: bool = True) -> FakePipeline:
-        return FakePipeline(self)
-
-    def close(self) -> None:
-        pass
 
 
 def writer(client: FakeRedis, max_retries: int = 2) -> RedisWriter:

@@ -32,8 +32,16 @@ class StepResult:
     writes: list[Write] = field(default_factory=list)
     late_updates: int = 0
     new_day: bool = False
+    """The writes re-state every key after a new day: each refreshes its key's TTL."""
+    created: set[str] = field(default_factory=set)
+    """Written keys that are new since the last flush: their write sets the key's TTL.
+    Between a key's creation and the next day, no write needs to touch it again."""
     labels: dict[str, str] = field(default_factory=dict)
     """For written or deleted keys that have one: the text behind a hashed key (`acq`)."""
+
+    def sets_ttl(self, suffix: str) -> bool:
+        """Whether the write of `suffix` sets its key's TTL."""
+        return self.new_day or suffix in self.created
 
 
 class FeatureShard:
@@ -41,10 +49,11 @@ class FeatureShard:
 
     `step` applies inputs and marks keys dirty; `flush` turns the dirty keys into writes.
     Between the two, many updates of a hot key coalesce into one write. The dirty set is
-    part of the snapshot, so a crash between a step and its flush loses no write.
+    part of the snapshot, so a crash between a step and its flush loses no write; so is the
+    set of keys created since the last flush, whose writes set the TTL.
     """
 
-    __slots__ = ("clock", "deleted", "dirty", "keys", "labels", "params", "restate")
+    __slots__ = ("clock", "created", "deleted", "dirty", "keys", "labels", "params", "restate")
 
     def __init__(
         self,
@@ -56,6 +65,7 @@ class FeatureShard:
         deleted: set[str] | None = None,
         restate: bool = False,
         labels: dict[str, str] | None = None,
+        created: set[str] | None = None,
     ):
         self.params = params
         self.clock = clock
@@ -64,17 +74,28 @@ class FeatureShard:
         self.deleted: set[str] = set() if deleted is None else deleted
         self.restate = restate  # the next flush follows a new day (for freshness metrics)
         self.labels: dict[str, str] = {} if labels is None else labels
+        self.created: set[str] = set() if created is None else created
 
     # Recovery: Bytewax pickles snapshots *after* the logic may already have processed the
     # next epoch, so a snapshot must not share mutable objects with the live state. Pickling
     # here costs what Bytewax would spend anyway, and returns immutable bytes.
     def snapshot(self) -> bytes:
-        state = (self.clock, self.keys, self.dirty, self.deleted, self.restate, self.labels)
+        state = (
+            self.clock,
+            self.keys,
+            self.dirty,
+            self.deleted,
+            self.restate,
+            self.labels,
+            self.created,
+        )
         return snapshots.wrap("features", LAYOUT, state)
 
     @classmethod
     def restore(cls, params: FeatureParams, blob: bytes) -> FeatureShard:
-        clock, keys, dirty, deleted, restate, labels = snapshots.unwrap("features", LAYOUT, blob)
+        clock, keys, dirty, deleted, restate, labels, created = snapshots.unwrap(
+            "features", LAYOUT, blob
+        )
         return cls(
             params,
             clock=clock,
@@ -83,6 +104,7 @@ class FeatureShard:
             deleted=deleted,
             restate=restate,
             labels=labels,
+            created=created,
         )
 
     def step(self, items: list[ShardItem]) -> StepResult:
@@ -118,6 +140,7 @@ class FeatureShard:
                 if state is None:
                     keys[suffix] = add(None, LAYOUTS[family], ts, counts)
                     self.deleted.discard(suffix)
+                    self.created.add(suffix)
                 else:
                     add(state, LAYOUTS[family], ts, counts)
                 dirty.add(suffix)
@@ -135,6 +158,7 @@ class FeatureShard:
             for suffix in expired:
                 del keys[suffix]
                 dirty.discard(suffix)
+                self.created.discard(suffix)
             self.deleted.update(expired)
             # A label whose key never got (or no longer has) counts is not needed.
             for suffix in [s for s in self.labels if s not in keys and s not in self.deleted]:
@@ -154,13 +178,14 @@ class FeatureShard:
                 (suffix, fields_for(family_of(suffix), state, max(state[0], day_start), params))
             )
         labels = self.labels
-        result = StepResult(writes=writes, new_day=self.restate)
+        result = StepResult(writes=writes, new_day=self.restate, created=self.created)
         if labels:
             result.labels = {s: labels[s] for s, _ in writes if s in labels}
             for suffix in self.deleted:
                 labels.pop(suffix, None)
         self.dirty = set()
         self.deleted = set()
+        self.created = set()
         self.restate = False
         return result
 

@@ -1,10 +1,13 @@
 """The Redis feature-store sink: one absolute hash write per key per batch.
 
-Within a batch, writes to the same key coalesce (the latest wins); each key becomes
-`HSET` of every field plus `EXPIRE`, or `DEL` once its 30 days are empty, sent through a
-non-transactional pipeline in chunks. Connection errors and timeouts are retried with capped
-backoff; when retries run out `SinkError` stops the dataflow before its epoch commits, so
-recovery replays the writes. Nothing is dropped, nothing is incremented.
+Within a batch, writes to the same key coalesce (the latest wins); each key becomes one
+`HSET` of every field, or `DEL` once its 30 days are empty. A key's TTL is set by `EXPIRE`
+when the key is created and refreshed when it is re-stated after a new day, so in the
+steady state a written key costs one command. The commands of a chunk are packed as RESP
+into one buffer and their replies read straight off the hiredis reader (`dataflow.resp`).
+Connection errors and timeouts are retried with capped backoff; when retries run out
+`SinkError` stops the dataflow before its epoch commits, so recovery replays the writes.
+Nothing is dropped, nothing is incremented.
 
 A `DynamicSink`: every worker writes what its own state shards emit, so the writes for a
 key always come from one worker, in order.
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
+from typing import Any
 
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from dataflow import metrics
+from dataflow import metrics, resp
 from dataflow.config import RedisSettings
 from dataflow.core.shard import StepResult, Write
 from dataflow.errors import SinkError
@@ -31,16 +35,28 @@ SINK = "redis"
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
-def coalesce(batches: Iterable[StepResult]) -> tuple[dict[str, Write], list[int]]:
-    """Latest write per key suffix, and the `as_of` of event-driven writes (freshness)."""
+class _Everything:
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+EVERY_KEY: Container[str] = _Everything()
+"""For `RedisWriter.write`: every written key sets its TTL."""
+
+
+def coalesce(batches: Iterable[StepResult]) -> tuple[dict[str, Write], set[str], list[int]]:
+    """Latest write per key suffix, the suffixes whose write sets the TTL, and the `as_of`
+    of event-driven writes (freshness)."""
     latest: dict[str, Write] = {}
+    ttl: set[str] = set()
     fresh_as_of: list[int] = []
     for batch in batches:
+        ttl.update(batch.created if not batch.new_day else (s for s, _ in batch.writes))
         for write in batch.writes:
             latest[write[0]] = write
             if not batch.new_day and write[1] is not None:
                 fresh_as_of.append(int(write[1]["as_of"]))
-    return latest, fresh_as_of
+    return latest, ttl, fresh_as_of
 
 
 class RedisWriter:
@@ -54,23 +70,48 @@ class RedisWriter:
         self.max_retries = settings.max_retries
         self.backoff = backoff
 
-    def write(self, writes: list[Write]) -> None:
+    def write(self, writes: list[Write], ttl: Container[str] = EVERY_KEY) -> None:
+        """Write `writes` (absolute values); the keys whose suffix is in `ttl` also get
+        their TTL set."""
         for start in range(0, len(writes), self.chunk):
-            self._write_chunk(writes[start : start + self.chunk])
+            self._write_chunk(writes[start : start + self.chunk], ttl)
 
-    def _write_chunk(self, writes: list[Write]) -> None:
+    def _pack(self, writes: list[Write], ttl: Container[str]) -> tuple[bytes, int]:
+        """The chunk as one RESP buffer, and how many replies it asks for. Keys are
+        percent-encoded and values are numbers: the text is ASCII."""
+        prefix, seconds = self.prefix, self.ttl
+        text: list[str] = []
+        for suffix, fields in writes:
+            key = f"{prefix}:{suffix}"
+            if fields is None:
+                text.append(resp.pack_del(key))
+            else:
+                text.append(resp.pack_hset(key, fields))
+                if suffix in ttl:
+                    text.append(resp.pack_expire(key, seconds))
+        return "".join(text).encode("ascii"), len(text)
+
+    def _send(self, data: bytes, replies: int) -> None:
+        pool: Any = self.client.connection_pool  # redis-py's connection API is untyped
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([data])
+            errors = [r for r in resp.read_replies(conn, replies) if isinstance(r, Exception)]
+        except BaseException:
+            # Replies may be left unread on it: never hand this connection out again.
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        if errors:
+            raise redis.ResponseError(f"{len(errors)} of {replies} commands failed: {errors[0]}")
+
+    def _write_chunk(self, writes: list[Write], ttl: Container[str]) -> None:
+        data, replies = self._pack(writes, ttl)
         attempt = 0
         while True:
-            pipe = self.client.pipeline(transaction=False)
-            for suffix, fields in writes:
-                key = f"{self.prefix}:{suffix}"
-                if fields is None:
-                    pipe.delete(key)
-                else:
-                    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-                    pipe.expire(key, self.ttl)
             try:
-                pipe.execute()
+                self._send(data, replies)
             except _RETRYABLE as exc:
                 metrics.SINK_WRITES.labels(sink=SINK, result="retry").inc(len(writes))
                 if attempt >= self.max_retries:
@@ -100,11 +141,11 @@ class _RedisPartition(StatelessSinkPartition[StepResult]):
         self.writer = writer
 
     def write_batch(self, items: list[StepResult]) -> None:
-        latest, fresh_as_of = coalesce(items)
+        latest, ttl, fresh_as_of = coalesce(items)
         if not latest:
             return
         stop = metrics.timed(SINK)
-        self.writer.write(list(latest.values()))
+        self.writer.write(list(latest.values()), ttl)
         stop()
         metrics.SINK_BATCH.labels(sink=SINK).observe(len(latest))
         now_ms = time.time() * 1000.0

@@ -144,3 +144,20 @@ def test_labels_travel_with_writes_and_go_with_expired_keys() -> None:
     assert deleted.writes == [("acq:abc", None)]
     assert deleted.labels == {"acq:abc": "iphone case"}  # the index can drop the candidate
     assert shard.labels == {}  # neither the expired key's nor the orphan label is kept
+
+
+def test_a_key_sets_its_ttl_when_created_and_when_re_stated_after_a_new_day() -> None:
+    shard = FeatureShard(PARAMS)
+    shard.step([[upd(DOC, "doc:a", BASE, (1, 0, 0)), upd(DOC, "doc:b", BASE, (1, 0, 0))]])
+    first = shard.flush()
+    assert {s for s, _ in first.writes if first.sets_ttl(s)} == {"doc:a", "doc:b"}
+    shard.step([[upd(DOC, "doc:a", BASE + 1, (1, 0, 0)), upd(DOC, "doc:c", BASE + 1, (1, 0, 0))]])
+    restored = FeatureShard.restore(PARAMS, shard.snapshot())  # the set survives a crash
+    second = restored.flush()
+    assert {s for s, _ in second.writes} == {"doc:a", "doc:c"}
+    assert {s for s, _ in second.writes if second.sets_ttl(s)} == {"doc:c"}
+    restored.step([BASE + DAY_MS])
+    third = restored.flush()
+    assert third.new_day
+    assert all(third.sets_ttl(s) for s, _ in third.writes)
+    assert {s for s, _ in third.writes} == {"doc:a", "doc:b", "doc:c"}
