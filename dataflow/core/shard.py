@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dataflow.core import snapshots
-from dataflow.core.counters import KeyState, add, prune
+from dataflow.core.counters import KeyState, add, from_bytes, prune, to_bytes
 from dataflow.core.families import LAYOUTS, FeatureParams, Fields, Update, family_of, fields_for
 from dataflow.core.windows import DAY_MS, RETENTION_DAYS
 
@@ -82,7 +82,7 @@ class FeatureShard:
     def snapshot(self) -> bytes:
         state = (
             self.clock,
-            self.keys,
+            {suffix: to_bytes(counts) for suffix, counts in self.keys.items()},
             self.dirty,
             self.deleted,
             self.restate,
@@ -93,9 +93,10 @@ class FeatureShard:
 
     @classmethod
     def restore(cls, params: FeatureParams, blob: bytes) -> FeatureShard:
-        clock, keys, dirty, deleted, restate, labels, created = snapshots.unwrap(
+        clock, packed, dirty, deleted, restate, labels, created = snapshots.unwrap(
             "features", LAYOUT, blob
         )
+        keys = {suffix: from_bytes(counts) for suffix, counts in packed.items()}
         return cls(
             params,
             clock=clock,

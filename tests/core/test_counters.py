@@ -6,7 +6,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataflow.core.counters import Layout, add, prune, totals
+from dataflow.core.counters import KeyState, Layout, add, from_bytes, prune, to_bytes, totals
 from dataflow.core.windows import DAY_MS, HALF_LIFE_MS, decay_factor, decayed_sum, forward_weight
 
 LAYOUT = Layout(counts=3, decayed=(0, 1))
@@ -22,7 +22,7 @@ events_strategy = st.lists(
 )
 
 
-def build(events: list[tuple[int, tuple[int, int, int]]]) -> list[int]:
+def build(events: list[tuple[int, tuple[int, int, int]]]) -> KeyState:
     state = None
     for offset, counts in events:
         state = add(state, LAYOUT, BASE + offset, counts)
@@ -65,7 +65,7 @@ def test_state_is_independent_of_arrival_order(
 
 def test_days_are_sorted_records() -> None:
     state = build([(5 * DAY_MS, (1, 0, 0)), (1 * DAY_MS, (0, 1, 0)), (3 * DAY_MS, (1, 0, 0))])
-    days = state[1 :: LAYOUT.width]
+    days = list(state[1 :: LAYOUT.width])
     assert days == sorted(days)
     assert state[0] == BASE + 5 * DAY_MS  # newest ts first
 
@@ -74,7 +74,7 @@ def test_prune_drops_old_days_and_reports_empty() -> None:
     state = build([(0, (1, 0, 0)), (10 * DAY_MS, (0, 1, 0))])
     first_day = BASE // DAY_MS
     assert prune(state, LAYOUT, first_day + 5) is False
-    assert state[1 :: LAYOUT.width] == [first_day + 10]
+    assert list(state[1 :: LAYOUT.width]) == [first_day + 10]
     assert prune(state, LAYOUT, first_day + 11) is True
 
 
@@ -100,3 +100,13 @@ def test_decayed_sums_are_the_per_day_formula_bit_for_bit(
     for j in range(2):
         pairs = [(state[p], state[p + 4 + j]) for p in records]
         assert got.decayed[j] == decayed_sum(pairs, as_of)
+
+
+@given(events_strategy)
+def test_a_state_round_trips_through_its_snapshot_bytes(
+    events: list[tuple[int, tuple[int, int, int]]],
+) -> None:
+    state = build(events)
+    blob = to_bytes(state)
+    assert len(blob) == 8 * len(state)
+    assert from_bytes(blob) == state
