@@ -19,6 +19,20 @@ class ConfigError(PipelineError):
         super().__init__(f"{variable}: {problem}")
 
 
+class PreflightError(PipelineError):
+    """Something the pipeline needs is missing or unreachable at start (`dataflow.preflight`).
+
+    `variable` is the setting that points at it, `value` that setting's value as it may be
+    shown (secrets masked); the message is one line: `VARIABLE=value: what is wrong`.
+    """
+
+    def __init__(self, variable: str, value: str, problem: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{variable}={value}: {problem}")
+
+
 class SinkError(PipelineError):
     """A sink could not write after its retries ran out.
 

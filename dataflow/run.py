@@ -2,14 +2,21 @@
 
 A thin wrapper over `python -m bytewax.run dataflow.flow` that takes the same flags, and:
 
-- fails before touching Kafka if any setting is invalid (the message names the variable);
+- fails before touching Kafka if any setting is invalid (the message names the variable):
+  exit status 2;
+- runs the preflight checks (`dataflow.preflight`): input topics exist, the dead-letter
+  topic exists or is created, Redis answers and authenticates, OpenSearch (when
+  `OPENSEARCH_URL` is set) answers and its aliases exist or are created. A failure is one
+  line on stderr, `preflight failed: VARIABLE=value: what is wrong` (secrets masked), and
+  exit status 3;
 - with `RECOVERY_DIR` set (or `-r DIR`), creates the recovery partitions on first use
   (`RECOVERY_PARTITIONS`, default 1) and passes `-s SNAPSHOT_INTERVAL_SECONDS`
   (default 10) and `-b RECOVERY_BACKUP_INTERVAL_SECONDS` (default 0); see
   docs/operations.md for the guarantees and the trade-offs;
 - serves `/metrics` (the Bytewax dataflow API server) unless `METRICS_ENABLED=false`.
 
-Every other flag (`-w`, `-i`, `-a`, ...) passes through to Bytewax unchanged.
+Every other flag (`-w`, `-i`, `-a`, ...) passes through to Bytewax unchanged. A pipeline that
+stops on an error (`PipelineError`, e.g. a sink that cannot write) exits with status 1.
 
 `RECOVERY_DIR` creates *all* partitions in one directory: right for one process (any `-w`),
 or for several processes that share that one directory. Processes with a volume each must
@@ -28,9 +35,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dataflow import settings
+from dataflow import preflight, settings
 from dataflow.config import Config
-from dataflow.errors import ConfigError, PipelineError
+from dataflow.errors import ConfigError, PipelineError, PreflightError
 from dataflow.logs import configure_logging
 
 log = logging.getLogger("dataflow.run")
@@ -97,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Bytewax's server thread would panic and the pipeline run on without /metrics.
             print(f"configuration error: BYTEWAX_DATAFLOW_API_PORT: {problem}", file=sys.stderr)  # noqa: T201
             return 2
+    try:
+        preflight.check(config)
+    except PreflightError as exc:
+        print(f"preflight failed: {exc}", file=sys.stderr)  # noqa: T201
+        return 3
     sys.argv = ["bytewax.run", FLOW, *extra, *args]
     try:
         runpy.run_module("bytewax.run", run_name="__main__", alter_sys=True)

@@ -108,6 +108,11 @@ class Setting(Generic[T]):
             shown = _masked(raw) if self.secret and raw is not None else raw
             raise ConfigError(self.name, f"{exc} (got {shown!r})") from None
 
+    def display(self, text: str) -> str:
+        """`text`, a value of this variable, as logs and errors may show it: a secret is
+        masked (a URL keeps all but its password)."""
+        return _masked(text) if self.secret else text
+
     def text(self, env: Mapping[str, str] | None = None) -> str:
         """The variable as set (stripped), else the default; *not* validated, for tools
         that only pass the text on (the generator's --kafka default)."""

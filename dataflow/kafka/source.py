@@ -77,14 +77,37 @@ class BrokerOffsets:
     for one partition, or `fetch` for many (earliest retained or end offsets).
 
     One admin client per process, made on first use; `AdminClient` is thread-safe, and
-    Bytewax builds partitions from several worker threads.
+    Bytewax builds partitions from several worker threads. `quiet`: librdkafka prints no log
+    line of its own (for callers that report failures themselves, as the preflight does).
     """
 
-    def __init__(self, settings: KafkaSettings, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, settings: KafkaSettings, timeout_s: float = 10.0, *, quiet: bool = False
+    ) -> None:
         self._settings = settings
         self._timeout_s = timeout_s
+        self._quiet = quiet
         self._admin: AdminClient | None = None
         self._lock = threading.Lock()
+
+    def _client(self) -> AdminClient:
+        with self._lock:
+            if self._admin is None:
+                config: dict[str, str | int | float | bool] = dict(self._settings.client_config())
+                if self._quiet:
+                    config["log_level"] = 0  # syslog "emergency": nothing librdkafka says
+                self._admin = AdminClient(config)
+            return self._admin
+
+    def topics(self) -> dict[str, int]:
+        """Every topic the brokers list (to these credentials), with its partition count.
+
+        One metadata request for all topics: unlike a request naming a topic, it never makes
+        a broker with `auto.create.topics.enable` create one. Raises KafkaException when no
+        broker answers within the timeout.
+        """
+        meta = self._client().list_topics(timeout=self._timeout_s)
+        return {name: len(topic.partitions) for name, topic in meta.topics.items()}
 
     def __call__(self, topic: str, partition: int) -> int | None:
         try:
@@ -100,10 +123,7 @@ class BrokerOffsets:
 
     def fetch(self, parts: Iterable[Partition], *, latest: bool) -> dict[Partition, int]:
         """Earliest retained (or, with `latest`, end) offsets of `parts`, one request."""
-        with self._lock:
-            if self._admin is None:
-                self._admin = AdminClient(dict(self._settings.client_config()))
-            admin = self._admin
+        admin = self._client()
         spec = OffsetSpec.latest() if latest else OffsetSpec.earliest()  # type: ignore[no-untyped-call]
         request = {TopicPartition(topic, partition): spec for topic, partition in parts}
         if not request:

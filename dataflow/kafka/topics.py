@@ -18,21 +18,34 @@ log = logging.getLogger(__name__)
 
 
 def ensure_topics(
-    settings: KafkaSettings, topics: Iterable[str], *, partitions: int, timeout_s: float = 30.0
-) -> None:
-    """Create the topics that do not exist yet (existing ones are left as they are)."""
+    settings: KafkaSettings,
+    topics: Iterable[str],
+    *,
+    partitions: int,
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the topics that do not exist yet (existing ones are left as they are); returns
+    the ones this call created. `partitions` or `replication_factor` -1: the broker's default
+    (`num.partitions`, `default.replication.factor`)."""
     admin = AdminClient(settings.client_config())
     wanted = list(dict.fromkeys(topics))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     missing = [t for t in wanted if t not in existing]
+    created: list[str] = []
     if missing:
         futures = admin.create_topics(
-            [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+            [
+                NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+                for t in missing
+            ]
         )
         for topic, future in futures.items():
             try:
                 future.result(timeout_s)
-                log.info("created topic", extra={"topic": topic, "partitions": partitions})
+                created.append(topic)
+                shown = partitions if partitions > 0 else "the broker's default"
+                log.info("created topic", extra={"topic": topic, "partitions": shown})
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise PipelineError(f"could not create Kafka topic {topic!r}: {exc}") from exc
@@ -40,7 +53,7 @@ def ensure_topics(
     while time.monotonic() < deadline:  # metadata for a new topic takes a moment to spread
         meta = admin.list_topics(timeout=timeout_s).topics
         if all(t in meta and meta[t].partitions for t in wanted):
-            return
+            return created
         time.sleep(0.2)
     raise PipelineError(f"Kafka topics {wanted} did not appear within {timeout_s:.0f}s")
 

@@ -1,0 +1,226 @@
+"""Preflight: what `python -m dataflow.run` checks before it starts the dataflow.
+
+A pipeline that starts against a missing topic, an unreachable Redis or wrong credentials
+fails later, deep inside Bytewax, with a traceback that names neither the setting nor its
+value. These checks run first, in this order, and stop at the first failure with
+`PreflightError`: one line, `VARIABLE=value: what is wrong` (secrets masked), which
+`dataflow.run` prints and turns into exit status 3.
+
+1. **Kafka** (`KAFKA_BROKERS`): a broker answers a metadata request for all topics (such a
+   request never auto-creates a topic); every `KAFKA_TOPICS` topic is listed. A missing
+   input topic is an error naming it: the pipeline never creates its input, and reading a
+   missing topic by name would let a broker with `auto.create.topics.enable` create it
+   with whatever defaults it has.
+2. **Dead-letter topic** (`KAFKA_DLQ_TOPIC`): exists, or is created here with the broker's
+   default partitions and replication, on purpose and said so in a WARNING line.
+3. **Redis** (`REDIS_URL`): answers `PING` on an authenticated connection (the URL's
+   user, password and database).
+4. **OpenSearch** (`OPENSEARCH_URL`, when set): answers, and the sink's aliases exist or
+   are created, with the fields it writes (`IndexAdmin.ensure`, what the sink does before
+   its first write); `OPENSEARCH_DOCS_INDEX`, when set, exists with them
+   (`IndexAdmin.verify`).
+
+The checks use the pipeline's own clients: `BrokerOffsets` (the admin client of
+`dataflow.kafka.source`), `ensure_topics`, redis-py as the sink builds it and
+`IndexAdmin`. While they run, librdkafka and the HTTP libraries print nothing of their own:
+a failure is reported once, by the check's line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import redis
+from confluent_kafka import KafkaException
+from opensearchpy import (
+    AuthenticationException,
+    AuthorizationException,
+    OpenSearchException,
+    TransportError,
+)
+from opensearchpy import ConnectionError as OSConnectionError
+
+from dataflow import settings as s
+from dataflow.config import Config, KafkaSettings, OpenSearchSettings, RedisSettings
+from dataflow.errors import IndexMappingError, PipelineError, PreflightError
+from dataflow.kafka.source import BrokerOffsets
+from dataflow.kafka.topics import ensure_topics
+from dataflow.opensearch.index import IndexAdmin, client_for
+from dataflow.opensearch.updates import specs_for
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 10.0
+# Loggers of the HTTP libraries under opensearch-py: they log every failed request (with a
+# traceback for a refused connection), which the check reports itself.
+_HTTP_LOGGERS = ("opensearch", "urllib3", "elastic_transport")
+
+
+def check(config: Config) -> None:
+    """Every check, in order; raises PreflightError at the first failure."""
+    check_kafka(config.kafka)
+    check_redis(config.redis)
+    if config.opensearch.enabled:
+        check_opensearch(config.opensearch)
+
+
+def check_kafka(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> None:
+    """The brokers answer, every input topic exists, the dead-letter topic exists or is
+    created."""
+    brokers = ",".join(settings.brokers)
+    try:
+        topics = BrokerOffsets(settings, timeout_s, quiet=True).topics()
+    except KafkaException as exc:
+        raise PreflightError(
+            "KAFKA_BROKERS",
+            brokers,
+            f"no broker answered within {timeout_s:.0f}s ({_kafka_reason(exc)}); check the "
+            "addresses, the network and KAFKA_SECURITY_PROTOCOL/KAFKA_SASL_*",
+        ) from None
+    missing = [topic for topic in settings.topics if topic not in topics]
+    if missing:
+        names = ", ".join(repr(topic) for topic in missing)
+        what, does, them = (
+            ("topic", "does", "it") if len(missing) == 1 else ("topics", "do", "them")
+        )
+        raise PreflightError(
+            "KAFKA_TOPICS",
+            ",".join(settings.topics),
+            f"{what} {names} {does} not exist on {brokers} (or this user may not describe "
+            f"{them}); create {them} first: the pipeline never creates its input topics",
+        )
+    if settings.dlq_topic in topics:
+        return
+    try:
+        created = ensure_topics(
+            settings,
+            [settings.dlq_topic],
+            partitions=-1,
+            replication_factor=-1,
+            timeout_s=timeout_s,
+        )
+    except (KafkaException, PipelineError) as exc:
+        raise PreflightError(
+            "KAFKA_DLQ_TOPIC",
+            settings.dlq_topic,
+            f"does not exist and could not be created ({_kafka_reason(exc)}); create it, or "
+            "give this user the right to",
+        ) from None
+    if created:
+        log.warning(
+            "created the dead-letter topic: KAFKA_DLQ_TOPIC did not exist; it has the "
+            "broker's default partitions and replication",
+            extra={"topic": settings.dlq_topic},
+        )
+
+
+def check_redis(settings: RedisSettings, timeout_s: float = TIMEOUT_S) -> None:
+    """Redis answers PING on a connection made as the sink makes it (URL credentials and
+    database included)."""
+    url = s.REDIS_URL.display(settings.url.get())
+    client = redis.Redis.from_url(
+        settings.url.get(), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise PreflightError(
+            "REDIS_URL", url, f"Redis refused the credentials ({exc}); check the user and password"
+        ) from None
+    except redis.TimeoutError as exc:
+        raise PreflightError(
+            "REDIS_URL", url, f"no answer within {timeout_s:.0f}s ({exc})"
+        ) from None
+    except redis.ConnectionError as exc:
+        raise PreflightError("REDIS_URL", url, f"cannot connect ({exc})") from None
+    except redis.RedisError as exc:  # NOAUTH, a database index out of range, ...
+        raise PreflightError("REDIS_URL", url, f"Redis refused the connection ({exc})") from None
+    finally:
+        client.close()
+
+
+def check_opensearch(settings: OpenSearchSettings) -> None:
+    """OpenSearch answers; the sink's aliases exist or are created; the search index of
+    `OPENSEARCH_DOCS_INDEX` (when set) exists with the popularity fields."""
+    url = s.OPENSEARCH_URL.display(settings.url.get())
+    variables = {
+        "support": "OPENSEARCH_INDEX",
+        "ac": "OPENSEARCH_AC_INDEX",
+        "docs": "OPENSEARCH_DOCS_INDEX",
+    }
+    admin = IndexAdmin(client_for(settings))
+    try:
+        with _quiet(_HTTP_LOGGERS):
+            for spec in specs_for(settings):
+                try:
+                    if spec.op == "index":
+                        admin.ensure(spec)
+                    else:
+                        admin.verify(spec)
+                except IndexMappingError as exc:
+                    raise PreflightError(variables[spec.name], spec.target, str(exc)) from None
+    except OSConnectionError as exc:
+        raise PreflightError(
+            "OPENSEARCH_URL",
+            url,
+            f"no answer ({exc.error}); check the URL, or set OPENSEARCH_URL empty to run "
+            "without the OpenSearch sink",
+        ) from None
+    except AuthenticationException:
+        raise PreflightError(
+            "OPENSEARCH_USERNAME",
+            settings.username,
+            f"OpenSearch at {url} refused the credentials (HTTP 401); check "
+            "OPENSEARCH_USERNAME and OPENSEARCH_PASSWORD",
+        ) from None
+    except AuthorizationException as exc:
+        raise PreflightError(
+            "OPENSEARCH_USERNAME",
+            settings.username,
+            f"OpenSearch at {url} does not allow this user to manage the sink's indices "
+            f"(HTTP 403: {_os_reason(exc)})",
+        ) from None
+    except TransportError as exc:
+        raise PreflightError(
+            "OPENSEARCH_URL",
+            url,
+            f"OpenSearch refused to set up the sink's indices (HTTP {exc.status_code}: "
+            f"{_os_reason(exc)})",
+        ) from None
+    except OpenSearchException as exc:  # an answer that is not OpenSearch's (a proxy page)
+        raise PreflightError(
+            "OPENSEARCH_URL", url, f"the answer is not OpenSearch's ({exc})"
+        ) from None
+    finally:
+        admin.client.close()
+
+
+def _kafka_reason(exc: Exception) -> str:
+    """librdkafka's message alone (not the KafkaError repr around it)."""
+    if isinstance(exc, KafkaException) and exc.args and hasattr(exc.args[0], "str"):
+        return str(exc.args[0].str())
+    return str(exc)
+
+
+def _os_reason(exc: TransportError) -> str:
+    info = exc.info
+    error = info.get("error") if isinstance(info, dict) else None
+    if isinstance(error, dict):
+        return f"{error.get('type', '')}: {error.get('reason', '')}"
+    return str(exc.error)
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """The named loggers say nothing below CRITICAL while the block runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
