@@ -18,7 +18,8 @@ from dataflow import settings as s
 from dataflow.core.families import FeatureParams
 from dataflow.core.smoothing import Prior
 from dataflow.errors import ConfigError
-from dataflow.settings import Secret, Setting, mask_url
+from dataflow.logs import librdkafka_log_level
+from dataflow.settings import Secret, Setting, mask_url, masked
 
 __all__ = [
     "Config",
@@ -28,6 +29,36 @@ __all__ = [
     "Secret",
     "mask_url",
 ]
+
+
+CONSUMER_ONLY = frozenset(
+    {
+        "auto.commit.interval.ms",
+        "auto.offset.reset",
+        "check.crcs",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "enable.partition.eof",
+        "fetch.error.backoff.ms",
+        "fetch.max.bytes",
+        "fetch.message.max.bytes",
+        "fetch.min.bytes",
+        "fetch.wait.max.ms",
+        "group.id",
+        "group.instance.id",
+        "group.protocol",
+        "heartbeat.interval.ms",
+        "isolation.level",
+        "max.partition.fetch.bytes",
+        "max.poll.interval.ms",
+        "partition.assignment.strategy",
+        "queued.max.messages.kbytes",
+        "queued.min.messages",
+        "session.timeout.ms",
+    }
+)
+"""librdkafka properties a consumer reads and a producer ignores with a warning (the `C`
+rows of librdkafka's CONFIGURATION.md that Python clients set)."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +74,13 @@ class KafkaSettings:
     sasl_password: Secret = s.KAFKA_SASL_PASSWORD.value
 
     def client_config(self) -> dict[str, str | int | float | bool]:
-        """librdkafka settings shared by the consumer, the DLQ producer and admin calls."""
-        config: dict[str, str | int | float | bool] = {"bootstrap.servers": ",".join(self.brokers)}
+        """librdkafka settings shared by every client, consumer, producer or admin: brokers,
+        security, and the `log_level` of librdkafka's own stderr lines (warnings and worse,
+        all of them with `LOG_LEVEL=DEBUG`: `dataflow.logs.librdkafka_log_level`)."""
+        config: dict[str, str | int | float | bool] = {
+            "bootstrap.servers": ",".join(self.brokers),
+            "log_level": librdkafka_log_level(),
+        }
         if self.security_protocol != "PLAINTEXT":
             config["security.protocol"] = self.security_protocol
         if self.sasl_mechanism:
@@ -52,6 +88,15 @@ class KafkaSettings:
             config["sasl.username"] = self.sasl_username
             config["sasl.password"] = self.sasl_password.get()
         return config
+
+    def producer_config(
+        self, extra: Mapping[str, str | int | float | bool] | None = None
+    ) -> dict[str, str | int | float | bool]:
+        """Settings for a producer or an admin client (librdkafka builds both as producers):
+        `client_config()` and `extra`, without any consumer-only property, which librdkafka
+        would ignore with a `CONFWARN` line on stderr."""
+        config = {**self.client_config(), **(extra or {})}
+        return {k: v for k, v in config.items() if k not in CONSUMER_ONLY}
 
 
 @dataclass(frozen=True)
@@ -183,8 +228,8 @@ def _prior(env: Mapping[str, str], alpha: Setting[float], beta: Setting[float]) 
 
 
 def _describe(obj: Any) -> Any:
-    if isinstance(obj, Secret):
-        return mask_url(obj.get()) if "://" in obj.get() else repr(obj)
+    if isinstance(obj, Secret):  # a URL without its password, any other secret as ********
+        return masked(obj.get())
     if hasattr(obj, "__dataclass_fields__"):
         return {f.name: _describe(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):

@@ -1,11 +1,18 @@
 """Logging set-up: human-readable lines, or one JSON object per line (`LOG_FORMAT=json`).
 
 Call sites pass structured context with `extra={...}`; the JSON formatter emits it as
-fields, the text formatter appends it as `key=value`. Secrets never reach a log call:
-configuration is logged through `Config.describe()`, which masks them.
+fields, the text formatter appends it as `key=value`, and a mapping (the configuration at
+start) as a short indented block under the line, one line per section. Secrets never reach
+a log call: configuration is logged through `Config.describe()`, which masks them.
 
 One line per notable event, not per message or per batch: what repeats every batch (dead
 letters) goes through `BurstLog`, which summarises a burst in a line or two.
+
+Libraries stay quiet unless `LOG_LEVEL=DEBUG`: their loggers (`LIBRARY_LOGGERS`) are set
+to WARNING, opensearch-py's line per HTTP request is dropped (failed ones included: the
+sinks and the preflight report the failures that matter, once each), and librdkafka, which
+prints to stderr by itself, gets the matching `log_level` through
+`KafkaSettings.client_config()` (`librdkafka_log_level`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 
 # Attributes every LogRecord has; anything else came from `extra=`.
@@ -41,15 +48,70 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message key=value ...`; a mapping-valued field (the configuration)
+    follows as an indented block, one line per section."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extras = _extras(record)
-        if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        flat = {k: v for k, v in extras.items() if not isinstance(v, Mapping)}
+        if flat:
+            line += " " + " ".join(f"{k}={v}" for k, v in flat.items())
+        for value in extras.values():
+            if isinstance(value, Mapping):
+                line += "".join(f"\n  {text}" for text in block(value))
         return line
+
+
+def block(mapping: Mapping[str, object]) -> list[str]:
+    """A nested mapping as short lines: `section: key=value ...` for each mapping inside
+    (deeper levels joined with dots), then the loose values on one line. Empty values are
+    left out; lists are comma-joined."""
+    loose = " ".join(_pairs("", {k: v for k, v in mapping.items() if not isinstance(v, Mapping)}))
+    sections = {k: _pairs("", v) for k, v in mapping.items() if isinstance(v, Mapping)}
+    lines = [f"{key}: {' '.join(pairs)}" for key, pairs in sections.items() if pairs]
+    return [*lines, loose] if loose else lines
+
+
+def _pairs(prefix: str, mapping: Mapping[str, object]) -> list[str]:
+    out: list[str] = []
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            out.extend(_pairs(f"{prefix}{key}.", value))
+        elif isinstance(value, list | tuple):
+            if value:
+                out.append(f"{prefix}{key}={','.join(map(str, value))}")
+        elif value not in ("", None):
+            out.append(f"{prefix}{key}={value}")
+    return out
+
+
+LIBRARY_LOGGERS = ("opensearch", "urllib3", "elastic_transport", "kafka")
+"""Loggers of the libraries under the sinks: WARNING unless `LOG_LEVEL=DEBUG`."""
+
+# opensearch-py logs every request with this format: INFO when it succeeds, WARNING (with a
+# traceback for a refused connection) when it fails.
+_REQUEST_LINE = "%s %s [status:%s request:%.3fs]"
+
+
+class _NoRequestLines(logging.Filter):
+    """Drops opensearch-py's line per HTTP request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _REQUEST_LINE
+
+
+_SYSLOG_LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+def librdkafka_log_level() -> int:
+    """librdkafka's `log_level` (syslog numbering) for the `kafka` logger's level: 4
+    (warnings and worse) unless `LOG_LEVEL=DEBUG` configured it lower."""
+    level = logging.getLogger("kafka").getEffectiveLevel()
+    return next((v for k, v in sorted(_SYSLOG_LEVELS.items()) if level <= k), 2)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
@@ -58,6 +120,14 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    debug = root.level <= logging.DEBUG
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.setLevel(logging.NOTSET if debug else max(logging.WARNING, root.level))
+        for old in [f for f in library.filters if isinstance(f, _NoRequestLines)]:
+            library.removeFilter(old)
+        if not debug:
+            library.addFilter(_NoRequestLines())
 
 
 class BurstLog:

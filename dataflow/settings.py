@@ -70,7 +70,7 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:****@{netloc}"))
 
 
-def _masked(text: str) -> str:
+def masked(text: str) -> str:
     """A secret's text as an error message may show it: a URL keeps all but its password."""
     if "://" in text:
         try:
@@ -105,13 +105,13 @@ class Setting(Generic[T]):
         try:
             return self.parse(self.default if raw is None else raw.strip())
         except ValueError as exc:
-            shown = _masked(raw) if self.secret and raw is not None else raw
+            shown = masked(raw) if self.secret and raw is not None else raw
             raise ConfigError(self.name, f"{exc} (got {shown!r})") from None
 
     def display(self, text: str) -> str:
         """`text`, a value of this variable, as logs and errors may show it: a secret is
         masked (a URL keeps all but its password)."""
-        return _masked(text) if self.secret else text
+        return masked(text) if self.secret else text
 
     def text(self, env: Mapping[str, str] | None = None) -> str:
         """The variable as set (stripped), else the default; *not* validated, for tools

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dataflow import settings
-from dataflow.config import Config, Secret, mask_url
+from dataflow.config import CONSUMER_ONLY, Config, KafkaSettings, Secret, mask_url
 from dataflow.errors import ConfigError
 from dataflow.settings import SETTINGS, Setting
 
@@ -264,3 +264,28 @@ def test_the_command_prints_and_writes_the_table(
     readme.write_text("no markers\n")
     assert settings.main(["--write", str(readme)]) == 2
     assert "no " in capsys.readouterr().err
+
+
+def test_producer_settings_carry_no_consumer_property() -> None:
+    kafka = KafkaSettings(brokers=("b1:9092",), sasl_mechanism="PLAIN", sasl_username="u")
+    config = kafka.producer_config({"acks": "all", "auto.offset.reset": "earliest"})
+    assert config["acks"] == "all"
+    assert config["sasl.mechanism"] == "PLAIN"
+    assert "log_level" in config
+    assert not set(config) & CONSUMER_ONLY
+
+
+def test_clients_built_from_producer_settings_print_no_confwarn(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient
+
+    kafka = KafkaSettings(brokers=("127.0.0.1:1",))
+    # What librdkafka says, on the stderr file descriptor, when a consumer setting reaches
+    # an admin client: the line this test must be able to see.
+    AdminClient({**kafka.client_config(), "auto.offset.reset": "earliest"})
+    assert "CONFWARN" in capfd.readouterr().err
+    Producer(kafka.producer_config({"linger.ms": 5, "auto.offset.reset": "earliest"}))
+    AdminClient(kafka.producer_config())
+    assert "CONFWARN" not in capfd.readouterr().err

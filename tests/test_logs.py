@@ -10,7 +10,14 @@ from collections.abc import Iterator
 import pytest
 
 from dataflow import flow
-from dataflow.logs import BurstLog, JsonFormatter, TextFormatter, configure_logging
+from dataflow.logs import (
+    LIBRARY_LOGGERS,
+    BurstLog,
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+    librdkafka_log_level,
+)
 
 SECRETS = {
     "REDIS_URL": "redis://:redis-s3cret@cache:6379/0",
@@ -24,9 +31,14 @@ SECRETS = {
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    libraries = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    saved = [(lib.level, lib.filters[:]) for lib in libraries]
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for lib, (lib_level, filters) in zip(libraries, saved, strict=True):
+        lib.setLevel(lib_level)
+        lib.filters[:] = filters
 
 
 def record(message: str, **extra: object) -> logging.LogRecord:
@@ -65,14 +77,70 @@ def test_the_start_line_shows_the_config_with_every_secret_masked(
     built = flow._flow_from_env()
     assert built.flow_id == "search_features"
     logged = capsys.readouterr().err
-    [line] = [line for line in logged.splitlines() if "starting search_features" in line]
+    lines = logged.splitlines()
+    [start] = [i for i, line in enumerate(lines) if "starting search_features" in line]
     for secret in ("redis-s3cret", "kafka-hunter2", "os-pa55", "os-other-pa55"):
         assert secret not in logged
-    assert "redis://:****@cache:6379/0" in line  # where it goes is still visible
-    if fmt == "json":
-        config = json.loads(line)["config"]
+    if fmt == "json":  # one JSON object
+        config = json.loads(lines[start])["config"]
         assert config["kafka"]["topics"] == ["events"]
+        assert config["redis"]["url"] == "redis://:****@cache:6379/0"  # where it goes shows
         assert config["opensearch"]["url"] == "https://admin:****@search:9200"
+        assert config["kafka"]["sasl_password"] == "********"  # noqa: S105
+        return
+    # A short block: the line, then one indented line per section.
+    block = [lines[start]]
+    block += [line for line in lines[start + 1 :] if line.startswith("  ")][:5]
+    assert lines[start].endswith("starting search_features")
+    sections = [line.split(":", 1)[0].strip() for line in block[1:5]]
+    assert sections == ["kafka", "redis", "opensearch", "features"]
+    assert "  kafka: brokers=localhost:9092 topics=events " in "\n".join(block)
+    assert "sasl_username=svc sasl_password=********" in block[1]
+    assert " url=redis://:****@cache:6379/0 " in block[2]
+    assert block[3].startswith("  opensearch: url=https://admin:****@search:9200 ")
+    assert "features: doc.alpha=1.0 doc.beta=20.0 " in block[4]
+    assert all(len(line) < 400 for line in block)
+
+
+def test_the_text_block_leaves_out_empty_values() -> None:
+    line = TextFormatter().format(
+        record("starting", config={"kafka": {"topics": ["a", "b"], "sasl_username": ""},
+                                   "shards": 4, "empty": {}, "none": None}, count=1)
+    )  # fmt: skip
+    assert line.split("\n") == [
+        line.split("\n")[0],
+        "  kafka: topics=a,b",
+        "  shards=4",
+    ]
+    assert line.split("\n")[0].endswith("WARNING dataflow.test: starting count=1")
+
+
+@pytest.mark.parametrize(
+    ("level", "library", "librdkafka"),
+    [("DEBUG", logging.DEBUG, 7), ("INFO", logging.WARNING, 4), ("ERROR", logging.ERROR, 3)],
+)
+def test_library_loggers_stay_at_warning_unless_debug(
+    level: str, library: int, librdkafka: int, restore_logging: None
+) -> None:
+    configure_logging(level, "text")
+    for name in LIBRARY_LOGGERS:
+        assert logging.getLogger(name).getEffectiveLevel() == library
+    assert librdkafka_log_level() == librdkafka
+
+
+def test_opensearch_request_lines_are_dropped_unless_debug(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    request = "%s %s [status:%s request:%.3fs]"
+    configure_logging("INFO", "text")
+    configure_logging("INFO", "text")  # twice, as dataflow.run and the flow both do
+    opensearch = logging.getLogger("opensearch")
+    opensearch.warning(request, "GET", "http://os:9200/_alias/doc-features", 404, 0.004)
+    opensearch.warning("Undecodable raw error response from server: %s", "boom")
+    assert capsys.readouterr().err.count("\n") == 1  # the request line is gone, not the other
+    configure_logging("DEBUG", "text")
+    opensearch.info(request, "POST", "http://os:9200/_bulk", 200, 0.01)
+    assert "[status:200 request:0.010s]" in capsys.readouterr().err
 
 
 def test_configure_logging_writes_json_to_stderr(

@@ -190,8 +190,7 @@ class KafkaOffsets:
     """
 
     def __init__(self, settings: KafkaSettings, timeout: float = 5.0) -> None:
-        config: dict[str, str | int | float | bool] = {**settings.client_config()}
-        self._admin = AdminClient(config)
+        self._admin = AdminClient(settings.producer_config())
         self._timeout = timeout
 
     def _list(self, parts: Iterable[Partition], spec: Any) -> dict[Partition, int]:

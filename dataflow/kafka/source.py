@@ -36,13 +36,14 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
+from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from dataflow import metrics
 from dataflow.config import KafkaSettings
+from dataflow.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +94,32 @@ class BrokerOffsets:
     def _client(self) -> AdminClient:
         with self._lock:
             if self._admin is None:
-                config: dict[str, str | int | float | bool] = dict(self._settings.client_config())
-                if self._quiet:
-                    config["log_level"] = 0  # syslog "emergency": nothing librdkafka says
-                self._admin = AdminClient(config)
+                # log_level 0 (syslog "emergency"): nothing librdkafka would say.
+                quiet = {"log_level": 0} if self._quiet else None
+                self._admin = AdminClient(self._settings.producer_config(quiet))
             return self._admin
 
-    def topics(self) -> dict[str, int]:
-        """Every topic the brokers list (to these credentials), with its partition count.
+    def topics(self) -> dict[str, list[int]]:
+        """Every topic the brokers list (to these credentials), with its partitions.
 
         One metadata request for all topics: unlike a request naming a topic, it never makes
         a broker with `auto.create.topics.enable` create one. Raises KafkaException when no
         broker answers within the timeout.
         """
         meta = self._client().list_topics(timeout=self._timeout_s)
-        return {name: len(topic.partitions) for name, topic in meta.topics.items()}
+        return {name: sorted(topic.partitions) for name, topic in meta.topics.items()}
+
+    def source_parts(self) -> list[str]:
+        """The partitions of `KAFKA_TOPICS` named as `KafkaSource` names them
+        (`"{partition}-{topic}"`); raises PipelineError naming a topic that does not exist."""
+        listed = self.topics()
+        missing = [topic for topic in self._settings.topics if topic not in listed]
+        if missing:
+            raise PipelineError(
+                f"Kafka topics {missing} of KAFKA_TOPICS do not exist (or this user may not "
+                "describe them); the pipeline never creates its input topics"
+            )
+        return [f"{p}-{topic}" for topic in self._settings.topics for p in listed[topic]]
 
     def __call__(self, topic: str, partition: int) -> int | None:
         try:
@@ -144,13 +156,22 @@ def kafka_partition(for_part: str) -> tuple[str, int]:
 
 class OffsetGapCheckingSource(FixedPartitionedSource[Any, Any]):
     """Wraps a `KafkaSource` (same partitions, same snapshots): checks each resume, reports
-    positions."""
+    positions.
+
+    With a `BrokerOffsets` for `earliest` (as `flow.kafka_source` builds it, from the same
+    settings as the `KafkaSource`), the partitions are listed by its admin client. Bytewax's
+    own listing builds an admin client from the consumer's settings (librdkafka warns about
+    `auto.offset.reset` on stderr, `CONFWARN`) and asks for each topic by name, which makes a
+    broker with `auto.create.topics.enable` create a missing input topic.
+    """
 
     def __init__(self, inner: FixedPartitionedSource[Any, Any], earliest: EarliestOffset) -> None:
         self.inner = inner
         self.earliest = earliest
 
     def list_parts(self) -> list[str]:
+        if isinstance(self.earliest, BrokerOffsets) and isinstance(self.inner, KafkaSource):
+            return self.earliest.source_parts()
         return self.inner.list_parts()
 
     def build_part(

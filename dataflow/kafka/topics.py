@@ -28,7 +28,7 @@ def ensure_topics(
     """Create the topics that do not exist yet (existing ones are left as they are); returns
     the ones this call created. `partitions` or `replication_factor` -1: the broker's default
     (`num.partitions`, `default.replication.factor`)."""
-    admin = AdminClient(settings.client_config())
+    admin = AdminClient(settings.producer_config())
     wanted = list(dict.fromkeys(topics))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     missing = [t for t in wanted if t not in existing]

@@ -10,7 +10,6 @@ copies.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, Message, Producer
@@ -73,11 +72,7 @@ class DeadLetterSink(DynamicSink[DeadLetter]):
         self.settings = settings
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        config: dict[str, Any] = {
-            **self.settings.client_config(),
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "compression.type": "lz4",
-        }
+        config = self.settings.producer_config(
+            {"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}
+        )
         return _DeadLetterPartition(Producer(config), self.settings.dlq_topic)
