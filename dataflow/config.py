@@ -141,6 +141,7 @@ class Config:
     features: FeatureParams = field(default_factory=FeatureParams)
     future_tolerance_ms: int = 1000 * s.FUTURE_TOLERANCE_SECONDS.value
     flush_interval_ms: int = s.FEATURE_FLUSH_INTERVAL_MS.value
+    restate_keys_per_second: int = s.RESTATE_KEYS_PER_SECOND.value
     link_grace_ms: int = 1000 * s.ACQ_LINK_GRACE_SECONDS.value
     link_shards: int = s.LINK_SHARDS.value
     feature_shards: int = s.FEATURE_SHARDS.value
@@ -206,6 +207,7 @@ class Config:
             features=features,
             future_tolerance_ms=1000 * s.FUTURE_TOLERANCE_SECONDS.read(e),
             flush_interval_ms=s.FEATURE_FLUSH_INTERVAL_MS.read(e),
+            restate_keys_per_second=s.RESTATE_KEYS_PER_SECOND.read(e),
             link_grace_ms=1000 * s.ACQ_LINK_GRACE_SECONDS.read(e),
             link_shards=s.LINK_SHARDS.read(e),
             feature_shards=s.FEATURE_SHARDS.read(e),

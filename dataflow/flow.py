@@ -198,12 +198,22 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
 
     Updates mark keys dirty; the writes go out at most every `flush_interval` (one timer
     per shard, not per key), so a hot key is written once per interval, not once per
-    batch. With an interval of zero every batch is flushed at once.
+    batch. With an interval of zero every batch is flushed at once. After a new day, each
+    flush also re-states its share of `RESTATE_KEYS_PER_SECOND`, and the timer stays set
+    until every key is re-stated.
     """
 
-    def __init__(self, params: FeatureParams, flush_ms: int, resume: bytes | None) -> None:
+    def __init__(
+        self,
+        params: FeatureParams,
+        flush_ms: int,
+        restate_per_flush: int | None,
+        resume: bytes | None,
+    ) -> None:
         self.shard = (
-            FeatureShard(params) if resume is None else FeatureShard.restore(params, resume)
+            FeatureShard(params, restate_per_flush=restate_per_flush)
+            if resume is None
+            else FeatureShard.restore(params, resume, restate_per_flush)
         )
         self.flush_interval = timedelta(milliseconds=flush_ms)
         self.next_flush: datetime | None = None
@@ -214,7 +224,7 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
             metrics.LATE_UPDATES.inc(result.late_updates)
         metrics.STATE_KEYS.report(self, len(self.shard))
         if not self.flush_interval:
-            return self._flush(), self.RETAIN
+            return self._flush(everything=True), self.RETAIN
         if self.next_flush is None and self.shard.pending:
             self.next_flush = datetime.now(UTC) + self.flush_interval
         return [], self.RETAIN
@@ -228,16 +238,18 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
         return self._flush(), self.RETAIN
 
     def on_eof(self) -> tuple[Iterable[StepResult], bool]:
-        return self._flush(), self.RETAIN
+        return self._flush(everything=True), self.RETAIN
 
-    def _flush(self) -> list[StepResult]:
+    def _flush(self, *, everything: bool = False) -> list[StepResult]:
         self.next_flush = None
         if not self.shard.pending:
             return []
-        result = self.shard.flush()
+        result = self.shard.flush(everything=everything)
+        if self.shard.pending:  # re-statements left: the next share after the interval
+            self.next_flush = datetime.now(UTC) + self.flush_interval
+        deletes = sum(1 for _, fields in result.writes if fields is None)
+        metrics.EXPIRED.inc(deletes)
         if result.new_day:
-            deletes = sum(1 for _, fields in result.writes if fields is None)
-            metrics.EXPIRED.inc(deletes)
             metrics.RESTATED.inc(len(result.writes) - deletes)
         return [result]
 
@@ -421,12 +433,21 @@ def features(
     shard_in: Stream[tuple[str, ShardItem]] = op.merge(
         "shard_in", updates, linked.increments, linked.without_session, linked.labels, day_ticks
     )
+    per_flush = restate_per_flush(config)
     results = op.stateful_batch(
         "features",
         shard_in,
-        lambda resume: ShardLogic(config.features, config.flush_interval_ms, resume),
+        lambda resume: ShardLogic(config.features, config.flush_interval_ms, per_flush, resume),
     )
     return op.key_rm("writes", results)
+
+
+def restate_per_flush(config: Config) -> int | None:
+    """Each shard's share of `RESTATE_KEYS_PER_SECOND` per flush interval (None: no limit)."""
+    rate, interval_ms = config.restate_keys_per_second, config.flush_interval_ms
+    if not rate or not interval_ms:
+        return None
+    return max(1, -(-rate * interval_ms // (1000 * config.feature_shards)))
 
 
 # --- the dataflow ------------------------------------------------------------------------

@@ -410,6 +410,14 @@ FEATURE_FLUSH_INTERVAL_MS = _integer(
     (0, 600_000),
     "How often a shard writes its changed keys (0: after every batch).",
 )
+RESTATE_KEYS_PER_SECOND = _integer(
+    REDIS,
+    "RESTATE_KEYS_PER_SECOND",
+    50_000,
+    (0, 100_000_000),
+    "How fast the keys are re-stated after a new day, in all shards together "
+    "(0: all at once; ignored when FEATURE_FLUSH_INTERVAL_MS is 0).",
+)
 
 SMOOTHING_DOC_ALPHA, SMOOTHING_DOC_BETA = _prior(FEATURES, "DOC", "document CTRs")
 SMOOTHING_QD_ALPHA, SMOOTHING_QD_BETA = _prior(FEATURES, "QD", "query-document CTRs")

@@ -109,12 +109,24 @@ def encode(events: list[dict[str, Any]]) -> list[bytes]:
     gap_days=st.sampled_from([0, 3, 8, 31]),
     batch_size=st.sampled_from([1, 7, 50, 1000]),
     flush_ms=st.sampled_from(["0", "1", "1000"]),
+    restate_rate=st.sampled_from(["0", "1", "50000"]),
 )
 def test_flow_equals_reference_model(
-    seed: int, n: int, span_days: int, gap_days: int, batch_size: int, flush_ms: str
+    seed: int,
+    n: int,
+    span_days: int,
+    gap_days: int,
+    batch_size: int,
+    flush_ms: str,
+    restate_rate: str,
 ) -> None:
     events = make_stream(seed, n, span_days, gap_days)
-    store, dead = run_flow(encode(events), batch_size, FEATURE_FLUSH_INTERVAL_MS=flush_ms)
+    store, dead = run_flow(
+        encode(events),
+        batch_size,
+        FEATURE_FLUSH_INTERVAL_MS=flush_ms,
+        RESTATE_KEYS_PER_SECOND=restate_rate,
+    )
     assert dead == []
     assert not compare(store.hashes, events), "\n".join(compare(store.hashes, events)[:20])
 

@@ -11,6 +11,7 @@ Pure: the clock is whatever the inputs say it is.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 from dataflow.core import snapshots
 from dataflow.core.counters import KeyState, add, from_bytes, prune, to_bytes
@@ -51,9 +52,26 @@ class FeatureShard:
     Between the two, many updates of a hot key coalesce into one write. The dirty set is
     part of the snapshot, so a crash between a step and its flush loses no write; so is the
     set of keys created since the last flush, whose writes set the TTL.
+
+    When the clock enters a new day every live key is queued for re-statement, and each
+    flush writes at most `restate_per_flush` of them (None: all at once), so a day change
+    at millions of keys is spread over time instead of one burst. A key is rendered when its
+    turn comes, at the clock of that moment; a newer day replaces the queue, so during a
+    backfill the re-statements of days that passed meanwhile are never written at all.
     """
 
-    __slots__ = ("clock", "created", "deleted", "dirty", "keys", "labels", "params", "restate")
+    __slots__ = (
+        "clock",
+        "created",
+        "deleted",
+        "dirty",
+        "keys",
+        "labels",
+        "params",
+        "restate_at",
+        "restate_per_flush",
+        "restating",
+    )
 
     def __init__(
         self,
@@ -63,16 +81,20 @@ class FeatureShard:
         keys: dict[str, KeyState] | None = None,
         dirty: set[str] | None = None,
         deleted: set[str] | None = None,
-        restate: bool = False,
+        restating: list[str] | None = None,
         labels: dict[str, str] | None = None,
         created: set[str] | None = None,
+        restate_per_flush: int | None = None,
     ):
         self.params = params
         self.clock = clock
         self.keys: dict[str, KeyState] = {} if keys is None else keys
         self.dirty: set[str] = set() if dirty is None else dirty
         self.deleted: set[str] = set() if deleted is None else deleted
-        self.restate = restate  # the next flush follows a new day (for freshness metrics)
+        # Keys still to re-state after the last new day, from `restate_at` on.
+        self.restating: list[str] = [] if restating is None else restating
+        self.restate_at = 0
+        self.restate_per_flush = restate_per_flush
         self.labels: dict[str, str] = {} if labels is None else labels
         self.created: set[str] = set() if created is None else created
 
@@ -85,15 +107,17 @@ class FeatureShard:
             {suffix: to_bytes(counts) for suffix, counts in self.keys.items()},
             self.dirty,
             self.deleted,
-            self.restate,
+            self.restating[self.restate_at :],
             self.labels,
             self.created,
         )
         return snapshots.wrap("features", LAYOUT, state)
 
     @classmethod
-    def restore(cls, params: FeatureParams, blob: bytes) -> FeatureShard:
-        clock, packed, dirty, deleted, restate, labels, created = snapshots.unwrap(
+    def restore(
+        cls, params: FeatureParams, blob: bytes, restate_per_flush: int | None = None
+    ) -> FeatureShard:
+        clock, packed, dirty, deleted, restating, labels, created = snapshots.unwrap(
             "features", LAYOUT, blob
         )
         keys = {suffix: from_bytes(counts) for suffix, counts in packed.items()}
@@ -103,9 +127,10 @@ class FeatureShard:
             keys=keys,
             dirty=dirty,
             deleted=deleted,
-            restate=restate,
+            restating=restating,
             labels=labels,
             created=created,
+            restate_per_flush=restate_per_flush,
         )
 
     def step(self, items: list[ShardItem]) -> StepResult:
@@ -149,7 +174,6 @@ class FeatureShard:
         day = clock // DAY_MS
         if day != start_day:
             result.new_day = True
-            self.restate = True
             first_kept = day - RETENTION_DAYS + 1
             expired = [
                 suffix
@@ -164,22 +188,35 @@ class FeatureShard:
             # A label whose key never got (or no longer has) counts is not needed.
             for suffix in [s for s in self.labels if s not in keys and s not in self.deleted]:
                 del self.labels[suffix]
-            dirty.update(keys)
+            self.restating = list(keys)
+            self.restate_at = 0
         return result
 
-    def flush(self) -> StepResult:
-        """The writes for every dirty key (its values now) and every deleted key."""
+    def flush(self, *, everything: bool = False) -> StepResult:
+        """The writes for every dirty key (its values now), every deleted key, and the next
+        keys queued for re-statement (all of them with `everything`, as at the end of
+        input). `new_day` marks a result that re-states keys."""
         day_start = (self.clock // DAY_MS) * DAY_MS
         params = self.params
         keys = self.keys
+        dirty = self.dirty
         writes: list[Write] = [(suffix, None) for suffix in self.deleted]
-        for suffix in self.dirty:
+        restating = self.restating
+        end = len(restating)
+        if self.restate_per_flush is not None and not everything:
+            end = min(end, self.restate_at + self.restate_per_flush)
+        # A key re-stated in this flush is written once, and sets its TTL (see StepResult).
+        turn = [s for s in restating[self.restate_at : end] if s in keys]
+        self.restate_at = end
+        if end == len(restating):
+            self.restating, self.restate_at = [], 0
+        for suffix in chain(dirty.difference(turn) if turn else dirty, turn):
             state = keys[suffix]
             writes.append(
                 (suffix, fields_for(family_of(suffix), state, max(state[0], day_start), params))
             )
         labels = self.labels
-        result = StepResult(writes=writes, new_day=self.restate, created=self.created)
+        result = StepResult(writes=writes, new_day=bool(turn), created=self.created)
         if labels:
             result.labels = {s: labels[s] for s, _ in writes if s in labels}
             for suffix in self.deleted:
@@ -187,12 +224,11 @@ class FeatureShard:
         self.dirty = set()
         self.deleted = set()
         self.created = set()
-        self.restate = False
         return result
 
     @property
     def pending(self) -> bool:
-        return bool(self.dirty or self.deleted)
+        return bool(self.dirty or self.deleted or self.restating)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -2,6 +2,7 @@
 
 import pickle
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -161,3 +162,46 @@ def test_a_key_sets_its_ttl_when_created_and_when_re_stated_after_a_new_day() ->
     assert third.new_day
     assert all(third.sets_ttl(s) for s, _ in third.writes)
     assert {s for s, _ in third.writes} == {"doc:a", "doc:b", "doc:c"}
+
+
+def test_re_statements_after_a_new_day_are_spread_over_flushes() -> None:
+    def run(shard: FeatureShard, flushes: int) -> tuple[dict[str, Any], list[int]]:
+        store: dict[str, Any] = {}
+        sizes = []
+        shard.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(5)]])
+        shard.flush()
+        shard.step([BASE + DAY_MS])
+        for n in range(flushes):
+            if n == 1:  # an event meanwhile
+                shard.step([[upd(DOC, "doc:4", BASE + DAY_MS + 1, (0, 1, 0))]])
+            if n == 2:  # a crash and a restore
+                shard = FeatureShard.restore(PARAMS, shard.snapshot(), shard.restate_per_flush)
+            result = shard.flush()
+            sizes.append(len(result.writes))
+            store.update(result.writes)
+        assert not shard.pending
+        return store, sizes
+
+    spread, sizes = run(FeatureShard(PARAMS, restate_per_flush=2), 4)
+    at_once, _ = run(FeatureShard(PARAMS), 2)
+    assert spread == at_once  # the same values in the end, written in turns
+    assert sizes[0] == 2 and max(sizes) <= 3
+
+
+def test_a_newer_day_replaces_the_re_statements_not_yet_written() -> None:
+    shard = FeatureShard(PARAMS, restate_per_flush=1)
+    shard.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(3)]])
+    shard.flush()
+    shard.step([BASE + DAY_MS])
+    shard.flush()
+    shard.step([BASE + 2 * DAY_MS])  # a backfill: the next day comes before the queue ends
+    written = [shard.flush(), shard.flush(), shard.flush()]
+    assert not shard.pending
+    assert all(
+        f is not None and f["as_of"] == str((BASE + 2 * DAY_MS) // DAY_MS * DAY_MS)
+        for r in written
+        for _, f in r.writes
+    )
+    everything = FeatureShard(PARAMS, restate_per_flush=1)
+    everything.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(3)], BASE + DAY_MS])
+    assert len(everything.flush(everything=True).writes) == 3
