@@ -105,8 +105,8 @@ class RedisSettings:
     prefix: str = s.FEATURE_PREFIX.value
     ttl_seconds: int = s.FEATURE_TTL_SECONDS.value
     pipeline_keys: int = s.REDIS_PIPELINE_KEYS.value
-    max_retries: int = s.REDIS_MAX_RETRIES.value
     backoff_max_seconds: float = s.REDIS_BACKOFF_MAX_SECONDS.value
+    outage_exit_seconds: int = s.REDIS_OUTAGE_EXIT_SECONDS.value
 
 
 @dataclass(frozen=True)
@@ -166,13 +166,14 @@ class Config:
         )
         if kafka.dlq_topic in kafka.topics:
             raise ConfigError("KAFKA_DLQ_TOPIC", "must not be one of KAFKA_TOPICS (a loop)")
+        s.REDIS_MAX_RETRIES.read(e)  # deprecated: still validated, otherwise ignored
         redis = RedisSettings(
             url=s.REDIS_URL.read(e),
             prefix=s.FEATURE_PREFIX.read(e),
             ttl_seconds=s.FEATURE_TTL_SECONDS.read(e),
             pipeline_keys=s.REDIS_PIPELINE_KEYS.read(e),
-            max_retries=s.REDIS_MAX_RETRIES.read(e),
             backoff_max_seconds=s.REDIS_BACKOFF_MAX_SECONDS.read(e),
+            outage_exit_seconds=s.REDIS_OUTAGE_EXIT_SECONDS.read(e),
         )
         opensearch = OpenSearchSettings(
             url=s.OPENSEARCH_URL.read(e),

@@ -82,6 +82,14 @@ SINK_WRITES = Counter(
     ["sink", "result"],
     namespace=NAMESPACE,
 )
+SINK_UP = Gauge(
+    "sink_up",
+    "1 while the sink's store takes writes, 0 from a failed write until a write succeeds "
+    "again: writes wait meanwhile (retried with capped backoff) and the pipeline reads "
+    "nothing. By sink (redis).",
+    ["sink"],
+    namespace=NAMESPACE,
+)
 SINK_BATCH = Histogram(
     "sink_batch_size",
     "Keys or documents per flushed batch, by sink.",

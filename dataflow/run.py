@@ -91,6 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = Config.from_env(env)
         configure_logging(config.log_level, config.log_format)
+        if settings.REDIS_MAX_RETRIES.is_set(env):
+            log.warning(
+                "REDIS_MAX_RETRIES is deprecated and ignored: the Redis sink waits for Redis "
+                "however long it is away; set REDIS_OUTAGE_EXIT_SECONDS to stop after an "
+                "outage that long"
+            )
         extra = recovery_args(env, args)
         metrics_on = settings.METRICS_ENABLED.read(env)
         port = settings.BYTEWAX_DATAFLOW_API_PORT.read(env) if metrics_on else 0

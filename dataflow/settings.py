@@ -108,6 +108,10 @@ class Setting(Generic[T]):
             shown = masked(raw) if self.secret and raw is not None else raw
             raise ConfigError(self.name, f"{exc} (got {shown!r})") from None
 
+    def is_set(self, env: Mapping[str, str] | None = None) -> bool:
+        """Whether the variable is in `env` (default: the process environment) at all."""
+        return self.name in (os.environ if env is None else env)
+
     def display(self, text: str) -> str:
         """`text`, a value of this variable, as logs and errors may show it: a secret is
         masked (a URL keeps all but its password)."""
@@ -389,12 +393,16 @@ FEATURE_TTL_SECONDS = _integer(
 REDIS_PIPELINE_KEYS = _integer(
     REDIS, "REDIS_PIPELINE_KEYS", 500, (1, 100_000), "Keys per Redis pipeline round trip."
 )
+# Deprecated: a count of retries stopped the pipeline within seconds of a Redis restart.
+# Still validated (a deployment that sets it keeps starting), otherwise ignored; dataflow.run
+# logs a warning when it is set.
 REDIS_MAX_RETRIES = _integer(
     REDIS,
     "REDIS_MAX_RETRIES",
     8,
     (0, 1000),
-    "Retries of a failed write before the pipeline stops for recovery.",
+    "Deprecated and ignored (a warning at start when set): the sink no longer gives up after "
+    "a number of retries; it waits for Redis, see REDIS_OUTAGE_EXIT_SECONDS.",
 )
 REDIS_BACKOFF_MAX_SECONDS = _number(
     REDIS,
@@ -402,6 +410,14 @@ REDIS_BACKOFF_MAX_SECONDS = _number(
     5.0,
     (0.0, 600.0),
     "Longest wait between two retries of a Redis write.",
+)
+REDIS_OUTAGE_EXIT_SECONDS = _integer(
+    REDIS,
+    "REDIS_OUTAGE_EXIT_SECONDS",
+    0,
+    (0, 7 * 86_400),
+    "How long a Redis write may keep failing before the pipeline stops (exit status 1) for a "
+    "supervisor to restart it; 0: never, the pipeline waits for Redis and resumes by itself.",
 )
 FEATURE_FLUSH_INTERVAL_MS = _integer(
     REDIS,

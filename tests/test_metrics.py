@@ -167,27 +167,29 @@ def test_dedup_size_is_reported_and_leaves_with_its_logic() -> None:
 # --- the Redis sink ------------------------------------------------------------------------
 
 
-def writer(client: FakeRedis, max_retries: int = 2) -> RedisWriter:
-    settings = RedisSettings(max_retries=max_retries)
-    return RedisWriter(client, settings, NO_WAIT)  # type: ignore[arg-type]
+def writer(client: FakeRedis, outage_exit_seconds: int = 0) -> RedisWriter:
+    settings = RedisSettings(outage_exit_seconds=outage_exit_seconds)
+    clock = iter(range(0, 10**6, 10))  # ten seconds more at every reading
+    return RedisWriter(client, settings, NO_WAIT, clock=lambda: next(clock))  # type: ignore[arg-type]
 
 
 WRITES = [("doc:d1", {"as_of": str(NOW - 5_000), "clicks": "1"}), ("doc:d2", None)]
 
 
-def test_a_redis_failure_increments_failure_after_the_retries() -> None:
-    client = FakeRedis([redis.ConnectionError("down")] * 3)
+def test_a_redis_outage_past_the_exit_limit_counts_one_failure() -> None:
+    client = FakeRedis([redis.ConnectionError("down")] * 10)
     with (
         Delta("search_features_sink_writes_total", sink="redis", result="failure") as failed,
         Delta("search_features_sink_writes_total", sink="redis", result="retry") as retried,
         Delta("search_features_sink_writes_total", sink="redis", result="success") as ok,
-        pytest.raises(SinkError, match="after 3 attempts"),
+        pytest.raises(SinkError, match="REDIS_OUTAGE_EXIT_SECONDS=20"),
     ):
-        writer(client, max_retries=2).write(list(WRITES))  # type: ignore[arg-type]
-    assert client.attempts == 3
+        writer(client, outage_exit_seconds=20).write(list(WRITES))  # type: ignore[arg-type]
+    assert client.attempts == 3  # failing at 0 s, 10 s, 20 s: the limit
     assert failed.value == len(WRITES)
     assert retried.value == 3 * len(WRITES)
     assert ok.value == 0
+    writer(FakeRedis()).write(list(WRITES))  # type: ignore[arg-type]  # back up, for the next
 
 
 def test_a_rejected_redis_command_fails_without_retrying() -> None:

@@ -2,7 +2,9 @@
 
 import socket
 
-from dataflow.run import port_problem
+import pytest
+
+from dataflow.run import main, port_problem
 
 
 def test_a_listening_port_is_reported_and_a_free_one_is_not() -> None:
@@ -18,3 +20,24 @@ def test_a_listening_port_is_reported_and_a_free_one_is_not() -> None:
 def test_a_malformed_port_is_reported() -> None:
     assert port_problem("http") == "must be a port number (got 'http')"
     assert port_problem("70000") is not None
+
+
+def test_redis_max_retries_is_deprecated_with_a_warning_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setenv("REDIS_MAX_RETRIES", "3")
+    monkeypatch.delenv("RECOVERY_DIR", raising=False)
+    monkeypatch.setenv("METRICS_ENABLED", "true")
+    monkeypatch.setenv("BYTEWAX_DATAFLOW_API_PORT", "0")  # invalid: stops before any service
+    try:
+        assert main([]) == 2
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "REDIS_MAX_RETRIES is deprecated and ignored" in err
+    assert "REDIS_OUTAGE_EXIT_SECONDS" in err

@@ -5,9 +5,19 @@ Within a batch, writes to the same key coalesce (the latest wins); each key beco
 when the key is created and refreshed when it is re-stated after a new day, so in the
 steady state a written key costs one command. The commands of a chunk are packed as RESP
 into one buffer and their replies read straight off the hiredis reader (`dataflow.resp`).
-Connection errors and timeouts are retried with capped backoff; when retries run out
-`SinkError` stops the dataflow before its epoch commits, so recovery replays the writes.
 Nothing is dropped, nothing is incremented.
+
+Redis away (connection refused, timeouts, loading after a restart): the chunk is sent again,
+whole (every write is absolute, so a chunk applied in part and sent again ends the same),
+with capped backoff (`REDIS_BACKOFF_MAX_SECONDS`), for as long as it takes. The worker waits
+in the sink meanwhile, so the pipeline reads nothing more (Bytewax has nowhere to put it),
+and resumes by itself when Redis answers, from exactly where it was: no restart, nothing
+lost. `/metrics` keeps being served, `search_features_sink_up{sink="redis"}` is 0 and one
+log line says so; one more when writes resume, with how long they waited (`SinkState`).
+With `REDIS_OUTAGE_EXIT_SECONDS` set, a write that has kept failing that long raises
+`SinkError` instead, which stops the dataflow before its epoch commits (recovery replays the
+writes on restart): for a supervisor that should restart the process. A command error
+(`WRONGTYPE`, OOM) does not heal by retrying: `SinkError` at once.
 
 A `DynamicSink`: every worker writes what its own state shards emit, so the writes for a
 key always come from one worker, in order.
@@ -16,8 +26,9 @@ key always come from one worker, in order.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import redis
@@ -59,16 +70,86 @@ def coalesce(batches: Iterable[StepResult]) -> tuple[dict[str, Write], set[str],
     return latest, ttl, fresh_as_of
 
 
+class SinkState:
+    """Whether a sink's store takes writes, for this process (its writers, one per worker,
+    share it): down from a failed write until a write succeeds again.
+
+    It keeps `search_features_sink_up{sink}` and logs one line when the sink goes down and
+    one when it is back up, with how long it was down and how many attempts failed: never a
+    line per retry.
+    """
+
+    def __init__(self, sink: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.sink = sink
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._failed = 0
+        metrics.SINK_UP.labels(sink=sink).set(1)
+
+    @property
+    def down(self) -> bool:
+        with self._lock:
+            return self._down_since is not None
+
+    def failed(self, error: Exception) -> None:
+        """A write attempt failed and will be retried."""
+        with self._lock:
+            self._failed += 1
+            if self._down_since is not None:
+                return
+            self._down_since = self.clock()
+        metrics.SINK_UP.labels(sink=self.sink).set(0)
+        log.warning(
+            "%s unreachable: writes wait and are retried, the pipeline reads nothing until "
+            "it answers",
+            self.sink,
+            extra={"sink": self.sink, "error": str(error)},
+        )
+
+    def succeeded(self) -> None:
+        """A write went through."""
+        with self._lock:
+            if self._down_since is None:
+                return
+            down_for = self.clock() - self._down_since
+            failed, self._failed, self._down_since = self._failed, 0, None
+        metrics.SINK_UP.labels(sink=self.sink).set(1)
+        log.warning(
+            "%s answers again: writes resumed",
+            self.sink,
+            extra={
+                "sink": self.sink,
+                "down_seconds": round(down_for, 1),
+                "failed_attempts": failed,
+            },
+        )
+
+
+STATE = SinkState(SINK)
+"""This process's Redis sink (every `RedisWriter` reports to it unless given another)."""
+
+
 class RedisWriter:
     """Writes coalesced feature hashes; shared by the sink partition and the replay tool."""
 
-    def __init__(self, client: redis.Redis, settings: RedisSettings, backoff: Backoff) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: RedisSettings,
+        backoff: Backoff,
+        *,
+        state: SinkState = STATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.client = client
         self.prefix = settings.prefix
         self.ttl = settings.ttl_seconds
         self.chunk = settings.pipeline_keys
-        self.max_retries = settings.max_retries
+        self.outage_exit_seconds = settings.outage_exit_seconds
         self.backoff = backoff
+        self.state = state
+        self.clock = clock
 
     def write(self, writes: list[Write], ttl: Container[str] = EVERY_KEY) -> None:
         """Write `writes` (absolute values); the keys whose suffix is in `ttl` also get
@@ -109,23 +190,30 @@ class RedisWriter:
     def _write_chunk(self, writes: list[Write], ttl: Container[str]) -> None:
         data, replies = self._pack(writes, ttl)
         attempt = 0
+        failing_since: float | None = None
         while True:
             try:
                 self._send(data, replies)
             except _RETRYABLE as exc:
+                now = self.clock()
+                failing_since = now if failing_since is None else failing_since
                 metrics.SINK_WRITES.labels(sink=SINK, result="retry").inc(len(writes))
-                if attempt >= self.max_retries:
+                self.state.failed(exc)
+                limit = self.outage_exit_seconds
+                if limit and now - failing_since >= limit:
                     metrics.SINK_WRITES.labels(sink=SINK, result="failure").inc(len(writes))
                     raise SinkError(
-                        f"Redis write failed after {attempt + 1} attempts ({exc}); stopping so "
-                        "recovery replays from the last snapshot. Check REDIS_URL and the "
-                        "server, then restart."
+                        f"Redis writes failed for {now - failing_since:.0f}s, "
+                        f"REDIS_OUTAGE_EXIT_SECONDS={limit} ({exc}); stopping so a restart "
+                        "resumes from the last snapshot. Check REDIS_URL and the server."
                     ) from exc
-                log.warning(
+                log.debug(
                     "redis write failed, retrying",
                     extra={"attempt": attempt + 1, "keys": len(writes), "error": str(exc)},
                 )
-                self.backoff.wait(attempt)
+                # With an exit deadline, the last attempt is made at the deadline.
+                left = limit - (now - failing_since) if limit else None
+                self.backoff.wait(attempt, at_most=left)
                 attempt += 1
                 continue
             except redis.ResponseError as exc:
@@ -133,6 +221,7 @@ class RedisWriter:
                 metrics.SINK_WRITES.labels(sink=SINK, result="failure").inc(len(writes))
                 raise SinkError(f"Redis rejected a feature write: {exc}") from exc
             metrics.SINK_WRITES.labels(sink=SINK, result="success").inc(len(writes))
+            self.state.succeeded()
             return
 
 

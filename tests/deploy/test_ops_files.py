@@ -237,6 +237,7 @@ def test_the_dashboard_has_a_panel_for_each_signal() -> None:
         "search_features_sink_writes_total",
         "search_features_sink_batch_size_bucket",
         "search_features_sink_flush_seconds_bucket",
+        "search_features_sink_up",
         "search_features_freshness_seconds_bucket",
         "search_features_clock_seconds",
         "search_features_dedup_ids",

@@ -1,18 +1,24 @@
-"""The Redis sink's wire format and its TTL rule, without a server: one HSET per written
-key, an EXPIRE only where the key was created or re-stated after a new day."""
+"""The Redis sink without a server: its wire format and TTL rule (one HSET per written key,
+an EXPIRE only where the key was created or re-stated after a new day), and how it waits out
+a Redis that is away (the fake client fails as many times as told)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import hiredis
+import pytest
+import redis
 
 from dataflow.config import RedisSettings
-from dataflow.core.shard import StepResult
+from dataflow.core.shard import StepResult, Write
+from dataflow.errors import SinkError
 from dataflow.resp import pack_del, pack_expire, pack_hset
-from dataflow.retry import NO_WAIT
-from dataflow.sinks.redis import RedisWriter, coalesce
+from dataflow.retry import NO_WAIT, Backoff
+from dataflow.sinks.redis import RedisWriter, SinkState, coalesce
 from tests.fakes import FakeRedis
+from tests.registry import Delta, sample
 
 
 def commands(data: bytes) -> list[list[bytes]]:
@@ -73,3 +79,119 @@ def test_coalesce_sets_the_ttl_of_created_and_restated_keys_only() -> None:
     assert latest["doc:new"] == ("doc:new", {"as_of": "2"})
     assert ttl >= {"doc:new", "doc:idle"}
     assert "doc:old" not in ttl
+
+
+# --- Redis away ---------------------------------------------------------------------------
+
+
+class Clock:
+    """A monotonic clock moved only by the backoff's sleeps, which it records along with the
+    `sink_up` gauge at the time (the sink is asleep: what /metrics shows meanwhile)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[tuple[float, float]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append((seconds, sample("search_features_sink_up", sink="redis")))
+        self.now += seconds
+
+
+def outage_writer(
+    client: FakeRedis, clock: Clock, *, exit_after: int = 0, cap: float = 5.0
+) -> RedisWriter:
+    settings = RedisSettings(prefix="P", outage_exit_seconds=exit_after)
+    state = SinkState("redis", clock=clock)
+    backoff = Backoff(base=0.05, cap=cap, sleep=clock.sleep)
+    return RedisWriter(client, settings, backoff, state=state, clock=clock)  # type: ignore[arg-type]
+
+
+WRITES: list[Write] = [("doc:a", {"as_of": "1"}), ("doc:b", None)]
+
+
+def sink_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "dataflow.sinks.redis" and r.levelno >= 30]
+
+
+def test_a_long_outage_is_waited_out_the_chunk_resent_whole_and_logged_once_each_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failures = 200  # minutes of capped backoff
+    client = FakeRedis([redis.ConnectionError("Connection refused")] * failures)
+    clock = Clock()
+    with (
+        caplog.at_level(logging.DEBUG, logger="dataflow.sinks.redis"),
+        Delta("search_features_sink_writes_total", sink="redis", result="retry") as retried,
+        Delta("search_features_sink_writes_total", sink="redis", result="success") as ok,
+        Delta("search_features_sink_writes_total", sink="redis", result="failure") as failed,
+    ):
+        outage_writer(client, clock).write(list(WRITES))
+    assert client.attempts == failures + 1
+    assert len(set(client.sent)) == 1  # the same RESP buffer every time: absolute writes
+    assert client.disconnects == failures  # a failed connection is never reused
+    slept = [seconds for seconds, _ in clock.sleeps]
+    assert max(slept) <= 5.0 and sum(slept) > 300  # capped, and minutes long
+    assert {up for _, up in clock.sleeps} == {0.0}  # down the whole time
+    assert sample("search_features_sink_up", sink="redis") == 1.0
+    assert (retried.value, ok.value, failed.value) == (failures * 2, 2, 0)
+    down, back = sink_lines(caplog)  # one line each way, none per retry
+    assert down.getMessage().startswith("redis unreachable")
+    assert down.error == "Connection refused"  # type: ignore[attr-defined]
+    assert back.getMessage() == "redis answers again: writes resumed"
+    assert back.down_seconds == round(sum(slept), 1)  # type: ignore[attr-defined]
+    assert back.failed_attempts == failures  # type: ignore[attr-defined]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(debug) == failures  # each retry only at DEBUG
+
+
+def test_a_write_after_an_outage_starts_from_a_clean_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = FakeRedis([redis.TimeoutError("slow")])
+    clock = Clock()
+    writer = outage_writer(client, clock)
+    with caplog.at_level(logging.WARNING, logger="dataflow.sinks.redis"):
+        writer.write(list(WRITES))
+        writer.write(list(WRITES))  # no error: no line
+        client.errors.append(redis.ConnectionError("again"))
+        writer.write(list(WRITES))
+    messages = [r.getMessage().split(":")[0] for r in sink_lines(caplog)]
+    assert messages == ["redis unreachable", "redis answers again"] * 2
+    assert [r.failed_attempts for r in sink_lines(caplog)[1::2]] == [1, 1]  # type: ignore[attr-defined]
+
+
+def test_the_outage_exit_limit_stops_the_write_at_its_deadline() -> None:
+    client = FakeRedis([redis.ConnectionError("refused")] * 10_000)
+    clock = Clock()
+    with (
+        Delta("search_features_sink_writes_total", sink="redis", result="failure") as failed,
+        pytest.raises(SinkError, match=r"failed for 90s, REDIS_OUTAGE_EXIT_SECONDS=90"),
+    ):
+        outage_writer(client, clock, exit_after=90).write(list(WRITES))
+    assert sum(seconds for seconds, _ in clock.sleeps) == pytest.approx(90.0)
+    assert failed.value == len(WRITES)
+    assert sample("search_features_sink_up", sink="redis") == 0.0  # it stops while down
+    outage_writer(FakeRedis(), clock).write(list(WRITES))  # up again, for the other tests
+
+
+def test_an_outage_shorter_than_the_exit_limit_is_ridden_out() -> None:
+    client = FakeRedis([redis.BusyLoadingError("loading")] * 5)
+    clock = Clock()
+    outage_writer(client, clock, exit_after=60).write(list(WRITES))
+    assert client.attempts == 6
+
+
+def test_a_command_error_is_not_an_outage() -> None:
+    client = FakeRedis([redis.ResponseError("WRONGTYPE")])
+    clock = Clock()
+    with pytest.raises(SinkError, match="WRONGTYPE"):
+        outage_writer(client, clock).write(list(WRITES))
+    assert client.attempts == 1 and not clock.sleeps
+
+
+def test_the_backoff_stays_capped_however_many_attempts() -> None:
+    backoff = Backoff(base=0.05, cap=5.0)
+    assert all(2.5 <= backoff.delay(attempt) <= 5.0 for attempt in (10, 1_100, 100_000))
