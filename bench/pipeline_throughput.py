@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -96,7 +97,29 @@ def commandstats(client: redis.Redis) -> int:
     return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_"))
 
 
-def run_pipeline(topic: str, prefix: str) -> tuple[float, float, int, int]:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cluster(env: dict[str, str], processes: int) -> float:
+    """The same run as `processes` processes of one cluster (`-i/-a`); wall seconds."""
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(  # noqa: S603 - our own module
+            [sys.executable, "-m", "dataflow.run", "-i", str(i), "-a", addresses], env=env
+        )
+        for i in range(processes)
+    ]
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        raise SystemExit(f"a pipeline process failed: exit codes {codes}")
+    return time.perf_counter() - start
+
+
+def pipeline_env(topic: str, prefix: str) -> dict[str, str]:
     env = {
         **os.environ,
         "KAFKA_BROKERS": BROKERS,
@@ -110,6 +133,11 @@ def run_pipeline(topic: str, prefix: str) -> tuple[float, float, int, int]:
         "LOG_LEVEL": "WARNING",
     }
     env.pop("RECOVERY_DIR", None)
+    return env
+
+
+def run_pipeline(topic: str, prefix: str) -> tuple[float, float, int, int]:
+    env = pipeline_env(topic, prefix)
     start = time.perf_counter()
     # Start-up alone: the same command on an empty topic.
     empty = f"{topic}-empty"
@@ -131,6 +159,13 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--docs", type=int, default=50_000)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="also run the same topic as a cluster of this many processes, into its own "
+        "prefix, and report its events/s and the ratio to one process",
+    )
     args = parser.parse_args()
 
     token = f"bench{int(time.time())}"
@@ -170,13 +205,18 @@ def main() -> int:
             (peak_kib - idle_kib) / 1024 / max(live_keys, 1) * 100_000, 1
         ),
     }
+    if args.processes > 1:
+        env = pipeline_env(topic, f"{prefix}_x{args.processes}")
+        cluster_s = max(run_cluster(env, args.processes) - startup, 1e-9)
+        result[f"pipeline_events_per_s_{args.processes}_processes"] = round(produced / cluster_s)
+        result[f"scale_out_{args.processes}_processes"] = round(steady / cluster_s, 2)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
+    keys = list(client.scan_iter(match=f"{prefix}*", count=5000))
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
     return 0
