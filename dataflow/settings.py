@@ -388,7 +388,8 @@ FEATURE_TTL_SECONDS = _integer(
     "FEATURE_TTL_SECONDS",
     35 * 86_400,
     (86_400, 10 * 365 * 86_400),
-    "TTL refreshed on every write (the default is 35 days).",
+    "TTL of every key: set when it is created, refreshed by its daily re-statement "
+    "(the default is 35 days).",
 )
 REDIS_PIPELINE_KEYS = _integer(
     REDIS, "REDIS_PIPELINE_KEYS", 500, (1, 100_000), "Keys per Redis pipeline round trip."
