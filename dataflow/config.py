@@ -200,6 +200,8 @@ class Config:
             weight_impression=s.POPULARITY_WEIGHT_IMPRESSION.read(e),
             weight_long_click=s.POPULARITY_WEIGHT_LONG_CLICK.read(e),
             long_dwell_ms=s.LONG_DWELL_MS.read(e),
+            reference_ctr=tuple(float(ctr) for ctr in s.COEC_REFERENCE_CTR.read(e)),
+            coec_prior=s.COEC_PRIOR.read(e),
         )
         return cls(
             kafka=kafka,

@@ -97,6 +97,8 @@ class DocFeatures(NamedTuple):
     impressions_decay: float
     clicks_decay: float
     ctr_decay: float
+    expected_clicks_30d: float
+    coec_30d: float
     as_of: int
     found: bool
 
@@ -122,6 +124,8 @@ class QueryDocFeatures(NamedTuple):
     impressions_decay: float
     clicks_decay: float
     ctr_decay: float
+    expected_clicks_30d: float
+    coec_30d: float
     as_of: int
     found: bool
 
@@ -235,8 +239,10 @@ class _Layout(Generic[_R]):
                 values.append(kind(blob))
             elif kind is int:
                 values.append(0)
+            elif name in self.prior_fields:
+                values.append(prior.prior_rate)
             else:
-                values.append(prior.prior_rate if name in self.prior_fields else 0.0)
+                values.append(_MISSING_FLOATS.get(name, 0.0))
         values.append(found)
         return self.make(values)
 
@@ -248,6 +254,10 @@ class _Layout(Generic[_R]):
             self._missing[prior] = record
         return record
 
+
+_MISSING_FLOATS: dict[str, float] = {"coec_30d": 1.0}
+"""Float fields whose value for a missing key (or field) is not 0: no clicks over no
+expected clicks is the neutral ratio, `(0 + a) / (0 + a)`."""
 
 _DOC = _Layout(DocFeatures, DOC, frozenset({"ctr_7d", "ctr_30d", "ctr_decay"}))
 _QD = _Layout(QueryDocFeatures, QD, frozenset({"ctr_7d", "ctr_30d", "ctr_decay"}))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from dataflow.core.families import DEFAULT_REFERENCE_CTR
 from dataflow.errors import ConfigError
 
 T = TypeVar("T")
@@ -182,6 +183,16 @@ def _index(text: str) -> str:
 
 def _index_or_empty(text: str) -> str:
     return _index(text) if text else text
+
+
+def _rate(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{text} is not a rate in (0, 1]")
+    return text
 
 
 def _number_text(value: float) -> str:
@@ -455,6 +466,22 @@ LONG_DWELL_MS = _integer(
     30_000,
     (0, 86_400_000),
     "A dwell at least this long is a long click.",
+)
+COEC_REFERENCE_CTR = _list(
+    FEATURES,
+    "COEC_REFERENCE_CTR",
+    ",".join(repr(ctr) for ctr in DEFAULT_REFERENCE_CTR),
+    "Reference CTR of result positions 1, 2, …, for expected clicks and COEC; the last value "
+    "holds for every position from there on.",
+    check=_rate,
+    values="rates in (0, 1], comma-separated",
+)
+COEC_PRIOR = _number(
+    FEATURES,
+    "COEC_PRIOR",
+    1.0,
+    (0.001, 1e6),
+    "Smoothing of coec_30d = (clicks + COEC_PRIOR) / (expected clicks + COEC_PRIOR).",
 )
 FUTURE_TOLERANCE_SECONDS = _integer(
     FEATURES,

@@ -111,6 +111,11 @@ class ModelParams:
     popularity_weight_impression: float = 0
     popularity_weight_long_click: float = 0
     long_dwell_ms: int = 30_000
+    # Contract 6b: the reference CTR of positions 1, 2, ...; the last for every later one.
+    coec_reference_ctr: tuple[float, ...] = (
+        0.30, 0.15, 0.10, 0.07, 0.05, 0.04, 0.03, 0.025, 0.02, 0.015,
+    )  # fmt: skip
+    coec_prior: float = 1.0
     half_life_ms: int = 604_800_000
     dedup_slot_ms: int = 600_000
     dedup_horizon_ms: int = 86_400_000
@@ -252,6 +257,8 @@ class Contribution(NamedTuple):
     key: str
     kind: str
     ts: int
+    expected: int = 0
+    """For a search impression: its expected clicks, ``round(ctr_ref(position) * 2^32)``."""
 
 
 ContributionRule = Callable[[Sequence[Event], str, ModelParams], Iterator[Contribution]]
@@ -270,19 +277,31 @@ def _distinct(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def _search_side(event: Event, params: ModelParams) -> list[tuple[str, str, str]]:
-    """``(kind, doc_id, normalised query)`` credits of one search-side event.
+def _expected_units(position: int, params: ModelParams) -> int:
+    """Contract 6b: an impression at ``position`` (1-based) expects ``ctr_ref(position)``
+    clicks, summed in units of 2^-32."""
+    curve = params.coec_reference_ctr
+    return round(curve[min(position, len(curve)) - 1] * 2**32)
+
+
+def _search_side(event: Event, params: ModelParams) -> list[tuple[str, str, str, int]]:
+    """``(kind, doc_id, normalised query, expected clicks)`` credits of one search-side
+    event.
 
     Shared by the doc and qd families, which count the same things at different keys.
     """
     etype = event["type"]
     query = q_norm(event.get("query"))
     if etype == "search_impression":
-        return [("impression", doc, query) for doc in _distinct(event["doc_ids"])]
+        docs = list(event["doc_ids"])
+        return [
+            ("impression", doc, query, _expected_units(docs.index(doc) + 1, params))
+            for doc in _distinct(docs)
+        ]
     if etype == "click":
-        return [("click", event["doc_id"], query)]
+        return [("click", event["doc_id"], query, 0)]
     if etype == "dwell" and int(event["dwell_ms"]) >= params.long_dwell_ms:
-        return [("long_click", event["doc_id"], query)]
+        return [("long_click", event["doc_id"], query, 0)]
     return []
 
 
@@ -291,8 +310,8 @@ def doc_contributions(
 ) -> Iterator[Contribution]:
     """Impressions, clicks and long clicks per document (contract 4.1)."""
     for event in accepted:
-        for kind, doc, _query in _search_side(event, params):
-            yield Contribution("doc", doc_key(prefix, doc), kind, int(event["ts"]))
+        for kind, doc, _query, expected in _search_side(event, params):
+            yield Contribution("doc", doc_key(prefix, doc), kind, int(event["ts"]), expected)
 
 
 def qd_contributions(
@@ -300,9 +319,10 @@ def qd_contributions(
 ) -> Iterator[Contribution]:
     """The same per (normalised query, doc); an empty normalised query gives nothing."""
     for event in accepted:
-        for kind, doc, query in _search_side(event, params):
+        for kind, doc, query, expected in _search_side(event, params):
             if query:
-                yield Contribution("qd", qd_key(prefix, query, doc), kind, int(event["ts"]))
+                key = qd_key(prefix, query, doc)
+                yield Contribution("qd", key, kind, int(event["ts"]), expected)
 
 
 def ac_contributions(
@@ -446,6 +466,10 @@ def click_fields(
     if family == "doc":
         fields["popularity_7d"] = _popularity(clk7, imp7, long7, params)
         fields["popularity_30d"] = _popularity(clk30, imp30, long30, params)
+    # Contract 6b: expected clicks over the 30-day window, and clicks over them, smoothed.
+    expected30 = sum(c.expected for c in kept if in_window(c.ts, as_of, WINDOW_30D)) / 2**32
+    fields["expected_clicks_30d"] = expected30
+    fields["coec_30d"] = (clk30 + params.coec_prior) / (expected30 + params.coec_prior)
     return fields
 
 

@@ -99,7 +99,7 @@ def test_records_are_named_tuples_with_the_contract_fields() -> None:
     assert DocFeatures._fields == (
         "impressions_7d", "clicks_7d", "impressions_30d", "clicks_30d", "long_clicks_30d",
         "popularity_7d", "popularity_30d", "ctr_7d", "ctr_30d", "impressions_decay",
-        "clicks_decay", "ctr_decay", "as_of", "found",
+        "clicks_decay", "ctr_decay", "expected_clicks_30d", "coec_30d", "as_of", "found",
     )  # fmt: skip
     assert not dataclasses.is_dataclass(DocFeatures)
     missing = DocFeatures.parse({}, PRIOR)
@@ -107,6 +107,7 @@ def test_records_are_named_tuples_with_the_contract_fields() -> None:
     assert (missing.impressions_30d, missing.clicks_decay, missing.as_of) == (0, 0.0, 0)
     assert missing.ctr_7d == missing.ctr_30d == missing.ctr_decay == PRIOR.prior_rate
     assert missing.popularity_30d == 0.0
+    assert (missing.expected_clicks_30d, missing.coec_30d) == (0.0, 1.0)  # the neutral ratio
 
 
 # --------------------------------------------------------------------------- decoding

@@ -9,6 +9,7 @@ uses the same layout).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final
 
 from dataflow.core import keys
@@ -26,8 +27,9 @@ FAMILY_NAMES: Final = ("doc", "qd", "ac", "acq")
 
 # Per-day counts of each family, and which of them get a decayed sum.
 LAYOUTS: Final = (
-    Layout(counts=3, decayed=(0, 1)),  # doc: impressions, clicks, long clicks
-    Layout(counts=3, decayed=(0, 1)),  # qd: same as doc
+    # doc: impressions, clicks, long clicks, expected clicks (in units of 2^-32)
+    Layout(counts=4, decayed=(0, 1)),
+    Layout(counts=4, decayed=(0, 1)),  # qd: same as doc
     Layout(counts=2),  # ac: impressions, selects
     Layout(counts=3),  # acq: selects, searched, clicked
 )
@@ -37,9 +39,17 @@ Update = tuple[int, str, int, tuple[int, ...]]
 
 Fields = dict[str, str]
 
-_IMPRESSION: Final = (1, 0, 0)
-_CLICK: Final = (0, 1, 0)
-_LONG_CLICK: Final = (0, 0, 1)
+_CLICK: Final = (0, 1, 0, 0)
+_LONG_CLICK: Final = (0, 0, 1, 0)
+
+EXPECTED_SCALE: Final = 1 << 32
+"""Expected clicks are summed as integers in units of 2^-32, so the sums are exact and the
+same in any arrival order."""
+
+DEFAULT_REFERENCE_CTR: Final = (0.30, 0.15, 0.10, 0.07, 0.05, 0.04, 0.03, 0.025, 0.02, 0.015)
+"""The reference click-through rate of positions 1, 2, …; the last one holds for every
+position from there on. A configured curve (`COEC_REFERENCE_CTR`), not one learned from
+the stream: a learned curve would make a key's values depend on when it was computed."""
 _AC_IMPRESSION: Final = (1, 0)
 _AC_SELECT: Final = (0, 1)
 
@@ -56,6 +66,28 @@ class FeatureParams:
     weight_impression: float = 0.0
     weight_long_click: float = 0.0
     long_dwell_ms: int = 30_000
+    reference_ctr: tuple[float, ...] = DEFAULT_REFERENCE_CTR
+    coec_prior: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.reference_ctr or self.coec_prior <= 0:
+            raise ValueError("reference_ctr needs a position and coec_prior must be positive")
+
+    def coec(self, clicks: int, expected: float) -> float:
+        """Clicks over expected clicks, smoothed towards 1: `(k + a) / (e + a)`."""
+        return (clicks + self.coec_prior) / (expected + self.coec_prior)
+
+
+def expected_units(ctr: float) -> int:
+    """One impression's expected clicks at a reference CTR, in units of 2^-32."""
+    return round(ctr * EXPECTED_SCALE)
+
+
+@lru_cache(maxsize=16)
+def impressions_by_position(reference_ctr: tuple[float, ...]) -> tuple[tuple[int, ...], ...]:
+    """The counts of an impression at each position (index 0: position 1); the last one
+    holds for every position from there on. Cached: the fan-out asks once per event."""
+    return tuple((1, 0, 0, expected_units(ctr)) for ctr in reference_ctr)
 
 
 def family_of(suffix: str) -> int:
@@ -73,10 +105,18 @@ def updates_for(event: Event, params: FeatureParams) -> list[Update]:
     if isinstance(event, SearchImpression):
         qhash = _qhash(event.query)
         out: list[Update] = []
-        for doc_id in dict.fromkeys(event.doc_ids):  # distinct, first occurrence order
-            out.append((DOC, keys.doc_suffix(doc_id), ts, _IMPRESSION))
+        by_position = impressions_by_position(params.reference_ctr)
+        last = len(by_position) - 1
+        seen: set[str] = set()
+        # Each distinct doc once, at the position of its first occurrence.
+        for index, doc_id in enumerate(event.doc_ids):
+            if doc_id in seen:
+                continue
+            seen.add(doc_id)
+            counts = by_position[index if index < last else last]
+            out.append((DOC, keys.doc_suffix(doc_id), ts, counts))
             if qhash is not None:
-                out.append((QD, keys.qd_suffix(qhash, doc_id), ts, _IMPRESSION))
+                out.append((QD, keys.qd_suffix(qhash, doc_id), ts, counts))
         return out
     if isinstance(event, Click):
         return _doc_and_qd(event.query, event.doc_id, ts, _CLICK)
@@ -117,9 +157,10 @@ def fields_for(family: int, state: KeyState, as_of: int, params: FeatureParams) 
     t = totals(state, LAYOUTS[family], as_of // DAY_MS, as_of)
     if family in (DOC, QD):
         prior = params.doc if family == DOC else params.qd
-        imp7, clk7, long7 = t.last_7d
-        imp30, clk30, long30 = t.last_30d
+        imp7, clk7, long7, _ = t.last_7d
+        imp30, clk30, long30, expected_units30 = t.last_30d
         imp_decay, clk_decay = t.decayed
+        expected30 = expected_units30 / EXPECTED_SCALE
         out = {
             "impressions_7d": str(imp7),
             "clicks_7d": str(clk7),
@@ -136,6 +177,8 @@ def fields_for(family: int, state: KeyState, as_of: int, params: FeatureParams) 
         if family == DOC:
             out["popularity_7d"] = repr(popularity(params, imp7, clk7, long7))
             out["popularity_30d"] = repr(popularity(params, imp30, clk30, long30))
+        out["expected_clicks_30d"] = repr(expected30)
+        out["coec_30d"] = repr(params.coec(clk30, expected30))
         return out
     if family == AC:
         imp7, sel7 = t.last_7d

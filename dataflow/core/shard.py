@@ -18,7 +18,7 @@ from dataflow.core.counters import KeyState, add, from_bytes, prune, to_bytes
 from dataflow.core.families import LAYOUTS, FeatureParams, Fields, Update, family_of, fields_for
 from dataflow.core.windows import DAY_MS, RETENTION_DAYS
 
-LAYOUT = 1
+LAYOUT = 2
 """Version of the recovery state's layout (`dataflow.core.snapshots`)."""
 
 Write = tuple[str, Fields | None]
@@ -58,6 +58,8 @@ class FeatureShard:
     at millions of keys is spread over time instead of one burst. A key is rendered when its
     turn comes, at the clock of that moment; a newer day replaces the queue, so during a
     backfill the re-statements of days that passed meanwhile are never written at all.
+    `restate_all` queues every live key the same way without a new day: the repair of a
+    store that lost what was written to it (`dataflow.repair`).
     """
 
     __slots__ = (
@@ -225,6 +227,20 @@ class FeatureShard:
         self.deleted = set()
         self.created = set()
         return result
+
+    def restate_all(self) -> int:
+        """Queue every live key for re-statement exactly as a new day does: the same queue,
+        written `restate_per_flush` keys per flush, kept in the snapshot, each write setting
+        its key's TTL (`StepResult.new_day`). For a store that lost what was written to it;
+        replaces a queue in progress. Returns how many keys were queued."""
+        self.restating = list(self.keys)
+        self.restate_at = 0
+        return len(self.restating)
+
+    @property
+    def restate_left(self) -> int:
+        """Keys queued for re-statement and not written yet."""
+        return len(self.restating) - self.restate_at
 
     @property
     def pending(self) -> bool:

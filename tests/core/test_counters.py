@@ -6,7 +6,16 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataflow.core.counters import KeyState, Layout, add, from_bytes, prune, to_bytes, totals
+from dataflow.core.counters import (
+    KeyState,
+    Layout,
+    _totals,
+    add,
+    from_bytes,
+    prune,
+    to_bytes,
+    totals,
+)
 from dataflow.core.windows import DAY_MS, HALF_LIFE_MS, decay_factor, decayed_sum, forward_weight
 
 LAYOUT = Layout(counts=3, decayed=(0, 1))
@@ -110,3 +119,16 @@ def test_a_state_round_trips_through_its_snapshot_bytes(
     blob = to_bytes(state)
     assert len(blob) == 8 * len(state)
     assert from_bytes(blob) == state
+
+
+@given(events_strategy, st.integers(min_value=0, max_value=45 * DAY_MS))
+def test_the_unrolled_document_layout_gives_the_same_bits_as_the_general_loop(
+    events: list[tuple[int, tuple[int, int, int]]], extra: int
+) -> None:
+    doc = Layout(counts=4, decayed=(0, 1))
+    state = None
+    for offset, (a, b, c) in events:
+        state = add(state, doc, BASE + offset, (a, b, c, a * 1_288_490_189))
+    assert state is not None
+    as_of = max(BASE + o for o, _ in events) + extra
+    assert totals(state, doc, as_of // DAY_MS, as_of) == _totals(state, doc, as_of // DAY_MS, as_of)

@@ -46,6 +46,7 @@ DOC_FIELDS = {
     "impressions_7d", "clicks_7d", "impressions_30d", "clicks_30d", "long_clicks_30d",
     "popularity_7d", "popularity_30d", "ctr_7d", "ctr_30d",
     "impressions_decay", "clicks_decay", "ctr_decay", "as_of",
+    "expected_clicks_30d", "coec_30d",
 }  # fmt: skip
 QD_FIELDS = DOC_FIELDS - {"popularity_7d", "popularity_30d"}
 AC_FIELDS = {
@@ -114,6 +115,24 @@ def test_one_impression_and_one_click_today() -> None:
         assert fields["impressions_decay"] == pytest.approx(2 ** (-HOUR / H), rel=1e-15)
         assert fields["ctr_decay"] == pytest.approx(2 / (2 ** (-HOUR / H) + 21), rel=1e-15)
     assert d["popularity_7d"] == d["popularity_30d"] == 1.0
+
+
+def test_expected_clicks_follow_the_position_of_the_first_occurrence() -> None:
+    params = ModelParams(coec_reference_ctr=(0.5, 0.25, 0.125), coec_prior=2.0)
+    events = [
+        imp(DAY0, ["a", "b", "a", "c", "d"]),  # a at 1, b at 2, c at 4 and d at 5: the last
+        imp(DAY0 + HOUR, ["b"]),
+        click(DAY0 + 2 * HOUR, "b"),
+    ]
+    store = expected_store(events, params=params)
+    assert doc(store, "a")["expected_clicks_30d"] == 0.5
+    assert doc(store, "b")["expected_clicks_30d"] == 0.25 + 0.5
+    assert doc(store, "c")["expected_clicks_30d"] == doc(store, "d")["expected_clicks_30d"] == 0.125
+    assert doc(store, "b")["coec_30d"] == (1 + 2.0) / (0.75 + 2.0)
+    assert doc(store, "a")["coec_30d"] == 2.0 / 2.5  # shown first, never clicked: below 1
+    # Expected clicks are summed in units of 2^-32 (exact in any order), as the pipeline does.
+    odd = expected_store([imp(DAY0, ["x"])], params=ModelParams(coec_reference_ctr=(0.1,)))
+    assert doc(odd, "x")["expected_clicks_30d"] == round(0.1 * 2**32) / 2**32
 
 
 def test_value_types_are_int_or_float_by_field() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataflow.core.families import ACQ, DOC, QD, FeatureParams, Update
+from dataflow.core.families import ACQ, DOC, LAYOUTS, QD, FeatureParams, Update
 from dataflow.core.shard import FeatureShard
 from dataflow.core.windows import DAY_MS
 from dataflow.errors import RecoveryFormatError
@@ -18,7 +18,8 @@ PARAMS = FeatureParams()
 
 
 def upd(family: int, suffix: str, ts: int, counts: tuple[int, ...]) -> Update:
-    return (family, suffix, ts, counts)
+    """An update; counts left out at the end (a doc key's expected clicks) are zero."""
+    return (family, suffix, ts, counts + (0,) * (LAYOUTS[family].counts - len(counts)))
 
 
 updates_strategy = st.lists(
