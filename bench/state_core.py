@@ -36,11 +36,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataflow.core.families import DOC, QD, FeatureParams, Update  # noqa: E402
+from dataflow.core.families import DOC, QD, FeatureParams, Update, expected_units  # noqa: E402
 from dataflow.core.shard import FeatureShard  # noqa: E402
 
 DAY_MS = 86_400_000
 T0 = 20_400 * DAY_MS
+IMPRESSION = (1, 0, 0, expected_units(0.1))  # an impression at position 3
+IMPRESSION_AND_CLICK = (1, 1, 0, expected_units(0.1))
 
 
 def rss_bytes() -> int:
@@ -71,7 +73,7 @@ def feed(
         grouped: dict[int, list[Update]] = {}
         for family, suffix in (key_of(i, mixed) for i in order[lo : lo + batch]):
             ts = ts0 + rnd.randrange(3_600_000)
-            counts = (1, 0, 0) if rnd.random() < 0.9 else (1, 1, 0)
+            counts = IMPRESSION if rnd.random() < 0.9 else IMPRESSION_AND_CLICK
             grouped.setdefault(zlib.crc32(suffix.encode()) % n_shards, []).append(
                 (family, suffix, ts, counts)
             )
