@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from dataflow import settings as s
 from dataflow.core.families import FeatureParams
@@ -99,14 +100,59 @@ class KafkaSettings:
         return {k: v for k, v in config.items() if k not in CONSUMER_ONLY}
 
 
+def redis_options(url: str, password: str = "", ca_file: str = "") -> dict[str, Any]:
+    """redis-py connection options, besides the URL, of every client of the feature store
+    (the sink, the preflight, the tools, `FeatureReader.from_url`): the password when the
+    URL holds none, and for `rediss://` a verified TLS connection (the server certificate
+    must chain to `ca_file`, else to the system's CAs, and name the URL's host)."""
+    options: dict[str, Any] = {}
+    if password:
+        options["password"] = password
+    if urlsplit(url).scheme == "rediss":
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = True
+        if ca_file:
+            options["ssl_ca_certs"] = ca_file
+    return options
+
+
+def _readable_file(variable: str, path: str) -> None:
+    """ConfigError naming `variable` unless `path` is a file this process can read."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {path!r} ({exc.strerror})") from None
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     url: Secret = s.REDIS_URL.value
+    password: Secret = s.REDIS_PASSWORD.value
+    ca_file: str = s.REDIS_CA_FILE.value
     prefix: str = s.FEATURE_PREFIX.value
     ttl_seconds: int = s.FEATURE_TTL_SECONDS.value
     pipeline_keys: int = s.REDIS_PIPELINE_KEYS.value
     backoff_max_seconds: float = s.REDIS_BACKOFF_MAX_SECONDS.value
     outage_exit_seconds: int = s.REDIS_OUTAGE_EXIT_SECONDS.value
+
+    def client_options(self) -> dict[str, Any]:
+        """`redis_options` of these settings: pass them to `redis.Redis.from_url(url, ...)`."""
+        return redis_options(self.url.get(), self.password.get(), self.ca_file)
+
+    def check(self) -> None:
+        """ConfigError when the settings contradict each other or name an unreadable file."""
+        parts = urlsplit(self.url.get())
+        if self.password and parts.password is not None:
+            raise ConfigError(
+                "REDIS_PASSWORD", "REDIS_URL holds a password too; set the password in one place"
+            )
+        if self.ca_file:
+            if parts.scheme != "rediss":
+                raise ConfigError(
+                    "REDIS_CA_FILE", "is set but REDIS_URL is not a rediss:// (TLS) URL"
+                )
+            _readable_file("REDIS_CA_FILE", self.ca_file)
 
 
 @dataclass(frozen=True)
@@ -169,12 +215,15 @@ class Config:
         s.REDIS_MAX_RETRIES.read(e)  # deprecated: still validated, otherwise ignored
         redis = RedisSettings(
             url=s.REDIS_URL.read(e),
+            password=s.REDIS_PASSWORD.read(e),
+            ca_file=s.REDIS_CA_FILE.read(e),
             prefix=s.FEATURE_PREFIX.read(e),
             ttl_seconds=s.FEATURE_TTL_SECONDS.read(e),
             pipeline_keys=s.REDIS_PIPELINE_KEYS.read(e),
             backoff_max_seconds=s.REDIS_BACKOFF_MAX_SECONDS.read(e),
             outage_exit_seconds=s.REDIS_OUTAGE_EXIT_SECONDS.read(e),
         )
+        redis.check()
         opensearch = OpenSearchSettings(
             url=s.OPENSEARCH_URL.read(e),
             index=s.OPENSEARCH_INDEX.read(e),

@@ -11,14 +11,19 @@ value. These checks run first, in this order, and stop at the first failure with
    input topic is an error naming it: the pipeline never creates its input, and reading a
    missing topic by name would let a broker with `auto.create.topics.enable` create it
    with whatever defaults it has.
-2. **Dead-letter topic** (`KAFKA_DLQ_TOPIC`): exists, or is created here with the broker's
-   default partitions and replication, on purpose and said so in a WARNING line.
-3. **Redis** (`REDIS_URL`): answers `PING` on an authenticated connection (the URL's
-   user, password and database).
+2. **Redis** (`REDIS_URL`): answers `PING` on an authenticated connection (the URL's user,
+   the password, the database), over verified TLS for `rediss://` (`REDIS_CA_FILE`). Wrong
+   credentials and an untrusted or misnamed server certificate each get their own line.
+3. **Dead-letter topic** (`KAFKA_DLQ_TOPIC`): exists, or is created here with the broker's
+   default partitions and replication, on purpose and said so in a WARNING line. After the
+   Redis check, so that a pipeline with bad Redis credentials creates nothing.
 4. **OpenSearch** (`OPENSEARCH_URL`, when set): answers, and the sink's aliases exist or
    are created, with the fields it writes (`IndexAdmin.ensure`, what the sink does before
    its first write); `OPENSEARCH_DOCS_INDEX`, when set, exists with them
    (`IndexAdmin.verify`).
+
+No message carries a secret: URLs are shown with the password masked, and the errors of
+the clients (which never contain the password) are quoted as they are.
 
 The checks use the pipeline's own clients: `BrokerOffsets` (the admin client of
 `dataflow.kafka.source`), `ensure_topics`, redis-py as the sink builds it and
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import Iterator
 
 import redis
@@ -49,6 +55,7 @@ from dataflow.kafka.source import BrokerOffsets
 from dataflow.kafka.topics import ensure_topics
 from dataflow.opensearch.index import IndexAdmin, client_for
 from dataflow.opensearch.updates import specs_for
+from dataflow.sinks.redis import connect
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +67,16 @@ _HTTP_LOGGERS = ("opensearch", "urllib3", "elastic_transport")
 
 def check(config: Config) -> None:
     """Every check, in order; raises PreflightError at the first failure."""
-    check_kafka(config.kafka)
+    topics = check_kafka(config.kafka)
     check_redis(config.redis)
+    ensure_dead_letter_topic(config.kafka, topics)
     if config.opensearch.enabled:
         check_opensearch(config.opensearch)
 
 
-def check_kafka(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> None:
-    """The brokers answer, every input topic exists, the dead-letter topic exists or is
-    created."""
+def check_kafka(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> set[str]:
+    """The brokers answer and every input topic exists; returns the topics the broker
+    lists (nothing is created here)."""
     brokers = ",".join(settings.brokers)
     try:
         topics = BrokerOffsets(settings, timeout_s, quiet=True).topics()
@@ -91,6 +99,13 @@ def check_kafka(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> None:
             f"{what} {names} {does} not exist on {brokers} (or this user may not describe "
             f"{them}); create {them} first: the pipeline never creates its input topics",
         )
+    return set(topics)
+
+
+def ensure_dead_letter_topic(
+    settings: KafkaSettings, topics: set[str], timeout_s: float = TIMEOUT_S
+) -> None:
+    """The dead-letter topic is among `topics`, or is created."""
     if settings.dlq_topic in topics:
         return
     try:
@@ -120,21 +135,38 @@ def check_redis(settings: RedisSettings, timeout_s: float = TIMEOUT_S) -> None:
     """Redis answers PING on a connection made as the sink makes it (URL credentials and
     database included)."""
     url = s.REDIS_URL.display(settings.url.get())
-    client = redis.Redis.from_url(
-        settings.url.get(), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-    )
+    client = connect(settings, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         client.ping()
     except redis.AuthenticationError as exc:
+        password = "REDIS_PASSWORD" if settings.password else "the password in REDIS_URL"
         raise PreflightError(
-            "REDIS_URL", url, f"Redis refused the credentials ({exc}); check the user and password"
+            "REDIS_URL",
+            url,
+            f"Redis refused the credentials ({exc}); check the user in REDIS_URL and {password}",
         ) from None
     except redis.TimeoutError as exc:
         raise PreflightError(
             "REDIS_URL", url, f"no answer within {timeout_s:.0f}s ({exc})"
         ) from None
     except redis.ConnectionError as exc:
-        raise PreflightError("REDIS_URL", url, f"cannot connect ({exc})") from None
+        untrusted = _certificate_problem(exc)
+        if untrusted is None:
+            raise PreflightError("REDIS_URL", url, f"cannot connect ({exc})") from None
+        if "mismatch" in untrusted:  # the certificate is fine, but for another name
+            raise PreflightError(
+                "REDIS_URL",
+                url,
+                f"the Redis server's TLS certificate does not name this host ({untrusted}); "
+                "connect by a name the certificate holds",
+            ) from None
+        trusted = repr(settings.ca_file) if settings.ca_file else "the system's trusted CAs"
+        raise PreflightError(
+            "REDIS_CA_FILE",
+            settings.ca_file,
+            f"the TLS certificate of Redis at {url} is not signed by a CA in {trusted} "
+            f"({untrusted}); set REDIS_CA_FILE to the CA that signed it",
+        ) from None
     except redis.RedisError as exc:  # NOAUTH, a database index out of range, ...
         raise PreflightError("REDIS_URL", url, f"Redis refused the connection ({exc})") from None
     finally:
@@ -195,6 +227,21 @@ def check_opensearch(settings: OpenSearchSettings) -> None:
         ) from None
     finally:
         admin.client.close()
+
+
+def _certificate_problem(exc: BaseException) -> str | None:
+    """Why the server's certificate was refused, when that is what `exc` (or an error it
+    was raised from) says; None for any other failure."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    marker = "certificate verify failed: "
+    if "CERTIFICATE_VERIFY_FAILED" in text and marker in text:
+        return text.split(marker, 1)[1].split(" (_ssl.c", 1)[0]
+    return None
 
 
 def _kafka_reason(exc: Exception) -> str:

@@ -3,6 +3,8 @@
 ```python
 from dataflow.reader import AsyncFeatureReader, FeatureReader
 reader = FeatureReader.from_url("redis://localhost:6379/0")   # prefix from FEATURE_PREFIX
+# TLS and an ACL user: the CA from REDIS_CA_FILE, the password from REDIS_PASSWORD (or pass them)
+reader = FeatureReader.from_url("rediss://ranking@redis:6380/0", ca_file="/etc/redis-ca.pem")
 reader.doc_features(["d1", "d2"])                       # {doc_id: DocFeatures}
 reader.query_doc_features("iPhone case", ["d1", "d2"])   # {doc_id: QueryDocFeatures}
 reader.ranking_features("iPhone case", ["d1", "d2"])     # both of the above, one round trip
@@ -42,12 +44,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from dataflow import resp
+from dataflow.config import redis_options
 from dataflow.core import counters, keys
 from dataflow.core.families import AC, ACQ, DOC, LAYOUTS, QD, FeatureParams, fields_for
 from dataflow.core.smoothing import Prior
 from dataflow.core.windows import decay_factor
 from dataflow.errors import ReaderError, ReaderTimeout
-from dataflow.settings import FEATURE_PREFIX
+from dataflow.settings import FEATURE_PREFIX, REDIS_CA_FILE, REDIS_PASSWORD
 
 __all__ = [
     "DEFAULT_DEADLINE_MS",
@@ -69,6 +72,17 @@ DEFAULT_DEADLINE_MS = 50.0
 def prefix_from_env() -> str:
     """The feature-store version to read: `FEATURE_PREFIX`, else `feat`."""
     return FEATURE_PREFIX.read(os.environ)
+
+
+def _connection_options(url: str, password: str | None, ca_file: str | None) -> dict[str, Any]:
+    """The password (argument, else REDIS_PASSWORD) and, for `rediss://`, verified TLS
+    against `ca_file` (argument, else REDIS_CA_FILE, else the system's CAs): the options
+    the pipeline's own clients use (`dataflow.config.redis_options`)."""
+    if password is None:
+        password = REDIS_PASSWORD.read(os.environ).get()
+    if ca_file is None:
+        ca_file = REDIS_CA_FILE.read(os.environ)
+    return redis_options(url, password, ca_file)
 
 
 def decay_to(value: float, as_of_ms: int, read_ms: int) -> float:
@@ -523,9 +537,16 @@ class FeatureReader(_ReaderBase):
         params: FeatureParams | None = None,
         deadline_ms: float = DEFAULT_DEADLINE_MS,
         max_connections: int | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
     ) -> FeatureReader:
         """Connect to `url`; the prefix defaults to `FEATURE_PREFIX` (else `feat`), so
         switching the ranking service to a rebuilt version is one setting.
+
+        `rediss://` is TLS, the server's certificate verified against `ca_file` (default
+        `REDIS_CA_FILE`, else the system's CAs) and its name checked against the URL's host.
+        The password is the URL's, else `password` (default `REDIS_PASSWORD`), for the user
+        named in the URL (e.g. a read-only ACL user).
 
         The client's connect and socket timeouts are the deadline and it never retries (a
         retry would outlast the deadline). `max_connections` bounds the pool: one connection
@@ -540,6 +561,7 @@ class FeatureReader(_ReaderBase):
             retry=Retry(NoBackoff(), 0),
             protocol=2,
             max_connections=max_connections,
+            **_connection_options(url, password, ca_file),
         )
         return cls(client, prefix=chosen, params=params, deadline_ms=deadline_ms)
 
@@ -652,11 +674,17 @@ class AsyncFeatureReader(_ReaderBase):
         params: FeatureParams | None = None,
         deadline_ms: float = DEFAULT_DEADLINE_MS,
         max_connections: int | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
     ) -> AsyncFeatureReader:
         """As `FeatureReader.from_url`; the deadline is kept with `asyncio.timeout`."""
         chosen = prefix if prefix is not None else prefix_from_env()
         client = redis.asyncio.Redis.from_url(
-            url, retry=AsyncRetry(NoBackoff(), 0), protocol=2, max_connections=max_connections
+            url,
+            retry=AsyncRetry(NoBackoff(), 0),
+            protocol=2,
+            max_connections=max_connections,
+            **_connection_options(url, password, ca_file),
         )
         return cls(client, prefix=chosen, params=params, deadline_ms=deadline_ms)
 

@@ -385,6 +385,21 @@ REDIS_URL = _secret(
     check=_redis_url,
     values="`redis://`, `rediss://` or `unix://` URL",
 )
+REDIS_PASSWORD = _secret(
+    REDIS,
+    "REDIS_PASSWORD",
+    "",
+    "Password of the user named in REDIS_URL when the URL holds none (then the URL is no "
+    "secret); empty: the URL's own password, if any.",
+)
+REDIS_CA_FILE = _text(
+    REDIS,
+    "REDIS_CA_FILE",
+    "",
+    "CA certificates (PEM) that sign the server certificate of a `rediss://` REDIS_URL; "
+    "empty: the system's trusted CAs. The server's name in the URL must be on its certificate.",
+    values="a file path, or empty",
+)
 FEATURE_PREFIX = _text(
     REDIS,
     "FEATURE_PREFIX",

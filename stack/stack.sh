@@ -4,11 +4,12 @@
 # can reach: Maven Central (Kafka, OpenSearch) and Debian (redis-server, prometheus).
 #
 #   stack/stack.sh up | down | status            the whole stack
-#   stack/stack.sh start|stop|restart SVC...     one service (kafka redis opensearch prometheus)
+#   stack/stack.sh start|stop|restart SVC...     one service (kafka redis redis-tls opensearch prometheus)
 #   stack/stack.sh start-opensearch | stop-opensearch   (and the same for every service)
 #   stack/stack.sh reload-prometheus             re-read ops/prometheus/*.rules.yml
 #   stack/stack.sh logs SVC [N]                  last N lines of a service's log
 #   stack/stack.sh kafka-class MAIN.Class ARGS   run a Kafka CLI class (e.g. TopicCommand)
+#   stack/stack.sh secured                       the secured side's CA, users and password files
 #
 # Layout, environment variables and gotchas: stack/README.md.
 set -euo pipefail
@@ -20,6 +21,9 @@ STACK_DIR=${STACK_DIR:-$REPO_DIR/.stack}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 REDIS_PORT=${REDIS_PORT:-6379}
+# The secured Redis: TLS only, ACL users with passwords, the default user off (a second
+# redis-server, since ACL users apply to every port of a server; stack/README.md).
+REDIS_TLS_PORT=${REDIS_TLS_PORT:-6380}
 OPENSEARCH_PORT=${OPENSEARCH_PORT:-9200}
 PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
 METRICS_PORTS=${METRICS_PORTS:-3030,3031}
@@ -34,7 +38,7 @@ OPENSEARCH_HEAP=${OPENSEARCH_HEAP:-512m}
 # Seconds to wait for a graceful stop before SIGKILL (Kafka's controlled shutdown is the slow one).
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
 
-SERVICES=(kafka redis opensearch prometheus)
+SERVICES=(kafka redis redis-tls opensearch prometheus)
 
 # Seconds since the command started, so a slow CI run shows where the time went.
 log() { printf '[stack %3ss] %s\n' "$SECONDS" "$*"; }
@@ -54,6 +58,12 @@ TMP=$STACK_DIR/tmp
 
 KAFKA_JARS=$DIST/kafka-$KAFKA_VERSION/jars
 KAFKA_PROPS=$CONF/kafka/server.properties
+# The secured side: a CA the stack generates, the server certificates it signs, and the
+# service accounts' passwords (generated once, kept across restarts; mode 600).
+TLS=$STACK_DIR/tls
+SECRETS=$STACK_DIR/secrets
+REDIS_TLS_CONF=$CONF/redis-tls/redis.conf
+REDIS_TLS_USERS=$CONF/redis-tls/users.acl
 OS_HOME=$DIST/opensearch-$OPENSEARCH_VERSION
 OS_CONF=$CONF/opensearch
 OS_PIDFILE=$RUN/opensearch/opensearch.pid  # written by OpenSearch itself, hence its own dir
@@ -72,6 +82,7 @@ port_of() {
   case $1 in
     kafka) echo "$KAFKA_PORT" ;;
     redis) echo "$REDIS_PORT" ;;
+    redis-tls) echo "$REDIS_TLS_PORT" ;;
     opensearch) echo "$OPENSEARCH_PORT" ;;
     prometheus) echo "$PROMETHEUS_PORT" ;;
   esac
@@ -81,6 +92,7 @@ port_var_of() {
   case $1 in
     kafka) echo KAFKA_PORT ;;
     redis) echo REDIS_PORT ;;
+    redis-tls) echo REDIS_TLS_PORT ;;
     opensearch) echo OPENSEARCH_PORT ;;
     prometheus) echo PROMETHEUS_PORT ;;
   esac
@@ -94,6 +106,7 @@ marker_of() {
   case $1 in
     kafka) echo "$KAFKA_PROPS" ;;
     redis) echo "redis-server 127.0.0.1:$REDIS_PORT" ;;
+    redis-tls) echo "redis-server 127.0.0.1:$REDIS_TLS_PORT" ;;
     opensearch) echo "org.opensearch.bootstrap.OpenSearch -p $OS_PIDFILE" ;;
     prometheus) echo "--config.file=$PROM_CONF" ;;
   esac
@@ -103,7 +116,7 @@ start_timeout_of() {
   if [[ -n ${STACK_START_TIMEOUT:-} ]]; then echo "$STACK_START_TIMEOUT"; return; fi
   case $1 in
     kafka) echo 90 ;;
-    redis) echo 20 ;;
+    redis | redis-tls) echo 20 ;;
     opensearch) echo 180 ;;
     prometheus) echo 60 ;;
   esac
@@ -130,7 +143,7 @@ pid_alive() {
 comm_of() {
   case $1 in
     kafka | opensearch) echo java ;;
-    redis) echo redis-server ;;
+    redis | redis-tls) echo redis-server ;;
     prometheus) echo prometheus ;;
   esac
 }
@@ -212,6 +225,11 @@ healthy() {
   case $1 in
     kafka) python3 "$STACK_SRC/kafka_probe.py" 127.0.0.1 "$port" 1 2>/dev/null ;;
     redis) [[ $(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null) == PONG ]] ;;
+    # As the admin account, over TLS with the stack's CA: the password goes through the
+    # environment, never on a command line.
+    redis-tls)
+      [[ $(REDISCLI_AUTH=$(cat "$SECRETS/redis-admin.password") redis-cli --tls \
+        --cacert "$TLS/ca.pem" -h 127.0.0.1 -p "$port" --user stack-admin ping 2>/dev/null) == PONG ]] ;;
     opensearch)
       curl -fsS --max-time 3 "http://127.0.0.1:$port/_cluster/health" 2>/dev/null |
         grep -Eq '"status":"(green|yellow)"' ;;
@@ -339,7 +357,7 @@ missing_packages() {
   local svc
   for svc in "$@"; do
     case $svc in
-      redis) command -v redis-server >/dev/null && command -v redis-cli >/dev/null || echo redis-server ;;
+      redis | redis-tls) command -v redis-server >/dev/null && command -v redis-cli >/dev/null || echo redis-server ;;
       prometheus) command -v prometheus >/dev/null && command -v promtool >/dev/null || echo prometheus ;;
       opensearch) [[ -f $OS_HOME/.complete ]] || command -v unzip >/dev/null || echo unzip ;;
     esac
@@ -348,6 +366,7 @@ missing_packages() {
   command -v ss >/dev/null || echo iproute2
   command -v pgrep >/dev/null || echo procps
   command -v curl >/dev/null || echo curl
+  command -v openssl >/dev/null || echo openssl
 }
 
 install_services() {
@@ -430,6 +449,123 @@ format_kafka_storage() {
 
 configure_redis() {
   mkdir -p "$DATA/redis"
+}
+
+# --------------------------------------------------------------------------- the secured side
+
+# The stack's CA and one server certificate for every secured listener (SAN localhost and
+# 127.0.0.1), made once with openssl. The server certificate is made again when it is
+# missing, expires within a day or was not signed by the current CA.
+ensure_tls() {
+  mkdir -p "$TLS" "$LOGS"
+  chmod 755 "$TLS"
+  if [[ ! -s $TLS/ca.pem || ! -s $TLS/ca.key ]]; then
+    log "tls: generating the stack's CA in $TLS"
+    rm -f "$TLS"/*
+    openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 \
+      -keyout "$TLS/ca.key" -out "$TLS/ca.pem" -subj "/CN=search-features local stack CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      >>"$LOGS/install.log" 2>&1 || die "tls: openssl could not make the CA (see $LOGS/install.log)"
+    chmod 600 "$TLS/ca.key"
+  fi
+  if [[ -s $TLS/server.pem && -s $TLS/server.key ]] &&
+    openssl x509 -in "$TLS/server.pem" -noout -checkend 86400 >/dev/null 2>&1 &&
+    openssl verify -CAfile "$TLS/ca.pem" "$TLS/server.pem" >/dev/null 2>&1; then
+    return 0
+  fi
+  log "tls: signing a server certificate for localhost and 127.0.0.1"
+  printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "extendedKeyUsage=serverAuth" \
+    "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+    "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" >"$TLS/server.ext"
+  {
+    openssl req -newkey rsa:2048 -nodes -sha256 -keyout "$TLS/server.key" -out "$TLS/server.csr" \
+      -subj "/CN=localhost" &&
+      openssl x509 -req -sha256 -days 825 -in "$TLS/server.csr" -CA "$TLS/ca.pem" \
+        -CAkey "$TLS/ca.key" -CAcreateserial -out "$TLS/server.pem" -extfile "$TLS/server.ext"
+  } >>"$LOGS/install.log" 2>&1 || die "tls: openssl could not sign the server certificate (see $LOGS/install.log)"
+  chmod 600 "$TLS/server.key"
+  rm -f "$TLS/server.csr"
+}
+
+# A service account's password: random, made once, readable by root (or the stack's owner)
+# only. Tests and `stack.sh secured` read it from the file.
+ensure_password() {
+  local file=$SECRETS/$1.password
+  mkdir -p "$SECRETS"
+  chmod 700 "$SECRETS"
+  [[ -s $file ]] && return 0
+  (umask 077 && openssl rand -hex 24 | tr -d '\n' >"$file.tmp") && mv "$file.tmp" "$file" ||
+    die "could not write $file"
+}
+
+password_sha256() {
+  tr -d '\n' <"$SECRETS/$1.password" | sha256sum | cut -d' ' -f1
+}
+
+# Redis users of the secured side (an ACL file), each with only what it needs
+# (docs/operations.md, "Security"); the file holds their passwords' SHA-256, not the
+# passwords.
+#   search-features  the pipeline: PING, the sink's HSET/EXPIRE/DEL, HMGET of its store
+#                    marker and the replay tool's SCAN, on keys feat* (feat, feat_v2, ...:
+#                    the FEATURE_PREFIX versions)
+#   ranking          the reader: HGETALL and PING, read-only on feat*
+#   stack-admin      everything: the health check, tests, a developer's redis-cli
+write_redis_tls_users() {
+  local user
+  for user in redis-pipeline redis-reader redis-admin; do ensure_password "$user"; done
+  (
+    umask 077
+    cat >"$1" <<EOF
+user default off resetkeys resetchannels -@all
+user search-features on #$(password_sha256 redis-pipeline) resetchannels ~feat* -@all +ping +hset +hmget +expire +del +scan
+user ranking on #$(password_sha256 redis-reader) resetchannels %R~feat* -@all +ping +hgetall
+user stack-admin on #$(password_sha256 redis-admin) ~* &* +@all
+EOF
+  )
+}
+
+configure_redis-tls() {
+  ensure_tls
+  mkdir -p "$CONF/redis-tls" "$DATA/redis-tls"
+  write_redis_tls_users "$REDIS_TLS_USERS"
+  (
+    umask 077
+    cat >"$REDIS_TLS_CONF" <<EOF
+# Generated by stack/stack.sh on every start; edit the script, not this file.
+bind 127.0.0.1
+protected-mode yes
+port 0
+tls-port $REDIS_TLS_PORT
+tls-cert-file $TLS/server.pem
+tls-key-file $TLS/server.key
+tls-ca-cert-file $TLS/ca.pem
+tls-auth-clients no
+daemonize yes
+pidfile $(pid_file redis-tls)
+logfile $(log_file redis-tls)
+dir $DATA/redis-tls
+save ""
+appendonly no
+aclfile $REDIS_TLS_USERS
+EOF
+  )
+}
+
+# `up` on a running redis-tls: when the users changed (another checkout of this script),
+# load them into the running server.
+refresh_redis-tls() {
+  local fresh=$TMP/redis-tls-users.acl.new out
+  mkdir -p "$TMP"
+  write_redis_tls_users "$fresh"
+  if cmp -s "$fresh" "$REDIS_TLS_USERS"; then
+    rm -f "$fresh"
+    return 0
+  fi
+  mv "$fresh" "$REDIS_TLS_USERS"
+  out=$(REDISCLI_AUTH=$(cat "$SECRETS/redis-admin.password") redis-cli --tls --cacert "$TLS/ca.pem" \
+    -h 127.0.0.1 -p "$REDIS_TLS_PORT" --user stack-admin ACL LOAD 2>&1)
+  [[ $out == OK ]] || die "redis-tls: could not load the changed users: $out"
+  log "redis-tls: users changed, loaded them (ACL LOAD)"
 }
 
 # OpenSearch refuses to run as root: root runs it as OPENSEARCH_USER (created on first use),
@@ -583,6 +719,12 @@ launch_redis() {
     fail_with_log redis "redis-server did not start"
 }
 
+launch_redis-tls() {
+  # shellcheck disable=SC2094
+  redis-server "$REDIS_TLS_CONF" </dev/null >>"$(log_file redis-tls)" 2>&1 9>&- ||
+    fail_with_log redis-tls "redis-server did not start"
+}
+
 launch_opensearch() {
   local runas
   read -ra runas <<<"$(opensearch_runas)"
@@ -635,6 +777,7 @@ start_one() {
   if pid=$(svc_pid "$svc"); then
     log "$svc: already running (pid $pid)"
     [[ $svc == prometheus ]] && refresh_prometheus "$pid"
+    [[ $svc == redis-tls ]] && refresh_redis-tls
     return 0
   fi
   port=$(port_of "$svc")
@@ -737,7 +880,17 @@ services_from_args() {
 }
 
 usage() {
-  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+# Where a client of the secured side finds what it needs (no password is printed).
+secured_info() {
+  cat <<EOF
+CA certificate (REDIS_CA_FILE): $TLS/ca.pem
+redis-tls  rediss://search-features@127.0.0.1:$REDIS_TLS_PORT/0  password file $SECRETS/redis-pipeline.password
+           rediss://ranking@127.0.0.1:$REDIS_TLS_PORT/0          password file $SECRETS/redis-reader.password
+           rediss://stack-admin@127.0.0.1:$REDIS_TLS_PORT/0      password file $SECRETS/redis-admin.password
+EOF
 }
 
 main() {
@@ -760,7 +913,7 @@ main() {
       take_lock
       local svc
       # Reverse order: Prometheus and OpenSearch first, Kafka last (its shutdown is slowest).
-      for svc in prometheus opensearch redis kafka; do stop_one "$svc"; done
+      for svc in prometheus opensearch redis-tls redis kafka; do stop_one "$svc"; done
       ;;
     start)
       take_lock
@@ -799,6 +952,7 @@ main() {
       exec java -Xmx256m -Dlog4j.configuration="file:$STACK_SRC/kafka-cli-log4j.properties" \
         -cp "$KAFKA_JARS/*" "$@"
       ;;
+    secured) secured_info ;;
     -h | --help | help) usage ;;
     *)
       [[ -n $cmd ]] && printf "[stack] ERROR: unknown command '%s'\n\n" "$cmd" >&2

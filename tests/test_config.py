@@ -160,6 +160,7 @@ def test_the_secret_rows_are_the_credentials() -> None:
     assert set(_ids(SECRETS)) == {
         "KAFKA_SASL_PASSWORD",
         "REDIS_URL",
+        "REDIS_PASSWORD",
         "OPENSEARCH_URL",
         "OPENSEARCH_PASSWORD",
     }

@@ -46,6 +46,13 @@ SINK = "redis"
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
+def connect(settings: RedisSettings, **options: Any) -> redis.Redis:
+    """A client of the feature store as `settings` describe it: REDIS_URL, REDIS_PASSWORD and,
+    for `rediss://`, TLS verified against REDIS_CA_FILE (`RedisSettings.client_options`);
+    `options` add redis-py's own (timeouts)."""
+    return redis.Redis.from_url(settings.url.get(), **settings.client_options(), **options)
+
+
 class _Everything:
     def __contains__(self, item: object) -> bool:
         return True
@@ -253,7 +260,5 @@ class RedisFeatureSink(DynamicSink[StepResult]):
         self.backoff = backoff or Backoff(cap=settings.backoff_max_seconds)
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RedisPartition:
-        client = redis.Redis.from_url(
-            self.settings.url.get(), socket_timeout=10, socket_connect_timeout=5
-        )
+        client = connect(self.settings, socket_timeout=10, socket_connect_timeout=5)
         return _RedisPartition(RedisWriter(client, self.settings, self.backoff))

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 
-import redis
 from opensearchpy import OpenSearchException
 
 from dataflow import settings
@@ -30,6 +29,7 @@ from dataflow.core import keys
 from dataflow.kafka.topics import end_offsets, ensure_topics, produce
 from dataflow.opensearch.index import client_for
 from dataflow.reader import FeatureReader
+from dataflow.sinks.redis import connect
 from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 
 DAY_MS = 86_400_000
@@ -81,7 +81,7 @@ def main() -> int:
 
 
 def show_features(config: Config, messages: list[GeneratedMessage]) -> None:
-    client = redis.Redis.from_url(config.redis.url.get())
+    client = connect(config.redis)
     reader = FeatureReader(client, prefix=config.redis.prefix, params=config.features)
     prefix = f"{config.redis.prefix}:doc:"
     doc_ids = [

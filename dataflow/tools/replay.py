@@ -47,6 +47,7 @@ from dataflow.config import Config
 from dataflow.errors import ConfigError, PipelineError
 from dataflow.kafka.source import POSITIONS, BrokerOffsets, Partition
 from dataflow.settings import FEATURE_PREFIX
+from dataflow.sinks.redis import connect
 
 MARKER = "replay.json"
 """Written into a replay's recovery directory: which prefix and topics it rebuilds."""
@@ -311,7 +312,7 @@ def _drop(config: Config, prefix: str, yes: bool) -> int:
             "Switch readers and the pipeline to the new prefix first, then drop the old one "
             "from an environment that points at the new one"
         )
-    client = redis.Redis.from_url(config.redis.url.get())
+    client = connect(config.redis)
     if not yes:
         count = sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=1000))
         print(f"{count} keys under {prefix}:* would be deleted; add --yes to delete them")
@@ -330,7 +331,7 @@ def _replay(config: Config, prefix: str, args: argparse.Namespace) -> int:
         )
     directory: Path = args.recovery_dir or Path(".recovery") / f"replay-{prefix}"
     resuming = prepare_recovery_dir(directory, prefix, config.kafka.topics)
-    client = redis.Redis.from_url(config.redis.url.get())
+    client = connect(config.redis)
     if not resuming and not prefix_is_empty(client, prefix):
         raise PipelineError(
             f"Redis already holds keys under {prefix}:* and {directory} holds no replay of "

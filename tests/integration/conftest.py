@@ -15,6 +15,10 @@ Isolation and cleanup, so tests can share one long-lived stack:
 - Redis keys under `key_prefix` are deleted after each test.
 - Indices and consumer groups are the test's own business (use `unique_name`).
 
+The secured side of the stack (`redis-tls`: TLS only, ACL users with passwords) is reached
+through `secured_redis`: its port (REDIS_TLS_PORT), the stack's CA and the users' password
+files under STACK_DIR (default `<repo>/.stack`), as `stack/stack.sh secured` lists them.
+
 Every test collected under tests/integration is marked `integration`, so
 `pytest -m "not integration"` runs without the stack.
 """
@@ -28,7 +32,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlencode
@@ -210,6 +215,80 @@ def key_prefix(redis_client: redis.Redis, unique_name: str) -> Iterator[str]:
     keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
     for start in range(0, len(keys), 500):
         redis_client.delete(*keys[start : start + 500])
+
+
+# --------------------------------------------------------------------------- the secured side
+
+STACK_DIR = Path(os.environ.get("STACK_DIR") or INTEGRATION_DIR.parents[1] / ".stack")
+
+# The secured Redis's ACL users (stack/stack.sh, configure_redis-tls) and their password files.
+REDIS_USERS = {
+    "search-features": "redis-pipeline",  # the pipeline: PING HSET HMGET EXPIRE DEL SCAN
+    "ranking": "redis-reader",  # the reader: HGETALL PING, read-only on feat*
+    "stack-admin": "redis-admin",  # everything
+}
+
+
+@dataclass(frozen=True)
+class SecuredRedis:
+    """The stack's TLS-only Redis: `url(user)` carries no password; `passwords[user]`."""
+
+    port: int
+    ca_file: str
+    passwords: Mapping[str, str] = field(repr=False)  # never in a test report
+
+    def url(self, user: str, host: str = HOST) -> str:
+        return f"rediss://{user}@{host}:{self.port}/0"
+
+    def client(self, user: str = "stack-admin", **options: Any) -> redis.Redis:
+        options = {"socket_timeout": 10, "socket_connect_timeout": 5, **options}
+        return redis.Redis.from_url(
+            self.url(user), password=self.passwords[user], ssl_ca_certs=self.ca_file, **options
+        )
+
+
+@pytest.fixture(scope="session")
+def secured_redis() -> Iterator[SecuredRedis]:
+    """The secured Redis, once its admin user has answered a PING over TLS."""
+    port = _port("REDIS_TLS_PORT", 6380)
+    where = f"rediss://127.0.0.1:{port}"
+    ca_file = STACK_DIR / "tls" / "ca.pem"
+    try:
+        passwords = {
+            user: (STACK_DIR / "secrets" / f"{name}.password").read_text().strip()
+            for user, name in REDIS_USERS.items()
+        }
+        ca_file.read_bytes()
+    except OSError as exc:
+        _unavailable("The secured Redis", where, exc)
+    secured = SecuredRedis(port, str(ca_file), passwords)
+    probe = secured.client(socket_timeout=5)
+    try:
+        probe.ping()
+    except redis.RedisError as exc:
+        _unavailable("The secured Redis", where, exc)
+    finally:
+        probe.close()
+    yield secured
+
+
+@pytest.fixture(scope="session")
+def secured_admin(secured_redis: SecuredRedis) -> Iterator[redis.Redis]:
+    """The secured Redis as its admin user (bytes in, bytes out)."""
+    client = secured_redis.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def secured_prefix(secured_admin: redis.Redis, unique_name: str) -> Iterator[str]:
+    """`feat_it_<token>`: a FEATURE_PREFIX inside the ACL users' key pattern `feat*`; every key
+    under it is deleted after the test."""
+    prefix = f"feat_it_{unique_name}"
+    yield prefix
+    keys = list(secured_admin.scan_iter(match=f"{prefix}*", count=1000))
+    for start in range(0, len(keys), 500):
+        secured_admin.delete(*keys[start : start + 500])
 
 
 # --------------------------------------------------------------------------- OpenSearch

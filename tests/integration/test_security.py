@@ -1,0 +1,338 @@
+"""The pipeline and the reader against the secured side of the stack (`stack/stack.sh`):
+Redis over TLS only, verified against the stack's CA, as ACL users with passwords and the
+least rights (the default user is off).
+
+- the whole pipeline (`python -m dataflow.run`, preflight included) writes exactly the
+  reference model's features as the `search-features` user over `rediss://`;
+- the reader reads them as the read-only `ranking` user, sync and async, and what each user
+  may not do is refused;
+- every bad credential (wrong password, unknown user, no password, a certificate the client
+  does not trust) stops the pipeline at start: one line naming the variable and Redis, exit
+  status 3, no secret in it, nothing created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from confluent_kafka.admin import AdminClient
+
+from dataflow.config import RedisSettings
+from dataflow.core import counters, keys
+from dataflow.core.families import AC, ACQ, DOC, LAYOUTS, QD, FeatureParams, fields_for
+from dataflow.core.smoothing import Prior
+from dataflow.errors import ReaderError
+from dataflow.kafka.topics import produce
+from dataflow.reader import (
+    AsyncFeatureReader,
+    AutocompleteFeatures,
+    AutocompleteLink,
+    DocFeatures,
+    FeatureReader,
+    QueryDocFeatures,
+)
+from dataflow.retry import NO_WAIT
+from dataflow.settings import Secret
+from dataflow.sinks.redis import RedisWriter, connect
+from dataflow.tools.generator import GeneratorConfig, generate
+from tests.integration.conftest import SecuredRedis
+from tests.integration.harness import PipelineProcess, dump, pipeline_env
+from tests.integration.test_preflight import one_line, run_pipeline
+from tests.reference_model import diff_stores, expected_store, select_families
+
+PIPELINE_USER, READER_USER = "search-features", "ranking"
+ALL = ("doc", "qd", "ac", "acq")
+NOW = int(time.time() * 1000)
+PARAMS = FeatureParams(doc=Prior(1.0, 20.0), qd=Prior(2.0, 30.0), ac=Prior(1.0, 5.0))
+
+
+def redis_env(secured: SecuredRedis, user: str = PIPELINE_USER) -> dict[str, str]:
+    """The pipeline's Redis settings for the secured side: no password in the URL."""
+    return {
+        "REDIS_URL": secured.url(user),
+        "REDIS_PASSWORD": secured.passwords[PIPELINE_USER],
+        "REDIS_CA_FILE": secured.ca_file,
+    }
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def test_the_pipeline_over_tls_as_its_acl_user_writes_exactly_the_model(
+    kafka_brokers: str,
+    topic_factory: Any,
+    secured_redis: SecuredRedis,
+    secured_admin: redis.Redis,
+    secured_prefix: str,
+    tmp_path: Path,
+) -> None:
+    topic, dlq = topic_factory(2), topic_factory(1)
+    messages = list(
+        generate(
+            GeneratorConfig(
+                seed=12,
+                n_events=3_000,
+                n_docs=200,
+                n_queries=30,
+                start_ms=NOW - 6 * 3_600_000,
+                span_ms=6 * 3_600_000 - 60_000,
+                duplicate_fraction=0.1,
+                invalid_fraction=0.05,
+                max_disorder_ms=300_000,
+            )
+        )
+    )
+    produce(kafka_brokers, topic, messages)
+    env = pipeline_env(
+        brokers=kafka_brokers,
+        topic=topic,
+        dlq=dlq,
+        redis_url=secured_redis.url(PIPELINE_USER),
+        prefix=secured_prefix,
+        **redis_env(secured_redis),
+    )
+    PipelineProcess(env, tmp_path / "pipeline.log").wait_ok()
+
+    valid = [m.event for m in messages if m.event is not None]
+    expected = select_families(
+        expected_store(valid, prefix=secured_prefix), ALL, prefix=secured_prefix
+    )
+    actual = dump(secured_admin, secured_prefix)
+    diffs = diff_stores(actual, expected)
+    assert not diffs, "\n".join(diffs[:30])
+    assert len(actual) > 300
+    assert {k.split(":")[1] for k in actual} == set(ALL)
+    assert 0 < secured_admin.ttl(next(iter(actual))) <= 35 * 86_400  # EXPIRE is allowed
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+def fields_of(family: int, rnd: random.Random) -> dict[str, str]:
+    layout = LAYOUTS[family]
+    state = None
+    for _ in range(rnd.randint(1, 4)):
+        counts = tuple(rnd.randint(0, 30) for _ in range(layout.counts))
+        state = counters.add(state, layout, NOW - rnd.randrange(29 * 86_400_000), counts)
+    assert state is not None
+    return fields_for(family, state, NOW, PARAMS)
+
+
+def test_the_reader_reads_over_tls_as_the_read_only_user(
+    secured_redis: SecuredRedis,
+    secured_admin: redis.Redis,
+    secured_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rnd = random.Random(5)
+    docs, query, typed = ["d1", "a:b", "ü", "missing"], "iPhone Case", "ip"
+    qhash = keys.query_hash(query)
+    writes: list[tuple[str, dict[str, str] | None]] = []
+    for doc in docs[:3]:
+        writes += [
+            (keys.doc_suffix(doc), fields_of(DOC, rnd)),
+            (keys.qd_suffix(qhash, doc), fields_of(QD, rnd)),
+            (keys.ac_suffix(typed, keys.q_norm(doc)), fields_of(AC, rnd)),
+            (keys.acq_suffix(keys.query_hash(doc)), fields_of(ACQ, rnd)),
+        ]
+    # Written by the sink's own writer, connected as the pipeline's user.
+    settings = RedisSettings(
+        url=Secret(secured_redis.url(PIPELINE_USER)),
+        password=Secret(secured_redis.passwords[PIPELINE_USER]),
+        ca_file=secured_redis.ca_file,
+        prefix=secured_prefix,
+    )
+    writer_client = connect(settings)
+    try:
+        RedisWriter(writer_client, settings, NO_WAIT).write(writes)
+    finally:
+        writer_client.close()
+
+    def expected(key_list: list[str], record: Any, prior: Prior) -> dict[str, Any]:
+        return {
+            d: record.parse(secured_admin.hgetall(k), prior)
+            for d, k in zip(docs, key_list, strict=True)
+        }
+
+    p = secured_prefix
+    want = {
+        "doc": expected([keys.doc_key(p, d) for d in docs], DocFeatures, PARAMS.doc),
+        "qd": expected([keys.qd_key(p, query, d) for d in docs], QueryDocFeatures, PARAMS.qd),
+        "ac": expected([keys.ac_key(p, typed, d) for d in docs], AutocompleteFeatures, PARAMS.ac),
+        "acq": expected([keys.acq_key(p, d) for d in docs], AutocompleteLink, PARAMS.acq),
+    }
+    assert sum(r.found for r in want["doc"].values()) == 3
+
+    url, password = secured_redis.url(READER_USER), secured_redis.passwords[READER_USER]
+    reader = FeatureReader.from_url(
+        url, prefix=p, params=PARAMS, deadline_ms=5000, password=password,
+        ca_file=secured_redis.ca_file,
+    )  # fmt: skip
+    try:
+        docs_read, qd_read = reader.ranking_features(query, docs)
+        got = {
+            "doc": docs_read,
+            "qd": qd_read,
+            "ac": reader.autocomplete_features(typed, docs),
+            "acq": reader.autocomplete_link(docs),
+        }
+    finally:
+        reader.close()
+    assert got == want
+
+    # The async reader, with the password and the CA from the environment.
+    monkeypatch.setenv("REDIS_PASSWORD", password)
+    monkeypatch.setenv("REDIS_CA_FILE", secured_redis.ca_file)
+
+    async def read_async() -> dict[str, Any]:
+        areader = AsyncFeatureReader.from_url(url, prefix=p, params=PARAMS, deadline_ms=5000)
+        try:
+            return await areader.doc_features(docs)
+        finally:
+            await areader.aclose()
+
+    assert asyncio.run(read_async()) == want["doc"]
+
+
+def test_a_reader_with_bad_credentials_or_an_untrusted_server_fails_without_the_secret(
+    secured_redis: SecuredRedis, secured_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    monkeypatch.delenv("REDIS_CA_FILE", raising=False)
+    url, password = secured_redis.url(READER_USER), secured_redis.passwords[READER_USER]
+    cases = {
+        "wrong password": {"password": "not-the-password-4711", "ca_file": secured_redis.ca_file},
+        "untrusted": {"password": password, "ca_file": None},  # the system's CAs
+    }
+    for case, options in cases.items():
+        reader = FeatureReader.from_url(url, prefix=secured_prefix, deadline_ms=5000, **options)
+        with pytest.raises(ReaderError) as caught:
+            reader.doc_features(["d1"])
+        reader.close()
+        text = str(caught.value)
+        assert password not in text and "not-the-password-4711" not in text, case
+        if case == "untrusted":
+            assert "certificate verify failed" in text, text
+
+
+# --------------------------------------------------------------------------- least rights
+
+
+def test_each_user_has_only_the_rights_it_needs(
+    secured_redis: SecuredRedis, secured_prefix: str
+) -> None:
+    key = f"{secured_prefix}:doc:x"
+    pipeline, reader = secured_redis.client(PIPELINE_USER), secured_redis.client(READER_USER)
+    try:
+        pipeline.hset(key, "clicks_7d", "1")
+        assert reader.hgetall(key) == {b"clicks_7d": b"1"}
+        refused = [
+            lambda: pipeline.hgetall(key),  # writes, never reads features
+            lambda: pipeline.hset("other:doc:x", "a", "1"),  # only keys feat*
+            pipeline.flushall,
+            lambda: pipeline.config_get("*"),
+            lambda: reader.hset(key, "a", "1"),  # read-only
+            lambda: reader.hgetall("other:doc:x"),
+            lambda: reader.delete(key),
+        ]
+        for number, call in enumerate(refused):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                call()
+                pytest.fail(f"call {number} was allowed")
+        assert pipeline.delete(key) == 1
+    finally:
+        pipeline.close()
+        reader.close()
+    # The default user is off: no password, no access. Plain TCP gets no answer at all.
+    anonymous = redis.Redis.from_url(
+        f"rediss://127.0.0.1:{secured_redis.port}/0", ssl_ca_certs=secured_redis.ca_file
+    )
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.ping()
+    anonymous.close()
+    plain = redis.Redis.from_url(f"redis://127.0.0.1:{secured_redis.port}/0", socket_timeout=5)
+    with pytest.raises(redis.ConnectionError):
+        plain.ping()
+    plain.close()
+
+
+# --------------------------------------------------------------------------- bad credentials
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A CA that signed nothing the stack runs."""
+    directory = tmp_path_factory.mktemp("other-ca")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(directory / "ca.key"), "-out", str(directory / "ca.pem"),
+         "-subj", "/CN=some other CA"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(directory / "ca.pem")
+
+
+CASES = ["wrong password", "unknown user", "no password", "system CAs", "another CA"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_redis_credentials_stop_the_pipeline_at_start_with_one_line(
+    case: str,
+    kafka_brokers: str,
+    kafka_admin: AdminClient,
+    topic_factory: Any,
+    secured_redis: SecuredRedis,
+    secured_prefix: str,
+    other_ca: str,
+    unique_name: str,
+) -> None:
+    good = redis_env(secured_redis)
+    shown = secured_redis.url(PIPELINE_USER)
+    wrong = "wr0ng-pa55word-0815"
+    env = {**good}
+    if case == "wrong password":
+        env["REDIS_PASSWORD"] = wrong
+    elif case == "unknown user":
+        env["REDIS_URL"] = shown = secured_redis.url("nobody")
+    elif case == "no password":
+        del env["REDIS_PASSWORD"]
+    elif case == "system CAs":
+        del env["REDIS_CA_FILE"]
+    else:
+        env["REDIS_CA_FILE"] = other_ca
+    dlq = f"it-{unique_name}-dlq-never"
+    done = run_pipeline(
+        KAFKA_BROKERS=kafka_brokers,
+        KAFKA_TOPICS=topic_factory(1),
+        KAFKA_DLQ_TOPIC=dlq,
+        FEATURE_PREFIX=secured_prefix,
+        **env,
+    )
+    line = one_line(done)
+    if case in ("wrong password", "unknown user", "no password"):
+        assert line.startswith(
+            f"preflight failed: REDIS_URL={shown}: Redis refused the credentials"
+        )
+        assert "check the user in REDIS_URL and " in line
+    elif case == "system CAs":
+        assert line.startswith(
+            f"preflight failed: REDIS_CA_FILE=: the TLS certificate of Redis at {shown} is not "
+            "signed by a CA in the system's trusted CAs (self-signed certificate in certificate "
+            "chain); set REDIS_CA_FILE"
+        ), line
+    else:  # (the server sends the CA along with its certificate: "self-signed ... in chain")
+        assert line.startswith(
+            f"preflight failed: REDIS_CA_FILE={other_ca}: the TLS certificate of Redis at {shown} "
+            f"is not signed by a CA in '{other_ca}' ("
+        ), line
+    for secret in (wrong, *secured_redis.passwords.values()):
+        assert secret not in done.stdout + done.stderr
+    # Nothing was created: the dead-letter topic comes after the Redis check.
+    assert dlq not in kafka_admin.list_topics(timeout=10).topics
