@@ -36,9 +36,18 @@ def pack_hgetall(key_list: Sequence[str]) -> bytes:
 
 def pack_hset(key: str, fields: Mapping[str, str]) -> str:
     """`HSET key field value …` as RESP text (lengths in characters: ASCII text only)."""
+    heads = _FIELD_HEADS
     parts = [f"*{2 + 2 * len(fields)}\r\n$4\r\nHSET\r\n${len(key)}\r\n{key}\r\n"]
-    parts.extend(f"${len(f)}\r\n{f}\r\n${len(v)}\r\n{v}\r\n" for f, v in fields.items())
+    for name, value in fields.items():
+        head = heads.get(name)
+        if head is None:
+            head = heads[name] = f"${len(name)}\r\n{name}\r\n"
+        parts.append(f"{head}${len(value)}\r\n{value}\r\n")
     return "".join(parts)
+
+
+_FIELD_HEADS: dict[str, str] = {}
+"""`$len\r\nname\r\n` of each field name seen (a few dozen names in all)."""
 
 
 def pack_expire(key: str, seconds: int) -> str:

@@ -94,13 +94,20 @@ def add(state: KeyState | None, layout: Layout, ts: int, counts: tuple[int, ...]
     while pos >= 1 and state[pos] > day:
         pos -= width
     if pos >= 1 and state[pos] == day:
-        for i in range(layout.counts):
-            state[pos + 1 + i] += counts[i]
-        if layout.decayed:
-            weight = forward_weight(ts)
-            base = pos + 1 + layout.counts
-            for j, i in enumerate(layout.decayed):
-                state[base + j] += counts[i] * weight
+        # Most counts of an update are zero (an impression, or a click): touch only the rest.
+        pos += 1
+        for i, n in enumerate(counts):
+            if n:
+                state[pos + i] += n
+        decayed = layout.decayed
+        if decayed:
+            weight = 0
+            base = pos + layout.counts
+            for j, i in enumerate(decayed):
+                n = counts[i]
+                if n:
+                    weight = weight or forward_weight(ts)
+                    state[base + j] += n * weight
         return state
 
     record = array("q", [day, *counts])
