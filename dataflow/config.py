@@ -145,7 +145,9 @@ class RedisSettings:
         parts = urlsplit(self.url.get())
         if self.password and parts.password is not None:
             raise ConfigError(
-                "REDIS_PASSWORD", "REDIS_URL holds a password too; set the password in one place"
+                self.password.source or "REDIS_PASSWORD",
+                f"{self.url.source or 'REDIS_URL'} holds a password too; set the password in one "
+                "place",
             )
         if self.ca_file:
             if parts.scheme != "rediss":

@@ -139,7 +139,10 @@ def check_redis(settings: RedisSettings, timeout_s: float = TIMEOUT_S) -> None:
     try:
         client.ping()
     except redis.AuthenticationError as exc:
-        password = "REDIS_PASSWORD" if settings.password else "the password in REDIS_URL"
+        if settings.password:
+            password = settings.password.source or "REDIS_PASSWORD"
+        else:
+            password = f"the password in {settings.url.source or 'REDIS_URL'}"
         raise PreflightError(
             "REDIS_URL",
             url,

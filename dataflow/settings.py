@@ -14,6 +14,9 @@ from the rows:
 - tests/deploy checks docker-compose.yml and k8s/ against them.
 
 `Setting.read` raises `ConfigError(variable, problem)`; a secret's value is masked there too.
+Every secret row has a companion row, `<NAME>_FILE`: a file that holds the value instead (a
+Kubernetes Secret or a Docker secret mounted as a file); `Setting.read` takes the value from
+there when it is set, and the `Secret` remembers which of the two it came from.
 This module imports nothing heavy: the event generator reads its defaults here.
 """
 
@@ -26,7 +29,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from dataflow.core.families import DEFAULT_REFERENCE_CTR
@@ -36,12 +39,15 @@ T = TypeVar("T")
 
 
 class Secret:
-    """A string that never shows itself in logs, reprs or tracebacks."""
+    """A string that never shows itself in logs, reprs or tracebacks. `source` is the variable
+    it was read from (`REDIS_PASSWORD` or `REDIS_PASSWORD_FILE`), for messages that say where
+    to look; it is not part of the value (equality ignores it)."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "source")
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, source: str = "") -> None:
         self._value = value
+        self.source = source
 
     def get(self) -> str:
         return self._value
@@ -100,14 +106,47 @@ class Setting(Generic[T]):
         """The default, parsed."""
         return self.parse(self.default)
 
+    @property
+    def file_variable(self) -> str:
+        """A secret's companion variable, the path of a file holding the value instead
+        (`REDIS_PASSWORD_FILE`); empty for every other row."""
+        return f"{self.name}_FILE" if self.secret else ""
+
     def read(self, env: Mapping[str, str] | None = None) -> T:
-        """The variable from `env` (default: the process environment), else the default."""
-        raw = (os.environ if env is None else env).get(self.name)
+        """The variable from `env` (default: the process environment), else the default. A
+        secret comes from the file its `_FILE` companion names when that is set (setting both
+        is an error); surrounding whitespace and the final newline are dropped, as from the
+        variable."""
+        e = os.environ if env is None else env
+        raw, source = e.get(self.name), self.name
+        if self.secret:
+            raw, source = self._from_file(e, raw)
         try:
-            return self.parse(self.default if raw is None else raw.strip())
+            value = self.parse(self.default if raw is None else raw.strip())
         except ValueError as exc:
             shown = masked(raw) if self.secret and raw is not None else raw
-            raise ConfigError(self.name, f"{exc} (got {shown!r})") from None
+            raise ConfigError(source, f"{exc} (got {shown!r})") from None
+        if isinstance(value, Secret):
+            return cast(T, Secret(value.get(), source))
+        return value
+
+    def _from_file(self, env: Mapping[str, str], raw: str | None) -> tuple[str | None, str]:
+        """(the text, the variable it came from): the file's when `_FILE` is set."""
+        variable = self.file_variable
+        path = (env.get(variable) or "").strip()
+        if not path:
+            return raw, self.name
+        if raw is not None and raw.strip():
+            raise ConfigError(variable, f"{self.name} is set too; set one of the two")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(variable, f"cannot read {path!r} ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(variable, f"{path!r} is not UTF-8 text") from None
+        if not text.strip():
+            raise ConfigError(variable, f"{path!r} is empty")
+        return text, variable
 
     def is_set(self, env: Mapping[str, str] | None = None) -> bool:
         """Whether the variable is in `env` (default: the process environment) at all."""
@@ -230,6 +269,17 @@ def _secret(
         return Secret(check(text))
 
     return _add(Setting(name, default, parse, doc, section, values, secret=True))
+
+
+def _file_of(row: Setting[Secret]) -> Setting[str]:
+    """The `_FILE` companion of a secret row (`Setting.read` of the secret reads it)."""
+    doc = (
+        f"A file holding {row.name} instead (a mounted Kubernetes or Docker secret); "
+        "setting both is an error."
+    )
+    return _add(
+        Setting(row.file_variable, "", _any_text, doc, row.section, "a file path, or empty")
+    )
 
 
 def _list(
@@ -376,6 +426,7 @@ KAFKA_SASL_MECHANISM = _text(
 )
 KAFKA_SASL_USERNAME = _text(KAFKA, "KAFKA_SASL_USERNAME", "", "SASL user name.")
 KAFKA_SASL_PASSWORD = _secret(KAFKA, "KAFKA_SASL_PASSWORD", "", "SASL password.")
+KAFKA_SASL_PASSWORD_FILE = _file_of(KAFKA_SASL_PASSWORD)
 
 REDIS_URL = _secret(
     REDIS,
@@ -385,6 +436,7 @@ REDIS_URL = _secret(
     check=_redis_url,
     values="`redis://`, `rediss://` or `unix://` URL",
 )
+REDIS_URL_FILE = _file_of(REDIS_URL)
 REDIS_PASSWORD = _secret(
     REDIS,
     "REDIS_PASSWORD",
@@ -392,6 +444,7 @@ REDIS_PASSWORD = _secret(
     "Password of the user named in REDIS_URL when the URL holds none (then the URL is no "
     "secret); empty: the URL's own password, if any.",
 )
+REDIS_PASSWORD_FILE = _file_of(REDIS_PASSWORD)
 REDIS_CA_FILE = _text(
     REDIS,
     "REDIS_CA_FILE",
@@ -527,6 +580,7 @@ OPENSEARCH_URL = _secret(
     check=_http_url_or_empty,
     values="`http://` or `https://` URL, or empty",
 )
+OPENSEARCH_URL_FILE = _file_of(OPENSEARCH_URL)
 OPENSEARCH_INDEX = _text(
     OPENSEARCH,
     "OPENSEARCH_INDEX",
@@ -553,6 +607,7 @@ OPENSEARCH_DOCS_INDEX = _text(
 )
 OPENSEARCH_USERNAME = _text(OPENSEARCH, "OPENSEARCH_USERNAME", "", "Basic-auth user.")
 OPENSEARCH_PASSWORD = _secret(OPENSEARCH, "OPENSEARCH_PASSWORD", "", "Basic-auth password.")
+OPENSEARCH_PASSWORD_FILE = _file_of(OPENSEARCH_PASSWORD)
 OPENSEARCH_MIN_CHANGE = _number(
     OPENSEARCH,
     "OPENSEARCH_MIN_CHANGE",

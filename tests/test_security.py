@@ -1,7 +1,8 @@
 """Connecting to secured services, without the services: which options every Redis client
 gets (TLS verified against REDIS_CA_FILE, the password from REDIS_PASSWORD), the settings
-that contradict each other, and how a refused certificate is told apart. The real TLS and
-ACL connections are in tests/integration/test_security.py."""
+that contradict each other, how a refused certificate is told apart, and every secret read
+from the file its `_FILE` companion names. The real TLS and ACL connections are in
+tests/integration/test_security.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from dataflow import settings
 from dataflow.config import Config, RedisSettings, redis_options
 from dataflow.errors import ConfigError
 from dataflow.preflight import _certificate_problem
 from dataflow.reader import AsyncFeatureReader, FeatureReader
-from dataflow.settings import Secret
+from dataflow.settings import SETTINGS, Secret, Setting
 from dataflow.sinks.redis import connect
 
 
@@ -50,7 +52,7 @@ def test_the_sink_client_is_built_with_them(tmp_path: Path) -> None:
     kwargs = client.connection_pool.connection_kwargs
     assert client.connection_pool.connection_class is redis.SSLConnection
     assert kwargs["username"] == "search-features"
-    assert kwargs["password"] == "pw"  # noqa: S105
+    assert kwargs["password"] == "pw"
     assert kwargs["ssl_ca_certs"] == str(ca)
     assert kwargs["ssl_check_hostname"] is True
     assert kwargs["socket_timeout"] == 3
@@ -64,7 +66,7 @@ def test_the_reader_takes_the_password_and_the_ca_from_arguments_or_the_environm
     monkeypatch.setenv("REDIS_CA_FILE", "/env/ca.pem")
     kwargs = FeatureReader.from_url(url).client.connection_pool.connection_kwargs
     assert (kwargs["password"], kwargs["ssl_ca_certs"]) == ("from-env", "/env/ca.pem")
-    given = FeatureReader.from_url(url, password="given", ca_file="/given/ca.pem")  # noqa: S106
+    given = FeatureReader.from_url(url, password="given", ca_file="/given/ca.pem")
     kwargs = given.client.connection_pool.connection_kwargs
     assert (kwargs["password"], kwargs["ssl_ca_certs"]) == ("given", "/given/ca.pem")
     areader = AsyncFeatureReader.from_url(url)
@@ -74,7 +76,7 @@ def test_the_reader_takes_the_password_and_the_ca_from_arguments_or_the_environm
     kwargs = FeatureReader.from_url(
         "rediss://u:in-url@c:1/0"
     ).client.connection_pool.connection_kwargs
-    assert kwargs["password"] == "in-url"  # noqa: S105
+    assert kwargs["password"] == "in-url"
 
 
 def test_contradicting_or_unreadable_redis_settings_name_the_variable(tmp_path: Path) -> None:
@@ -110,7 +112,7 @@ def test_the_redis_password_is_masked_in_describe(tmp_path: Path) -> None:
         }
     )
     described = config.describe()["redis"]
-    assert described["password"] == "********"  # noqa: S105
+    assert described["password"] == "********"
     assert described["ca_file"] == str(ca)
     assert "hunter2" not in repr(config) + str(config.describe())
 
@@ -132,3 +134,100 @@ def test_a_refused_certificate_is_told_apart_from_other_connection_errors() -> N
     )
     assert _certificate_problem(text) == "Hostname mismatch, certificate is not valid for 'c'."
     assert _certificate_problem(redis.ConnectionError("Connection refused")) is None
+
+
+# --- secrets from files -------------------------------------------------------------------
+
+SECRET_ROWS = tuple(row for row in SETTINGS if row.secret)
+VALUES = {"REDIS_URL": "rediss://u:hunter2@r:6380/0", "OPENSEARCH_URL": "https://u:hunter2@o"}
+
+
+def test_every_secret_has_a_file_companion_right_after_it() -> None:
+    rows = list(SETTINGS)
+    for row in SECRET_ROWS:
+        companion = settings.BY_NAME[row.file_variable]
+        assert companion.name == f"{row.name}_FILE"
+        assert rows.index(companion) == rows.index(row) + 1
+        assert (companion.secret, companion.section, companion.default) == (False, row.section, "")
+        assert getattr(settings, companion.name) is companion
+    companions = {row.file_variable for row in SECRET_ROWS}
+    assert {r.name for r in SETTINGS if r.name.endswith("_FILE")} - companions == {"REDIS_CA_FILE"}
+    assert not any(row.file_variable for row in SETTINGS if not row.secret)
+
+
+@pytest.mark.parametrize("row", SECRET_ROWS, ids=[row.name for row in SECRET_ROWS])
+def test_a_secret_is_read_from_its_file(row: Setting[Secret], tmp_path: Path) -> None:
+    value = VALUES.get(row.name, "hunter2")
+    path = tmp_path / "secret"
+    path.write_text(f"{value}\n")  # as `kubectl create secret --from-file` often leaves it
+    secret = row.read({row.file_variable: str(path)})
+    assert (secret.get(), secret.source) == (value, row.file_variable)
+    assert row.read({row.name: value}).source == row.name
+    assert row.read({row.name: " ", row.file_variable: str(path)}).get() == value  # empty: no clash
+    with pytest.raises(ConfigError) as caught:
+        row.read({row.name: value, row.file_variable: str(path)})
+    assert str(caught.value) == f"{row.file_variable}: {row.name} is set too; set one of the two"
+
+
+def test_a_bad_secret_file_names_the_file_variable_and_never_the_value(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "binary").write_bytes(b"\xffhunter2")
+    (tmp_path / "url").write_text("http://u:hunter2@r:6379\n")
+    cases = [
+        (
+            "REDIS_PASSWORD",
+            "nope",
+            f"cannot read '{tmp_path / 'nope'}' (No such file or directory)",
+        ),
+        ("REDIS_PASSWORD", ".", f"cannot read '{tmp_path / '.'}' (Is a directory)"),
+        ("KAFKA_SASL_PASSWORD", "empty", f"'{tmp_path / 'empty'}' is empty"),
+        ("OPENSEARCH_PASSWORD", "binary", f"'{tmp_path / 'binary'}' is not UTF-8 text"),
+        (
+            "REDIS_URL",
+            "url",
+            "must be a redis://, rediss:// or unix:// URL (got 'http://u:****@r:6379')",
+        ),
+    ]
+    for name, file, problem in cases:
+        with pytest.raises(ConfigError) as caught:
+            Config.from_env({f"{name}_FILE": str(tmp_path / file)})
+        assert caught.value.variable == f"{name}_FILE"
+        assert caught.value.problem == problem
+        assert "hunter2" not in str(caught.value)
+
+
+def test_a_configuration_from_files_shows_no_secret(tmp_path: Path) -> None:
+    for name, value in {
+        "kafka": "kafka-s3cret",
+        "redis": "redis-s3cret",
+        "opensearch": "os-s3cret",
+        "ca.pem": "-----BEGIN CERTIFICATE-----\n",
+    }.items():
+        (tmp_path / name).write_text(value)
+    config = Config.from_env(
+        {
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": "search-features",
+            "KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "kafka"),
+            "REDIS_URL": "rediss://search-features@cache:6380/0",
+            "REDIS_PASSWORD_FILE": str(tmp_path / "redis"),
+            "REDIS_CA_FILE": str(tmp_path / "ca.pem"),
+            "OPENSEARCH_PASSWORD_FILE": str(tmp_path / "opensearch"),
+        }
+    )
+    assert config.kafka.client_config()["sasl.password"] == "kafka-s3cret"
+    assert config.redis.client_options()["password"] == "redis-s3cret"
+    assert config.opensearch.password.get() == "os-s3cret"
+    shown = repr(config) + str(config.describe())
+    for secret in ("kafka-s3cret", "redis-s3cret", "os-s3cret"):
+        assert secret not in shown
+
+
+def test_the_reader_reads_the_password_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "password").write_text("from-a-file\n")
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    monkeypatch.setenv("REDIS_PASSWORD_FILE", str(tmp_path / "password"))
+    reader = FeatureReader.from_url("rediss://ranking@cache:6380/0")
+    assert reader.client.connection_pool.connection_kwargs["password"] == "from-a-file"

@@ -452,12 +452,22 @@ def test_every_state_shard_count_is_pinned_in_compose_and_k8s() -> None:
         assert _pipeline_env()[name] == _configmap()[name], name
 
 
+def _compose_secret_files(service: str) -> dict[str, Path]:
+    """`/run/secrets/<name>` -> the file on this machine, for every secret `service` gets."""
+    compose = load_compose()
+    names = compose["services"][service].get("secrets", [])
+    return {f"/run/secrets/{n}": ROOT / compose["secrets"][n]["file"] for n in names}
+
+
 def test_pipeline_environment_is_a_valid_configuration(tmp_path: Path) -> None:
     from dataflow.config import Config
     from dataflow.run import recovery_args
 
     env = _pipeline_env()
-    config = Config.from_env(env)
+    files = _compose_secret_files("pipeline")
+    # The *_FILE settings, pointed at the files the secrets are made of.
+    config = Config.from_env({k: str(files.get(v, v)) for k, v in env.items()})
+    assert config.redis.password.source == "REDIS_PASSWORD_FILE"
     assert config.opensearch.enabled
     assert config.kafka.dlq_topic not in config.kafka.topics
     # The recovery settings, as dataflow.run reads them (pointed at a temporary directory).
@@ -486,6 +496,27 @@ def test_pipeline_endpoints_point_at_the_compose_services() -> None:
     ports = services["pipeline"]["ports"]
     assert f"{env['BYTEWAX_DATAFLOW_API_PORT']}:{env['BYTEWAX_DATAFLOW_API_PORT']}" in ports
     assert env["METRICS_ENABLED"] == "true"
+
+
+def test_compose_secrets_are_files_the_pipeline_and_redis_share() -> None:
+    compose = load_compose()
+    env = _pipeline_env()
+    files = _compose_secret_files("pipeline")
+    secret_rows = {row.name for row in settings.SETTINGS if row.secret}
+    # No secret in the environment: a URL without a password at most, the rest as files.
+    for name in secret_rows & set(env):
+        assert urlsplit(env[name]).password is None, name
+    file_settings = {name: path for name, path in env.items() if name.endswith("_FILE")}
+    assert file_settings == {"REDIS_PASSWORD_FILE": "/run/secrets/redis-password"}
+    for name, path in file_settings.items():
+        assert name.removesuffix("_FILE") in secret_rows, name
+        assert path in files, f"{name}: {path} is not a secret of the pipeline service"
+        assert files[path].is_file() and files[path].read_text().strip(), files[path]
+    # Redis takes its user's password from the same secret.
+    assert compose["services"]["redis"]["secrets"] == ["redis-password"]
+    script = "\n".join(compose["services"]["redis"]["command"])
+    assert "/run/secrets/redis-password" in script and "user default off" in script
+    assert f"user {urlsplit(env['REDIS_URL']).username} on #" in script
 
 
 def test_pipeline_healthcheck_is_the_dockerfile_one() -> None:
@@ -668,35 +699,83 @@ def test_metrics_port_probes_and_scrape_annotations_agree() -> None:
 
 def test_pipeline_container_env_names_are_known_to_the_code() -> None:
     pipeline = _container("pipeline")
-    names = set(_configmap()) | set(_secret()) | {e["name"] for e in pipeline["env"]}
+    names = set(_configmap()) | {e["name"] for e in pipeline["env"]}
     assert names - known_env_names() == set()
     refs = {
         next(iter(source.values()))["name"]: kind
         for source in pipeline["envFrom"]
         for kind in source
     }
-    docs = load_k8s()
-    assert refs == {
-        docs["ConfigMap"]["metadata"]["name"]: "configMapRef",
-        docs["Secret"]["metadata"]["name"]: "secretRef",
-    }
-    assert not any(s.get("secretRef", {}).get("optional") for s in pipeline["envFrom"])
+    # The Secret is mounted as files, never loaded into the environment.
+    assert refs == {load_k8s()["ConfigMap"]["metadata"]["name"]: "configMapRef"}
     assert _pod()["spec"]["enableServiceLinks"] is False  # no SERVICE_PORT_... variables
 
 
-def test_configmap_and_secret_make_a_valid_configuration() -> None:
+SECRETS_MOUNT = "/etc/search-features/secrets"
+
+
+def _secret_volume() -> dict[str, Any]:
+    volumes = {v["name"]: v for v in _pod()["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in _container("pipeline")["volumeMounts"]}
+    assert mounts["secrets"]["mountPath"] == SECRETS_MOUNT
+    assert mounts["secrets"]["readOnly"] is True
+    secret: dict[str, Any] = volumes["secrets"]["secret"]
+    return secret
+
+
+def test_the_secret_is_mounted_as_files_readable_by_the_pod_group_only() -> None:
+    volume = _secret_volume()
+    assert volume["secretName"] == load_k8s()["Secret"]["metadata"]["name"]
+    assert not volume.get("optional", False)  # no credentials, no start
+    assert volume["defaultMode"] == 0o440
+    assert "secrets" not in {m["name"] for m in _container("prepare")["volumeMounts"]}
+
+
+def _file_settings() -> dict[str, str]:
+    """The ConfigMap's settings that name a file of the Secret: `*_FILE` and the CA bundle."""
+    return {k: v for k, v in _configmap().items() if v.startswith(SECRETS_MOUNT + "/")}
+
+
+def test_every_secret_setting_is_a_file_of_the_secret_and_every_file_is_used() -> None:
+    files = _file_settings()
+    secret_rows = {row.name for row in settings.SETTINGS if row.secret}
+    assert {name for name in files if name.removesuffix("_FILE") in secret_rows} == {
+        "REDIS_PASSWORD_FILE",
+        "KAFKA_SASL_PASSWORD_FILE",
+        "OPENSEARCH_PASSWORD_FILE",
+    }
+    for name in files:
+        assert name.removesuffix("_FILE") in secret_rows or name == "REDIS_CA_FILE", name
+    used = {path.removeprefix(SECRETS_MOUNT + "/") for path in files.values()}
+    assert used == set(_secret()), "every key of the Secret is a file some setting reads"
+
+
+def test_configmap_and_secret_make_a_valid_configuration(tmp_path: Path) -> None:
     from dataflow.config import Config
 
-    config = Config.from_env({**_configmap(), **_secret()})
+    # The Secret's files, as the kubelet writes them into the mount.
+    for key, value in _secret().items():
+        (tmp_path / key).write_text(value)
+    env = {k: v.replace(SECRETS_MOUNT, str(tmp_path)) for k, v in _configmap().items()}
+    config = Config.from_env(env)
     assert config.kafka.security_protocol == "SASL_SSL"
     assert config.kafka.sasl_password.get() == "CHANGE_ME"
+    assert config.kafka.sasl_password.source == "KAFKA_SASL_PASSWORD_FILE"
+    assert config.redis.password.get() == "CHANGE_ME"
+    assert config.redis.url.get().startswith("rediss://search-features@")
+    assert config.redis.ca_file == str(tmp_path / "ca.pem")
+    assert config.opensearch.password.get() == "CHANGE_ME"
     assert config.opensearch.enabled
 
 
 def test_secrets_stay_out_of_the_configmap_and_the_example_has_only_placeholders() -> None:
     secret_names = secret_env_names()
-    assert set(_secret()) == {"REDIS_URL", "KAFKA_SASL_PASSWORD", "OPENSEARCH_PASSWORD"}
-    assert set(_secret()) <= secret_names
+    assert set(_secret()) == {
+        "redis-password",
+        "kafka-sasl-password",
+        "opensearch-password",
+        "ca.pem",
+    }
     for name, value in _secret().items():
         assert "CHANGE_ME" in value, name
     for name in secret_names & set(_configmap()):

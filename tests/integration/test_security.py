@@ -3,7 +3,9 @@ Redis over TLS only, verified against the stack's CA, as ACL users with password
 least rights (the default user is off).
 
 - the whole pipeline (`python -m dataflow.run`, preflight included) writes exactly the
-  reference model's features as the `search-features` user over `rediss://`;
+  reference model's features as the `search-features` user over `rediss://`, its password
+  read from a file (`REDIS_PASSWORD_FILE`), and no secret is in any line it logs (at DEBUG),
+  in its `/metrics` and `/dataflow` or in its dead-letter envelopes;
 - the reader reads them as the read-only `ranking` user, sync and async, and what each user
   may not do is refused;
 - every bad credential (wrong password, unknown user, no password, a certificate the client
@@ -14,6 +16,7 @@ least rights (the default user is off).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import subprocess
 import time
@@ -42,8 +45,8 @@ from dataflow.retry import NO_WAIT
 from dataflow.settings import Secret
 from dataflow.sinks.redis import RedisWriter, connect
 from dataflow.tools.generator import GeneratorConfig, generate
-from tests.integration.conftest import SecuredRedis
-from tests.integration.harness import PipelineProcess, dump, pipeline_env
+from tests.integration.conftest import SecuredRedis, http_get
+from tests.integration.harness import PipelineProcess, dump, free_port, pipeline_env, read_topic
 from tests.integration.test_preflight import one_line, run_pipeline
 from tests.reference_model import diff_stores, expected_store, select_families
 
@@ -65,7 +68,18 @@ def redis_env(secured: SecuredRedis, user: str = PIPELINE_USER) -> dict[str, str
 # --------------------------------------------------------------------------- the pipeline
 
 
-def test_the_pipeline_over_tls_as_its_acl_user_writes_exactly_the_model(
+def scrape_while_running(run: PipelineProcess, port: int) -> list[str]:
+    """Every answer of `/metrics` and `/dataflow` (the Bytewax API server) while `run` lives."""
+    bodies: list[str] = []
+    while run.alive():
+        for path in ("/metrics", "/dataflow"):
+            with contextlib.suppress(OSError):  # not up yet, or gone
+                bodies.append(http_get(port, path, timeout=2).decode())
+        time.sleep(0.2)
+    return bodies
+
+
+def test_the_pipeline_over_tls_as_its_acl_user_writes_exactly_the_model_and_leaks_nothing(
     kafka_brokers: str,
     topic_factory: Any,
     secured_redis: SecuredRedis,
@@ -90,15 +104,26 @@ def test_the_pipeline_over_tls_as_its_acl_user_writes_exactly_the_model(
         )
     )
     produce(kafka_brokers, topic, messages)
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(secured_redis.passwords[PIPELINE_USER] + "\n")
+    settings = {k: v for k, v in redis_env(secured_redis).items() if k != "REDIS_PASSWORD"}
+    port = free_port()
     env = pipeline_env(
         brokers=kafka_brokers,
         topic=topic,
         dlq=dlq,
         redis_url=secured_redis.url(PIPELINE_USER),
         prefix=secured_prefix,
-        **redis_env(secured_redis),
+        **settings,
+        REDIS_PASSWORD_FILE=str(password_file),
+        LOG_LEVEL="DEBUG",
+        METRICS_ENABLED="true",
+        BYTEWAX_DATAFLOW_API_PORT=str(port),
     )
-    PipelineProcess(env, tmp_path / "pipeline.log").wait_ok()
+    env.pop("REDIS_PASSWORD", None)
+    run = PipelineProcess(env, tmp_path / "pipeline.log")
+    scraped = scrape_while_running(run, port)
+    run.wait_ok()
 
     valid = [m.event for m in messages if m.event is not None]
     expected = select_families(
@@ -110,6 +135,17 @@ def test_the_pipeline_over_tls_as_its_acl_user_writes_exactly_the_model(
     assert len(actual) > 300
     assert {k.split(":")[1] for k in actual} == set(ALL)
     assert 0 < secured_admin.ttl(next(iter(actual))) <= 35 * 86_400  # EXPIRE is allowed
+
+    # No secret anywhere: every line logged (DEBUG and up), every scrape, every dead letter.
+    log_lines = run.log_path.read_text(errors="replace").splitlines()
+    assert any("password=********" in line for line in log_lines)  # the configuration line
+    assert any("search_features_" in body for body in scraped), "no /metrics scrape"
+    letters = [value.decode(errors="replace") for _, value in read_topic(kafka_brokers, dlq)]
+    assert letters, "the stream's broken messages were dead-lettered"
+    secrets = list(secured_redis.passwords.values())
+    for text in (*log_lines, *scraped, *letters):
+        for secret in secrets:
+            assert secret not in text, f"a password in: {text[:200]}"
 
 
 # --------------------------------------------------------------------------- the reader
@@ -292,13 +328,16 @@ def test_bad_redis_credentials_stop_the_pipeline_at_start_with_one_line(
     secured_prefix: str,
     other_ca: str,
     unique_name: str,
+    tmp_path: Path,
 ) -> None:
     good = redis_env(secured_redis)
     shown = secured_redis.url(PIPELINE_USER)
     wrong = "wr0ng-pa55word-0815"
     env = {**good}
-    if case == "wrong password":
-        env["REDIS_PASSWORD"] = wrong
+    if case == "wrong password":  # from a file, as a mounted secret
+        del env["REDIS_PASSWORD"]
+        env["REDIS_PASSWORD_FILE"] = str(tmp_path / "password")
+        (tmp_path / "password").write_text(wrong + "\n")
     elif case == "unknown user":
         env["REDIS_URL"] = shown = secured_redis.url("nobody")
     elif case == "no password":
@@ -320,7 +359,10 @@ def test_bad_redis_credentials_stop_the_pipeline_at_start_with_one_line(
         assert line.startswith(
             f"preflight failed: REDIS_URL={shown}: Redis refused the credentials"
         )
-        assert "check the user in REDIS_URL and " in line
+        password = {"wrong password": "REDIS_PASSWORD_FILE", "unknown user": "REDIS_PASSWORD"}
+        assert line.endswith(
+            "; check the user in REDIS_URL and " + password.get(case, "the password in REDIS_URL")
+        ), line
     elif case == "system CAs":
         assert line.startswith(
             f"preflight failed: REDIS_CA_FILE=: the TLS certificate of Redis at {shown} is not "
