@@ -135,6 +135,7 @@ class RedisSettings:
     pipeline_keys: int = s.REDIS_PIPELINE_KEYS.value
     backoff_max_seconds: float = s.REDIS_BACKOFF_MAX_SECONDS.value
     outage_exit_seconds: int = s.REDIS_OUTAGE_EXIT_SECONDS.value
+    check_seconds: float = s.STORE_CHECK_SECONDS.value
 
     def client_options(self) -> dict[str, Any]:
         """`redis_options` of these settings: pass them to `redis.Redis.from_url(url, ...)`."""
@@ -224,6 +225,7 @@ class Config:
             pipeline_keys=s.REDIS_PIPELINE_KEYS.read(e),
             backoff_max_seconds=s.REDIS_BACKOFF_MAX_SECONDS.read(e),
             outage_exit_seconds=s.REDIS_OUTAGE_EXIT_SECONDS.read(e),
+            check_seconds=s.STORE_CHECK_SECONDS.read(e),
         )
         redis.check()
         opensearch = OpenSearchSettings(

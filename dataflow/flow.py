@@ -32,7 +32,7 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.dataflow import Dataflow, Stream
-from bytewax.inputs import Source
+from bytewax.inputs import DynamicSource, Source, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 from confluent_kafka import OFFSET_BEGINNING
@@ -53,6 +53,7 @@ from dataflow.kafka.lag import KafkaOffsets, LagTracker, LagTrackingSource
 from dataflow.kafka.source import BrokerOffsets, OffsetGapCheckingSource
 from dataflow.logs import configure_logging
 from dataflow.opensearch import sink as opensearch
+from dataflow.repair import StoreRepairs
 from dataflow.sinks.deadletters import DeadLetterSink
 from dataflow.sinks.redis import RedisFeatureSink
 
@@ -193,7 +194,16 @@ class LinkLogic(StatefulBatchLogic[list[LinkItem], list[Update], bytes]):
         return blob
 
 
-class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Sent to every feature shard by `store_checks` when the store lost data: look at the
+    store's generation (`dataflow.repair`). Carries nothing else."""
+
+
+WAKE = Wake()
+
+
+class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
     """One state shard of feature keys (see `dataflow.core.shard`).
 
     Updates mark keys dirty; the writes go out at most every `flush_interval` (one timer
@@ -201,6 +211,12 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
     batch. With an interval of zero every batch is flushed at once. After a new day, each
     flush also re-states its share of `RESTATE_KEYS_PER_SECOND`, and the timer stays set
     until every key is re-stated.
+
+    With `repairs` (the Redis sink checks its marker), every activation first looks at the
+    store's generation: when it moved (the store lost data), every live key is queued for
+    re-statement like after a new day (`FeatureShard.restate_all`), and the flush timer
+    re-states it at the same rate without waiting for events. Idle shards are woken by
+    `store_checks` (`Wake`).
     """
 
     def __init__(
@@ -209,6 +225,7 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
         flush_ms: int,
         restate_per_flush: int | None,
         resume: bytes | None,
+        repairs: StoreRepairs | None = None,
     ) -> None:
         self.shard = (
             FeatureShard(params, restate_per_flush=restate_per_flush)
@@ -217,11 +234,31 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
         )
         self.flush_interval = timedelta(milliseconds=flush_ms)
         self.next_flush: datetime | None = None
+        self.repairs = repairs
+        self.restored = resume is not None
+        self.repaired = 0 if repairs is None else repairs.join(self, restored=self.restored)
+        metrics.KEYS_TO_RESTATE.report(self, self.shard.restate_left)
 
-    def on_batch(self, values: list[ShardItem]) -> tuple[Iterable[StepResult], bool]:
-        result = self.shard.step(values)
+    def _repair(self) -> None:
+        """Queue every live key if the store lost data since this shard last looked."""
+        repairs = self.repairs
+        if repairs is None or repairs.generation == self.repaired:
+            return
+        generation = repairs.generation
+        due = repairs.due(self.repaired, restored=self.restored)
+        queued = self.shard.restate_all() if due else 0
+        self.repaired = generation
+        repairs.queued(self, generation, queued)
+        metrics.KEYS_TO_RESTATE.report(self, queued)
+
+    def on_batch(self, values: list[ShardItem | Wake]) -> tuple[Iterable[StepResult], bool]:
+        self._repair()
+        items = [v for v in values if not isinstance(v, Wake)]
+        result = self.shard.step(items) if items else StepResult()
         if result.late_updates:
             metrics.LATE_UPDATES.inc(result.late_updates)
+        if result.new_day:
+            metrics.KEYS_TO_RESTATE.report(self, self.shard.restate_left)
         metrics.STATE_KEYS.report(self, len(self.shard))
         if not self.flush_interval:
             return self._flush(everything=True), self.RETAIN
@@ -235,9 +272,11 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
         return self.next_flush
 
     def on_notify(self) -> tuple[Iterable[StepResult], bool]:
+        self._repair()
         return self._flush(), self.RETAIN
 
     def on_eof(self) -> tuple[Iterable[StepResult], bool]:
+        self._repair()
         return self._flush(everything=True), self.RETAIN
 
     def _flush(self, *, everything: bool = False) -> list[StepResult]:
@@ -251,10 +290,14 @@ class ShardLogic(StatefulBatchLogic[ShardItem, StepResult, bytes]):
         metrics.EXPIRED.inc(deletes)
         if result.new_day:
             metrics.RESTATED.inc(len(result.writes) - deletes)
+        metrics.KEYS_TO_RESTATE.report(self, self.shard.restate_left)
         return [result]
 
     def snapshot(self) -> bytes:
-        return self.shard.snapshot()
+        blob = self.shard.snapshot()
+        if self.repairs is not None:
+            self.repairs.saved(self)  # a queued repair is in this snapshot
+        return blob
 
 
 # --- stateless steps ---------------------------------------------------------------------
@@ -326,6 +369,59 @@ class LinkFanOut:
 
     def __call__(self, batches: list[tuple[str, list[Update]]]) -> list[tuple[str, list[Update]]]:
         return by_feature_shard((u for _k, ups in batches for u in ups), self.feature_shards)
+
+
+class StoreWakeSource(DynamicSource[tuple[str, Wake]]):
+    """`store_checks`: one partition per worker, which sends a `Wake` to every feature shard
+    when the store's generation moves (the Redis sink found that Redis lost data), so that
+    idle shards re-state their keys without waiting for an event (`dataflow.repair`). It
+    looks every `POLL`; nothing is sent otherwise.
+
+    In a run that stops at the end of its input (`KAFKA_STOP_AT_END`, or a source given to
+    `build_flow`) it stops once the sink has checked its marker and no repair waits for a
+    shard, rather than keep the dataflow running: a loss noticed after that is repaired by
+    the shards that see events, and the marker stays `repairing` until the next start
+    repairs the rest.
+    """
+
+    POLL = timedelta(milliseconds=500)
+
+    def __init__(self, repairs: StoreRepairs, feature_shards: int, *, stop_at_end: bool) -> None:
+        self.repairs = repairs
+        self.feature_shards = feature_shards
+        self.stop_at_end = stop_at_end
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _WakePartition:
+        return _WakePartition(self.repairs, self.feature_shards, self.stop_at_end)
+
+
+class _WakePartition(StatelessSourcePartition[tuple[str, Wake]]):
+    def __init__(self, repairs: StoreRepairs, feature_shards: int, stop_at_end: bool) -> None:
+        self.repairs = repairs
+        self.feature_shards = feature_shards
+        self.stop_at_end = stop_at_end
+        self.woken = -1
+        repairs.enter(self)
+
+    def next_batch(self) -> list[tuple[str, Wake]]:
+        generation = self.repairs.generation
+        if generation != self.woken:
+            self.woken = generation
+            self.repairs.woke(self, generation)
+            if generation:
+                return [(str(i), WAKE) for i in range(self.feature_shards)]
+        elif self.stop_at_end:
+            status = self.repairs.status()
+            if status.checked and status.settled:
+                self.repairs.leave(self)
+                raise StopIteration
+        return []
+
+    def next_awake(self) -> datetime | None:
+        return datetime.now(UTC) + StoreWakeSource.POLL
+
+    def close(self) -> None:
+        self.repairs.leave(self)
 
 
 def _log_consumer_error(err: Any) -> None:
@@ -428,16 +524,25 @@ def features(
     linked: LinkOut,
     day_ticks: Stream[tuple[str, int]],
     config: Config,
+    *,
+    repairs: StoreRepairs | None = None,
+    wakes: Stream[tuple[str, Wake]] | None = None,
 ) -> Stream[StepResult]:
-    """The state shards: counters per key; the writes they flush."""
-    shard_in: Stream[tuple[str, ShardItem]] = op.merge(
-        "shard_in", updates, linked.increments, linked.without_session, linked.labels, day_ticks
-    )
+    """The state shards: counters per key; the writes they flush. With `repairs`, they
+    re-state every key when the store lost data, woken by `wakes`."""
+    streams: list[Stream[Any]] = [
+        updates, linked.increments, linked.without_session, linked.labels, day_ticks
+    ]  # fmt: skip
+    if wakes is not None:
+        streams.append(wakes)
+    shard_in: Stream[tuple[str, ShardItem | Wake]] = op.merge("shard_in", *streams)
     per_flush = restate_per_flush(config)
     results = op.stateful_batch(
         "features",
         shard_in,
-        lambda resume: ShardLogic(config.features, config.flush_interval_ms, per_flush, resume),
+        lambda resume: ShardLogic(
+            config.features, config.flush_interval_ms, per_flush, resume, repairs
+        ),
     )
     return op.key_rm("writes", results)
 
@@ -486,9 +591,11 @@ def build_flow(
     flow_id: str = "search_features",
 ) -> Dataflow:
     """Wire the dataflow. Sinks default to the real ones built from `config`; the OpenSearch
-    sink is added when `OPENSEARCH_URL` is set and `with_opensearch` is true."""
+    sink is added when `OPENSEARCH_URL` is set and `with_opensearch` is true. A `source`
+    given here is taken to end (tests): the `store_checks` input then ends too."""
     flow = Dataflow(flow_id)
     lag = None
+    finite = source is not None or config.kafka.stop_at_end  # a given source is a test's
     if source is None:
         lag = LagTracker(lambda: KafkaOffsets(config.kafka))
         source = kafka_source(config, lag)
@@ -497,9 +604,18 @@ def build_flow(
     day_ticks = clock(into.partition_clocks, config)
     accepted = dedup(into, config)
     updates = op.flat_map_batch("fan_out", accepted, FanOut(config.features, config.feature_shards))
-    writes = features(updates, link(accepted, config), day_ticks, config)
+    redis = redis_sink or RedisFeatureSink(config.redis)
+    # The Redis sink raises `repairs` when Redis lost what it wrote (dataflow.repair).
+    repairs = redis.repairs if isinstance(redis, RedisFeatureSink) else None
+    wakes = None
+    if repairs is not None:
+        waker = StoreWakeSource(repairs, config.feature_shards, stop_at_end=finite)
+        wakes = op.input("store_checks", flow, waker)
+    writes = features(
+        updates, link(accepted, config), day_ticks, config, repairs=repairs, wakes=wakes
+    )
 
-    op.output("redis", writes, redis_sink or RedisFeatureSink(config.redis))
+    op.output("redis", writes, redis)
     if with_opensearch and config.opensearch.enabled:
         opensearch.attach(writes, config.opensearch)
     op.output("dlq", into.dead_letters, dlq_sink or DeadLetterSink(config.kafka))

@@ -166,7 +166,19 @@ for _outcome in OPENSEARCH_UPDATE_OUTCOMES:  # at zero, so the first shed shows 
     OPENSEARCH_UPDATES.labels(outcome=_outcome)
 RESTATED = Counter(
     "keys_restated",
-    "Keys re-written because the clock entered a new day (idle keys kept true).",
+    "Keys re-written from the re-statement queue: after the clock entered a new day (idle "
+    "keys kept true), or to repair a store that lost data.",
+    namespace=NAMESPACE,
+)
+REPAIR_TRIGGERS = ("start", "missing", "changed")
+STORE_REPAIRS = Counter(
+    "store_repairs",
+    "Repairs of the feature store started by this process, which then re-writes every live "
+    "key it holds (dataflow.sinks.marker), by trigger: start (its marker missing when the "
+    "process started: a new store or prefix, or data lost while stopped), missing (the "
+    "marker vanished while running: Redis emptied, FLUSHDB, a failover, "
+    "dataflow.tools.resync), changed (the marker holds another value: a restored backup).",
+    ["trigger"],
     namespace=NAMESPACE,
 )
 EXPIRED = Counter(
@@ -200,6 +212,11 @@ class _SizeBoard:
 
 STATE_KEYS = _SizeBoard("state_keys", "Feature keys held in state by this process.")
 DEDUP_IDS = _SizeBoard("dedup_ids", "Event-id digests held for dedup by this process.")
+KEYS_TO_RESTATE = _SizeBoard(
+    "keys_to_restate",
+    "Feature keys queued for re-statement and not written yet by this process: after a new "
+    "day, or to repair a store that lost data (written at RESTATE_KEYS_PER_SECOND).",
+)
 DEDUP_WATERMARK_LAG = Gauge(
     "dedup_watermark_lag_seconds",
     "How far the dedup watermark (the slowest partition's clock) trails the fastest partition, "
@@ -255,6 +272,8 @@ def _declare_label_values() -> None:
         DROPPED.labels(reason=reason)
     for result in ("success", "failure"):
         DEAD_LETTERS.labels(result=result)
+    for trigger in REPAIR_TRIGGERS:
+        STORE_REPAIRS.labels(trigger=trigger)
     for sink in SINKS:
         SINK_BATCH.labels(sink=sink)
         SINK_FLUSH.labels(sink=sink)

@@ -511,8 +511,17 @@ RESTATE_KEYS_PER_SECOND = _integer(
     "RESTATE_KEYS_PER_SECOND",
     50_000,
     (0, 100_000_000),
-    "How fast the keys are re-stated after a new day, in all shards together "
-    "(0: all at once; ignored when FEATURE_FLUSH_INTERVAL_MS is 0).",
+    "How fast the keys are re-stated after a new day or to repair a store that lost data, "
+    "in all shards together (0: all at once; ignored when FEATURE_FLUSH_INTERVAL_MS is 0).",
+)
+STORE_CHECK_SECONDS = _number(
+    REDIS,
+    "STORE_CHECK_SECONDS",
+    2.0,
+    (0.0, 3_600.0),
+    "How often the Redis sink checks its marker (`FEATURE_PREFIX:__generation__`); when Redis "
+    "has lost it, every live key is re-written (docs/operations.md, 'A Redis that comes back "
+    "empty'). 0: no marker, no check, no repair.",
 )
 
 SMOOTHING_DOC_ALPHA, SMOOTHING_DOC_BETA = _prior(FEATURES, "DOC", "document CTRs")

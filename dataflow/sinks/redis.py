@@ -19,6 +19,10 @@ With `REDIS_OUTAGE_EXIT_SECONDS` set, a write that has kept failing that long ra
 writes on restart): for a supervisor that should restart the process. A command error
 (`WRONGTYPE`, OOM) does not heal by retrying: `SinkError` at once.
 
+Redis back *without* the writes (no persistence, `FLUSHDB`, a failover, a restored backup):
+the sink's marker (`dataflow.sinks.marker`, checked every `STORE_CHECK_SECONDS` and as soon
+as writes resume) is gone or changed, and every live key is re-written (`dataflow.repair`).
+
 A `DynamicSink`: every worker writes what its own state shards emit, so the writes for a
 key always come from one worker, in order.
 """
@@ -38,7 +42,9 @@ from dataflow import metrics, resp
 from dataflow.config import RedisSettings
 from dataflow.core.shard import StepResult, Write
 from dataflow.errors import SinkError
+from dataflow.repair import StoreRepairs
 from dataflow.retry import Backoff
+from dataflow.sinks.marker import MarkerGuard
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +163,8 @@ class RedisWriter:
         self.backoff = backoff
         self.state = state
         self.clock = clock
+        self.recoveries = 0
+        """Chunks that went through after failed attempts: Redis answered again."""
 
     def write(self, writes: list[Write], ttl: Container[str] = EVERY_KEY) -> None:
         """Write `writes` (absolute values); the keys whose suffix is in `ttl` also get
@@ -229,36 +237,66 @@ class RedisWriter:
                 raise SinkError(f"Redis rejected a feature write: {exc}") from exc
             metrics.SINK_WRITES.labels(sink=SINK, result="success").inc(len(writes))
             self.state.succeeded()
+            if attempt:
+                self.recoveries += 1
             return
 
 
 class _RedisPartition(StatelessSinkPartition[StepResult]):
-    def __init__(self, writer: RedisWriter) -> None:
+    def __init__(
+        self, writer: RedisWriter, guard: MarkerGuard | None = None, worker: int = 0
+    ) -> None:
         self.writer = writer
+        self.guard = guard
+        self.worker = worker
 
     def write_batch(self, items: list[StepResult]) -> None:
         latest, ttl, fresh_as_of = coalesce(items)
         if not latest:
             return
         stop = metrics.timed(SINK)
+        recoveries = self.writer.recoveries
         self.writer.write(list(latest.values()), ttl)
         stop()
+        if self.guard is not None and self.writer.recoveries != recoveries:
+            self.guard.poke()  # Redis answers again: did it come back with our writes?
         metrics.SINK_BATCH.labels(sink=SINK).observe(len(latest))
         now_ms = time.time() * 1000.0
         for as_of in fresh_as_of:
             metrics.FRESHNESS.observe(max(0.0, (now_ms - as_of) / 1000.0))
 
     def close(self) -> None:
+        if self.guard is not None:
+            self.guard.detach(self.worker)
         self.writer.client.close()
 
 
 class RedisFeatureSink(DynamicSink[StepResult]):
-    """Bytewax sink of the shards' `StepResult`s into the Redis feature store."""
+    """Bytewax sink of the shards' `StepResult`s into the Redis feature store.
+
+    With `STORE_CHECK_SECONDS` above 0 it keeps the store's marker (`dataflow.sinks.marker`)
+    for the workers whose partitions run in this process, and raises `repairs` when Redis
+    lost what it wrote; `build_flow` hands `repairs` to the feature shards, which re-state
+    every live key (`dataflow.repair`).
+    """
 
     def __init__(self, settings: RedisSettings, backoff: Backoff | None = None) -> None:
         self.settings = settings
         self.backoff = backoff or Backoff(cap=settings.backoff_max_seconds)
+        self.repairs: StoreRepairs | None = None
+        self.guard: MarkerGuard | None = None
+        if settings.check_seconds > 0:
+            self.repairs = StoreRepairs()
+            self.guard = MarkerGuard(
+                lambda: connect(settings, socket_timeout=5, socket_connect_timeout=5),
+                settings.prefix,
+                self.repairs,
+                settings.check_seconds,
+            )
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RedisPartition:
         client = connect(self.settings, socket_timeout=10, socket_connect_timeout=5)
-        return _RedisPartition(RedisWriter(client, self.settings, self.backoff))
+        if self.guard is not None:
+            self.guard.attach(worker_index)
+        writer = RedisWriter(client, self.settings, self.backoff)
+        return _RedisPartition(writer, self.guard, worker_index)

@@ -206,3 +206,85 @@ def test_a_newer_day_replaces_the_re_statements_not_yet_written() -> None:
     everything = FeatureShard(PARAMS, restate_per_flush=1)
     everything.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(3)], BASE + DAY_MS])
     assert len(everything.flush(everything=True).writes) == 3
+
+
+# --- repairing a store that lost data (restate_all) ------------------------------------------
+
+
+def drain(shard: FeatureShard) -> dict[str, Any]:
+    """Flush until nothing is pending (the first events of a shard are a new day, too)."""
+    store: dict[str, Any] = {}
+    while shard.pending:
+        store.update(shard.flush().writes)
+    return store
+
+
+def written(shard: FeatureShard, flushes: int) -> list[set[str]]:
+    """The keys each of `flushes` flushes writes, all of them setting their TTL."""
+    out = []
+    for _ in range(flushes):
+        result = shard.flush()
+        assert all(result.sets_ttl(s) for s, f in result.writes if f is not None)
+        out.append({s for s, _ in result.writes})
+    return out
+
+
+def test_restate_all_queues_every_live_key_without_a_new_day() -> None:
+    shard = FeatureShard(PARAMS, restate_per_flush=3)
+    shard.step([[upd(DOC, f"doc:{i}", BASE + i, (1, 0, 0)) for i in range(7)]])
+    before = drain(shard)
+    assert shard.restate_left == 0
+    assert shard.restate_all() == 7
+    assert shard.pending and shard.restate_left == 7
+    results = [shard.flush() for _ in range(3)]
+    assert [len(r.writes) for r in results] == [3, 3, 1]  # restate_per_flush keys per flush
+    assert all(r.sets_ttl(s) for r in results for s, _ in r.writes)
+    assert not shard.pending and shard.restate_left == 0
+    # Every live key, with the values it had: a re-statement within the day changes nothing.
+    assert {s: f for r in results for s, f in r.writes} == before
+
+
+def test_a_repair_writes_the_current_values_and_every_write_sets_the_ttl() -> None:
+    shard = FeatureShard(PARAMS, restate_per_flush=2)
+    shard.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(4)]])
+    drain(shard)
+    shard.restate_all()
+    # Meanwhile: an event for a queued key, a new key; both written at the next flush.
+    shard.step([[upd(DOC, "doc:3", BASE + 5, (0, 1, 0)), upd(DOC, "doc:new", BASE + 5, (1, 0, 0))]])
+    first = shard.flush()
+    assert first.new_day  # the TTL rule: every write of a re-statement sets it
+    by_key = dict(first.writes)
+    assert {"doc:3", "doc:new", "doc:0", "doc:1"} <= set(by_key)
+    assert all(first.sets_ttl(s) for s in by_key)
+    assert by_key["doc:3"] is not None and by_key["doc:3"]["clicks_7d"] == "1"
+    rest = shard.flush()
+    assert {s for s, _ in rest.writes} == {"doc:2", "doc:3"}
+    assert all(rest.sets_ttl(s) for s, _ in rest.writes)
+    assert not shard.pending
+
+
+def test_a_repair_in_progress_survives_a_snapshot_and_restore() -> None:
+    shard = FeatureShard(PARAMS, restate_per_flush=2)
+    shard.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(5)]])
+    drain(shard)
+    shard.restate_all()
+    first = {s for s, _ in shard.flush().writes}
+    restored = FeatureShard.restore(PARAMS, shard.snapshot(), restate_per_flush=2)
+    assert restored.restate_left == 3
+    rest = written(restored, 2)
+    assert first.isdisjoint(set().union(*rest))
+    assert first | set().union(*rest) == {f"doc:{i}" for i in range(5)}
+    assert not restored.pending
+
+
+def test_a_repair_restarts_a_queue_in_progress_and_a_new_day_replaces_it() -> None:
+    shard = FeatureShard(PARAMS, restate_per_flush=2)
+    shard.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(4)], BASE + DAY_MS])
+    assert shard.restate_left == 4
+    shard.flush()
+    assert shard.restate_all() == 4  # a loss mid-way: the keys already written are lost too
+    assert shard.restate_left == 4
+    shard.step([BASE + 2 * DAY_MS])  # a newer day covers everything again
+    assert shard.restate_left == 4
+    assert sum(len(t) for t in written(shard, 2)) == 4
+    assert FeatureShard(PARAMS).restate_all() == 0  # an empty shard has nothing to queue

@@ -31,6 +31,7 @@ from pathlib import Path
 import redis
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from dataflow.sinks.marker import marker_key
 from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 from tests.reference_model import decode_store
 
@@ -81,8 +82,10 @@ def two_phase_stream(
 
 
 def dump(client: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:
-    """Every hash under `prefix:` as str -> {field: value} (TTL not included)."""
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=2000))
+    """Every feature hash under `prefix:` as str -> {field: value} (TTL not included; the
+    pipeline's marker, `prefix:__generation__`, left out)."""
+    marker = marker_key(prefix).encode()
+    keys = [k for k in client.scan_iter(match=f"{prefix}:*", count=2000) if k != marker]
     pipe = client.pipeline(transaction=False)
     for key in keys:
         pipe.hgetall(key)

@@ -66,7 +66,13 @@ def test_a_run_costs_one_hset_per_write_and_one_expire_per_created_key(
         for i in range(50)
     ]
     config = Config.from_env(
-        {"REDIS_URL": redis_url, "FEATURE_PREFIX": key_prefix, "FEATURE_FLUSH_INTERVAL_MS": "0"}
+        {
+            "REDIS_URL": redis_url,
+            "FEATURE_PREFIX": key_prefix,
+            "FEATURE_FLUSH_INTERVAL_MS": "0",
+            # No marker: its own commands are counted in tests/integration/test_store_marker.py
+            "STORE_CHECK_SECONDS": "0",
+        }
     )
     before = commandstats(redis_client)
     flow = build_flow(
