@@ -62,6 +62,18 @@ CONSUMER_ONLY = frozenset(
 rows of librdkafka's CONFIGURATION.md that Python clients set)."""
 
 
+_TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+def _readable_file(variable: str, path: str) -> None:
+    """ConfigError naming `variable` unless `path` is a file this process can read."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {path!r} ({exc.strerror})") from None
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     brokers: tuple[str, ...] = s.KAFKA_BROKERS.value
@@ -73,22 +85,61 @@ class KafkaSettings:
     sasl_mechanism: str = s.KAFKA_SASL_MECHANISM.value
     sasl_username: str = s.KAFKA_SASL_USERNAME.value
     sasl_password: Secret = s.KAFKA_SASL_PASSWORD.value
+    ssl_ca_location: str = s.KAFKA_SSL_CA_LOCATION.value
 
     def client_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka settings shared by every client, consumer, producer or admin: brokers,
-        security, and the `log_level` of librdkafka's own stderr lines (warnings and worse,
-        all of them with `LOG_LEVEL=DEBUG`: `dataflow.logs.librdkafka_log_level`)."""
+        security (for `SSL`/`SASL_SSL` the brokers' certificates verified against
+        `KAFKA_SSL_CA_LOCATION` and their names checked), and the `log_level` of
+        librdkafka's own stderr lines (warnings and worse, all of them with
+        `LOG_LEVEL=DEBUG`: `dataflow.logs.librdkafka_log_level`)."""
         config: dict[str, str | int | float | bool] = {
             "bootstrap.servers": ",".join(self.brokers),
             "log_level": librdkafka_log_level(),
         }
         if self.security_protocol != "PLAINTEXT":
             config["security.protocol"] = self.security_protocol
+        if self.security_protocol in _TLS_PROTOCOLS:
+            config["ssl.endpoint.identification.algorithm"] = "https"
+            if self.ssl_ca_location:
+                config["ssl.ca.location"] = self.ssl_ca_location
         if self.sasl_mechanism:
             config["sasl.mechanism"] = self.sasl_mechanism
             config["sasl.username"] = self.sasl_username
             config["sasl.password"] = self.sasl_password.get()
         return config
+
+    def check(self) -> None:
+        """ConfigError when the security settings contradict each other or name an
+        unreadable file: TLS settings without TLS, SASL settings without SASL or the other
+        way round, a SASL user or password missing."""
+        protocol, mechanism = self.security_protocol, self.sasl_mechanism
+        if self.ssl_ca_location:
+            if protocol not in _TLS_PROTOCOLS:
+                raise ConfigError(
+                    "KAFKA_SSL_CA_LOCATION",
+                    f"is set but KAFKA_SECURITY_PROTOCOL is {protocol} (no TLS)",
+                )
+            _readable_file("KAFKA_SSL_CA_LOCATION", self.ssl_ca_location)
+        sasl = protocol.startswith("SASL_")
+        if mechanism and not sasl:
+            raise ConfigError(
+                "KAFKA_SASL_MECHANISM",
+                f"is set but KAFKA_SECURITY_PROTOCOL is {protocol} (no SASL)",
+            )
+        if sasl and not mechanism:
+            raise ConfigError(
+                "KAFKA_SASL_MECHANISM",
+                f"is empty but KAFKA_SECURITY_PROTOCOL is {protocol}; set it (e.g. SCRAM-SHA-512)",
+            )
+        if sasl and mechanism != "GSSAPI":
+            if not self.sasl_username:
+                raise ConfigError("KAFKA_SASL_USERNAME", f"is empty but {mechanism} needs a user")
+            if not self.sasl_password:
+                raise ConfigError(
+                    "KAFKA_SASL_PASSWORD",
+                    f"is empty (and KAFKA_SASL_PASSWORD_FILE unset) but {mechanism} needs one",
+                )
 
     def producer_config(
         self, extra: Mapping[str, str | int | float | bool] | None = None
@@ -114,15 +165,6 @@ def redis_options(url: str, password: str = "", ca_file: str = "") -> dict[str, 
         if ca_file:
             options["ssl_ca_certs"] = ca_file
     return options
-
-
-def _readable_file(variable: str, path: str) -> None:
-    """ConfigError naming `variable` unless `path` is a file this process can read."""
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ConfigError(variable, f"cannot read {path!r} ({exc.strerror})") from None
 
 
 @dataclass(frozen=True)
@@ -212,7 +254,9 @@ class Config:
             sasl_mechanism=s.KAFKA_SASL_MECHANISM.read(e),
             sasl_username=s.KAFKA_SASL_USERNAME.read(e),
             sasl_password=s.KAFKA_SASL_PASSWORD.read(e),
+            ssl_ca_location=s.KAFKA_SSL_CA_LOCATION.read(e),
         )
+        kafka.check()
         if kafka.dlq_topic in kafka.topics:
             raise ConfigError("KAFKA_DLQ_TOPIC", "must not be one of KAFKA_TOPICS (a loop)")
         s.REDIS_MAX_RETRIES.read(e)  # deprecated: still validated, otherwise ignored

@@ -7,7 +7,10 @@ value. These checks run first, in this order, and stop at the first failure with
 `dataflow.run` prints and turns into exit status 3.
 
 1. **Kafka** (`KAFKA_BROKERS`): a broker answers a metadata request for all topics (such a
-   request never auto-creates a topic); every `KAFKA_TOPICS` topic is listed. A missing
+   request never auto-creates a topic), logged in with `KAFKA_SASL_*` over verified TLS
+   for `SASL_SSL`/`SSL` (`KAFKA_SSL_CA_LOCATION`): refused credentials and an untrusted
+   certificate each get their own line, within a second or two rather than at the end of
+   the timeout; every `KAFKA_TOPICS` topic is listed. A missing
    input topic is an error naming it: the pipeline never creates its input, and reading a
    missing topic by name would let a broker with `auto.create.topics.enable` create it
    with whatever defaults it has.
@@ -36,10 +39,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Iterator
 
 import redis
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from opensearchpy import (
     AuthenticationException,
     AuthorizationException,
@@ -78,15 +82,25 @@ def check_kafka(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> set[st
     """The brokers answer and every input topic exists; returns the topics the broker
     lists (nothing is created here)."""
     brokers = ",".join(settings.brokers)
-    try:
-        topics = BrokerOffsets(settings, timeout_s, quiet=True).topics()
-    except KafkaException as exc:
-        raise PreflightError(
-            "KAFKA_BROKERS",
-            brokers,
-            f"no broker answered within {timeout_s:.0f}s ({_kafka_reason(exc)}); check the "
-            "addresses, the network and KAFKA_SECURITY_PROTOCOL/KAFKA_SASL_*",
-        ) from None
+    events: list[KafkaError] = []
+    offsets = BrokerOffsets(settings, timeout_s, quiet=True, on_error=events.append)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        # Short attempts: librdkafka keeps retrying a refused login for the whole timeout,
+        # but says why after the first one.
+        left = deadline - time.monotonic()
+        try:
+            topics = offsets.topics(timeout_s=max(0.1, min(1.0, left)))
+            break
+        except KafkaException as exc:
+            _refused(settings, brokers, events)
+            if time.monotonic() >= deadline:
+                raise PreflightError(
+                    "KAFKA_BROKERS",
+                    brokers,
+                    f"no broker answered within {timeout_s:.0f}s ({_kafka_reason(exc)}); check "
+                    "the addresses, the network and KAFKA_SECURITY_PROTOCOL",
+                ) from None
     missing = [topic for topic in settings.topics if topic not in topics]
     if missing:
         names = ", ".join(repr(topic) for topic in missing)
@@ -245,6 +259,42 @@ def _certificate_problem(exc: BaseException) -> str | None:
     if "CERTIFICATE_VERIFY_FAILED" in text and marker in text:
         return text.split(marker, 1)[1].split(" (_ssl.c", 1)[0]
     return None
+
+
+def _refused(settings: KafkaSettings, brokers: str, events: list[KafkaError]) -> None:
+    """PreflightError when librdkafka said the brokers refused the login or their
+    certificate was not trusted; nothing when it said nothing of the kind (yet)."""
+    for event in events:
+        reason = _event_text(event)
+        if event.code() == KafkaError._AUTHENTICATION:
+            password = settings.sasl_password.source or "KAFKA_SASL_PASSWORD"
+            raise PreflightError(
+                "KAFKA_SASL_USERNAME",
+                settings.sasl_username,
+                f"Kafka at {brokers} refused the credentials ({reason}); check "
+                f"KAFKA_SASL_USERNAME and {password}",
+            )
+        if "certificate verify failed" in reason:
+            trusted = (
+                repr(settings.ssl_ca_location)
+                if settings.ssl_ca_location
+                else "the system's trusted CAs"
+            )
+            raise PreflightError(
+                "KAFKA_SSL_CA_LOCATION",
+                settings.ssl_ca_location,
+                f"the TLS certificate of Kafka at {brokers} is not signed by a CA in {trusted} "
+                f"or does not name the broker ({reason}); set KAFKA_SSL_CA_LOCATION to the CA "
+                "that signed it",
+            )
+
+
+def _event_text(event: KafkaError) -> str:
+    """An error event's text without the broker prefix and librdkafka's timing suffix."""
+    text = str(event.str())
+    _, sep, rest = text.partition("/bootstrap: ")
+    text = rest if sep else text
+    return text.split(" (after ", 1)[0]
 
 
 def _kafka_reason(exc: Exception) -> str:

@@ -427,6 +427,14 @@ KAFKA_SASL_MECHANISM = _text(
 KAFKA_SASL_USERNAME = _text(KAFKA, "KAFKA_SASL_USERNAME", "", "SASL user name.")
 KAFKA_SASL_PASSWORD = _secret(KAFKA, "KAFKA_SASL_PASSWORD", "", "SASL password.")
 KAFKA_SASL_PASSWORD_FILE = _file_of(KAFKA_SASL_PASSWORD)
+KAFKA_SSL_CA_LOCATION = _text(
+    KAFKA,
+    "KAFKA_SSL_CA_LOCATION",
+    "",
+    "CA certificates (PEM) that sign the brokers' certificates, for `SSL` and `SASL_SSL`; "
+    "empty: the system's trusted CAs. The broker's name must be on its certificate.",
+    values="a file path, or empty",
+)
 
 REDIS_URL = _secret(
     REDIS,

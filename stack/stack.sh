@@ -4,7 +4,8 @@
 # can reach: Maven Central (Kafka, OpenSearch) and Debian (redis-server, prometheus).
 #
 #   stack/stack.sh up | down | status            the whole stack
-#   stack/stack.sh start|stop|restart SVC...     one service (kafka redis redis-tls opensearch prometheus)
+#   stack/stack.sh start|stop|restart SVC...     one service (kafka kafka-sasl redis redis-tls
+#                                                opensearch prometheus)
 #   stack/stack.sh start-opensearch | stop-opensearch   (and the same for every service)
 #   stack/stack.sh reload-prometheus             re-read ops/prometheus/*.rules.yml
 #   stack/stack.sh logs SVC [N]                  last N lines of a service's log
@@ -20,6 +21,10 @@ REPO_DIR=$(cd "$STACK_SRC/.." && pwd)
 STACK_DIR=${STACK_DIR:-$REPO_DIR/.stack}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
+# The secured Kafka: a second KRaft node, SASL_SSL with SCRAM-SHA-512 users and ACLs only
+# (its controller listener takes only the broker's own TLS client certificate).
+KAFKA_SASL_PORT=${KAFKA_SASL_PORT:-9094}
+KAFKA_SASL_CONTROLLER_PORT=${KAFKA_SASL_CONTROLLER_PORT:-9095}
 REDIS_PORT=${REDIS_PORT:-6379}
 # The secured Redis: TLS only, ACL users with passwords, the default user off (a second
 # redis-server, since ACL users apply to every port of a server; stack/README.md).
@@ -38,7 +43,7 @@ OPENSEARCH_HEAP=${OPENSEARCH_HEAP:-512m}
 # Seconds to wait for a graceful stop before SIGKILL (Kafka's controlled shutdown is the slow one).
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
 
-SERVICES=(kafka redis redis-tls opensearch prometheus)
+SERVICES=(kafka kafka-sasl redis redis-tls opensearch prometheus)
 
 # Seconds since the command started, so a slow CI run shows where the time went.
 log() { printf '[stack %3ss] %s\n' "$SECONDS" "$*"; }
@@ -62,6 +67,7 @@ KAFKA_PROPS=$CONF/kafka/server.properties
 # service accounts' passwords (generated once, kept across restarts; mode 600).
 TLS=$STACK_DIR/tls
 SECRETS=$STACK_DIR/secrets
+KAFKA_SASL_PROPS=$CONF/kafka-sasl/server.properties
 REDIS_TLS_CONF=$CONF/redis-tls/redis.conf
 REDIS_TLS_USERS=$CONF/redis-tls/users.acl
 OS_HOME=$DIST/opensearch-$OPENSEARCH_VERSION
@@ -81,6 +87,7 @@ pid_file() {
 port_of() {
   case $1 in
     kafka) echo "$KAFKA_PORT" ;;
+    kafka-sasl) echo "$KAFKA_SASL_PORT" ;;
     redis) echo "$REDIS_PORT" ;;
     redis-tls) echo "$REDIS_TLS_PORT" ;;
     opensearch) echo "$OPENSEARCH_PORT" ;;
@@ -91,6 +98,7 @@ port_of() {
 port_var_of() {
   case $1 in
     kafka) echo KAFKA_PORT ;;
+    kafka-sasl) echo KAFKA_SASL_PORT ;;
     redis) echo REDIS_PORT ;;
     redis-tls) echo REDIS_TLS_PORT ;;
     opensearch) echo OPENSEARCH_PORT ;;
@@ -105,6 +113,7 @@ port_var_of() {
 marker_of() {
   case $1 in
     kafka) echo "$KAFKA_PROPS" ;;
+    kafka-sasl) echo "$KAFKA_SASL_PROPS" ;;
     redis) echo "redis-server 127.0.0.1:$REDIS_PORT" ;;
     redis-tls) echo "redis-server 127.0.0.1:$REDIS_TLS_PORT" ;;
     opensearch) echo "org.opensearch.bootstrap.OpenSearch -p $OS_PIDFILE" ;;
@@ -115,7 +124,7 @@ marker_of() {
 start_timeout_of() {
   if [[ -n ${STACK_START_TIMEOUT:-} ]]; then echo "$STACK_START_TIMEOUT"; return; fi
   case $1 in
-    kafka) echo 90 ;;
+    kafka | kafka-sasl) echo 90 ;;
     redis | redis-tls) echo 20 ;;
     opensearch) echo 180 ;;
     prometheus) echo 60 ;;
@@ -142,7 +151,7 @@ pid_alive() {
 # mentions the path, must not pass for the service.
 comm_of() {
   case $1 in
-    kafka | opensearch) echo java ;;
+    kafka | kafka-sasl | opensearch) echo java ;;
     redis | redis-tls) echo redis-server ;;
     prometheus) echo prometheus ;;
   esac
@@ -224,6 +233,10 @@ healthy() {
   port=$(port_of "$1")
   case $1 in
     kafka) python3 "$STACK_SRC/kafka_probe.py" 127.0.0.1 "$port" 1 2>/dev/null ;;
+    # The same Metadata request, over TLS after a SCRAM login as stack-admin.
+    kafka-sasl)
+      python3 "$STACK_SRC/kafka_probe.py" 127.0.0.1 "$port" 1 \
+        --sasl-ssl "$TLS/ca.pem" stack-admin "$SECRETS/kafka-admin.password" 2>/dev/null ;;
     redis) [[ $(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null) == PONG ]] ;;
     # As the admin account, over TLS with the stack's CA: the password goes through the
     # environment, never on a command line.
@@ -379,7 +392,7 @@ install_services() {
   fi
   for svc in "$@"; do
     case $svc in
-      kafka) install_kafka ;;
+      kafka | kafka-sasl) install_kafka ;;
       opensearch)
         # unzip may be one of the packages still being installed.
         if [[ -n $apt_pid && ! -f $OS_HOME/.complete ]] && ! command -v unzip >/dev/null; then
@@ -470,11 +483,13 @@ ensure_tls() {
   fi
   if [[ -s $TLS/server.pem && -s $TLS/server.key ]] &&
     openssl x509 -in "$TLS/server.pem" -noout -checkend 86400 >/dev/null 2>&1 &&
+    openssl x509 -in "$TLS/server.pem" -noout -ext extendedKeyUsage 2>/dev/null | grep -q "Client" &&
     openssl verify -CAfile "$TLS/ca.pem" "$TLS/server.pem" >/dev/null 2>&1; then
     return 0
   fi
   log "tls: signing a server certificate for localhost and 127.0.0.1"
-  printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "extendedKeyUsage=serverAuth" \
+  # clientAuth too: the secured Kafka node presents it to its own controller listener.
+  printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "extendedKeyUsage=serverAuth,clientAuth" \
     "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
     "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" >"$TLS/server.ext"
   {
@@ -566,6 +581,164 @@ refresh_redis-tls() {
     -h 127.0.0.1 -p "$REDIS_TLS_PORT" --user stack-admin ACL LOAD 2>&1)
   [[ $out == OK ]] || die "redis-tls: could not load the changed users: $out"
   log "redis-tls: users changed, loaded them (ACL LOAD)"
+}
+
+# The secured Kafka's SCRAM-SHA-512 users, created when its storage is formatted (KRaft keeps
+# them in the metadata log; `--add-scram`), and kept across restarts with their passwords:
+#   kafka-broker     the node itself (inter-broker login; a super user)
+#   search-features  the pipeline: ACLs below, nothing else
+#   stack-admin      a super user: the health check, the ACLs, tests' topics and messages
+KAFKA_SASL_USERS=(kafka-broker:kafka-broker search-features:kafka-pipeline stack-admin:kafka-admin)
+
+# The pipeline's rights (kafka_sasl_acls), one AclCommand each: read its input topics
+# (search-events*), write and create its dead-letter topics (search-events-dlq*), and find
+# the coordinator of the group id Bytewax's consumer carries (it joins no group: offsets
+# live in the recovery snapshots).
+KAFKA_SASL_ACLS=(
+  "--operation Read --operation Describe --resource-pattern-type prefixed --topic search-events"
+  "--operation Write --operation Create --operation Describe --resource-pattern-type prefixed --topic search-events-dlq"
+  "--operation Describe --resource-pattern-type literal --group BYTEWAX_IGNORED"
+)
+
+kafka_sasl_users_digest() {
+  local pair
+  for pair in "${KAFKA_SASL_USERS[@]}"; do
+    printf '%s:%s\n' "${pair%%:*}" "$(password_sha256 "${pair#*:}")"
+  done | sha256sum | cut -d' ' -f1
+}
+
+# The node's keystore (the server certificate and key) and truststore (the stack's CA), as
+# PKCS12 for the JVM: made with openssl and keytool from tls/, again whenever the
+# certificate is newer; their password is generated like the users'.
+ensure_kafka_keystores() {
+  ensure_password kafka-keystore
+  if [[ -s $TLS/kafka.p12 && -s $TLS/kafka-truststore.p12 && $TLS/kafka.p12 -nt $TLS/server.pem ]]; then
+    return 0
+  fi
+  log "kafka-sasl: building its keystore and truststore (openssl, keytool)"
+  rm -f "$TLS/kafka.p12" "$TLS/kafka-truststore.p12"
+  {
+    openssl pkcs12 -export -name kafka -in "$TLS/server.pem" -inkey "$TLS/server.key" \
+      -certfile "$TLS/ca.pem" -out "$TLS/kafka.p12" -passout "file:$SECRETS/kafka-keystore.password" &&
+      keytool -importcert -noprompt -alias stack-ca -file "$TLS/ca.pem" -storetype PKCS12 \
+        -keystore "$TLS/kafka-truststore.p12" -storepass:file "$SECRETS/kafka-keystore.password" &&
+      keytool -list -storetype PKCS12 -keystore "$TLS/kafka.p12" \
+        -storepass:file "$SECRETS/kafka-keystore.password"
+  } >>"$LOGS/install.log" 2>&1 || die "kafka-sasl: could not build its keystores (see $LOGS/install.log)"
+  chmod 600 "$TLS/kafka.p12" "$TLS/kafka-truststore.p12"
+}
+
+configure_kafka-sasl() {
+  local pair keystore_password
+  ensure_tls
+  for pair in "${KAFKA_SASL_USERS[@]}"; do ensure_password "${pair#*:}"; done
+  ensure_kafka_keystores
+  keystore_password=$(cat "$SECRETS/kafka-keystore.password")
+  mkdir -p "$CONF/kafka-sasl" "$DATA/kafka-sasl"
+  cp "$STACK_SRC/kafka-log4j.properties" "$CONF/kafka-sasl/log4j.properties"
+  if [[ -f $DATA/kafka-sasl/meta.properties &&
+    $(cat "$DATA/kafka-sasl/.users-sha256" 2>/dev/null) != "$(kafka_sasl_users_digest)" ]]; then
+    die "kafka-sasl: its SCRAM users were made with other passwords than those in $SECRETS; remove $DATA/kafka-sasl (a new, empty cluster) or restore the password files"
+  fi
+  (
+    umask 077
+    cat >"$KAFKA_SASL_PROPS" <<EOF
+# Generated by stack/stack.sh on every start; edit the script, not this file. Holds the
+# keystore and the node's own password: mode 600.
+# One KRaft node, broker and controller, loopback only, nothing open: clients log in with
+# SCRAM-SHA-512 over TLS; the controller listener takes only the node's own certificate.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_SASL_CONTROLLER_PORT
+listeners=SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT,CONTROLLER://127.0.0.1:$KAFKA_SASL_CONTROLLER_PORT
+advertised.listeners=SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SSL
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="kafka-broker" password="$(cat "$SECRETS/kafka-broker.password")";
+listener.name.controller.ssl.client.auth=required
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS/kafka.p12
+ssl.keystore.password=$keystore_password
+ssl.key.password=$keystore_password
+ssl.truststore.type=PKCS12
+ssl.truststore.location=$TLS/kafka-truststore.p12
+ssl.truststore.password=$keystore_password
+# ACLs decide; nothing is allowed without one. Super users: the node (by its SCRAM user
+# and by its certificate, on the controller listener) and stack-admin.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:kafka-broker;User:CN=localhost;User:stack-admin
+log.dirs=$DATA/kafka-sasl
+
+num.partitions=1
+# As in production: topics are created on purpose (the pipeline creates only its
+# dead-letter topic, with the Create ACL).
+auto.create.topics.enable=false
+delete.topic.enable=true
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+offsets.topic.num.partitions=10
+transaction.state.log.num.partitions=10
+group.initial.rebalance.delay.ms=0
+log.retention.hours=720
+EOF
+    # For AclCommand and a developer's CLI calls (--command-config): stack-admin's login.
+    cat >"$CONF/kafka-sasl/admin.properties" <<EOF
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="stack-admin" password="$(cat "$SECRETS/kafka-admin.password")";
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS/ca.pem
+EOF
+  )
+}
+
+# KRaft keeps SCRAM credentials in the metadata log, so the users are made where the
+# storage is formatted (`--add-scram`), before the node first starts. The passwords are on
+# the formatting JVM's command line for the second it runs (StorageTool reads them nowhere
+# else); loopback, once per cluster.
+format_kafka_sasl_storage() {
+  [[ -f $DATA/kafka-sasl/meta.properties ]] && return 0
+  local cluster_id pair scram=()
+  cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())')
+  for pair in "${KAFKA_SASL_USERS[@]}"; do
+    scram+=(--add-scram "SCRAM-SHA-512=[name=${pair%%:*},password=$(cat "$SECRETS/${pair#*:}.password")]")
+  done
+  log "kafka-sasl: formatting storage in $DATA/kafka-sasl with SCRAM users ${KAFKA_SASL_USERS[*]%%:*}"
+  java -Dlog4j.configuration="file:$CONF/kafka-sasl/log4j.properties" -cp "$KAFKA_JARS/*" \
+    kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_SASL_PROPS" "${scram[@]}" \
+    >>"$(log_file kafka-sasl)" 2>&1 || fail_with_log kafka-sasl "storage format failed"
+  kafka_sasl_users_digest >"$DATA/kafka-sasl/.users-sha256"
+  rm -f "$DATA/kafka-sasl/.acls-sha256"
+}
+
+# The pipeline user's ACLs, added as stack-admin once per cluster (and again when the list
+# above changes; ACLs are only added, never removed). The three AclCommand JVMs run side by
+# side; when the list is unchanged, nothing runs.
+kafka_sasl_acls() {
+  local digest stamp=$DATA/kafka-sasl/.acls-sha256 acl pids=() pid failed=0
+  digest=$(printf '%s\n' "${KAFKA_SASL_ACLS[@]}" | sha256sum | cut -d' ' -f1)
+  [[ $(cat "$stamp" 2>/dev/null) == "$digest" ]] && return 0
+  log "kafka-sasl: granting search-features its ACLs"
+  for acl in "${KAFKA_SASL_ACLS[@]}"; do
+    # shellcheck disable=SC2086 # each entry is a list of AclCommand options
+    java -Xmx256m -Dlog4j.configuration="file:$STACK_SRC/kafka-cli-log4j.properties" \
+      -cp "$KAFKA_JARS/*" kafka.admin.AclCommand --bootstrap-server "127.0.0.1:$KAFKA_SASL_PORT" \
+      --command-config "$CONF/kafka-sasl/admin.properties" --add \
+      --allow-principal User:search-features $acl >>"$(log_file kafka-sasl)" 2>&1 9>&- &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  ((failed == 0)) || fail_with_log kafka-sasl "could not add the ACLs of search-features"
+  echo "$digest" >"$stamp"
 }
 
 # OpenSearch refuses to run as root: root runs it as OPENSEARCH_USER (created on first use),
@@ -706,6 +879,18 @@ launch_kafka() {
     -cp "$KAFKA_JARS/*" kafka.Kafka "$KAFKA_PROPS"
 }
 
+launch_kafka-sasl() {
+  format_kafka_sasl_storage
+  # shellcheck disable=SC2086
+  spawn "$(pid_file kafka-sasl)" "$(log_file kafka-sasl)" \
+    java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+    -Djava.awt.headless=true \
+    -Dlog4j.configuration="file:$CONF/kafka-sasl/log4j.properties" \
+    -Dkafka.logs.dir="$LOGS" \
+    -cp "$KAFKA_JARS/*" kafka.Kafka "$KAFKA_SASL_PROPS"
+}
+
 launch_redis() {
   # Redis daemonizes itself and writes its pid file. No snapshots: the feature store is
   # rebuilt from Kafka, and a stale dump.rdb would only confuse tests after a restart.
@@ -787,6 +972,9 @@ start_one() {
   if [[ $svc == kafka ]] && port_busy "$KAFKA_CONTROLLER_PORT"; then
     die "kafka: controller port $KAFKA_CONTROLLER_PORT is taken by $(port_listener "$KAFKA_CONTROLLER_PORT"); stop it or set KAFKA_CONTROLLER_PORT"
   fi
+  if [[ $svc == kafka-sasl ]] && port_busy "$KAFKA_SASL_CONTROLLER_PORT"; then
+    die "kafka-sasl: controller port $KAFKA_SASL_CONTROLLER_PORT is taken by $(port_listener "$KAFKA_SASL_CONTROLLER_PORT"); stop it or set KAFKA_SASL_CONTROLLER_PORT"
+  fi
   mkdir -p "$RUN" "$LOGS"
   "configure_$svc"
   log_banner "$svc"
@@ -850,6 +1038,7 @@ start_services() {
     wait_for_pidfile "$svc"
     wait_healthy "$svc"
     if [[ $svc == opensearch ]]; then opensearch_defaults; fi
+    if [[ $svc == kafka-sasl ]]; then kafka_sasl_acls; fi
     log "$svc: healthy on 127.0.0.1:$(port_of "$svc")"
   done
 }
@@ -886,7 +1075,11 @@ usage() {
 # Where a client of the secured side finds what it needs (no password is printed).
 secured_info() {
   cat <<EOF
-CA certificate (REDIS_CA_FILE): $TLS/ca.pem
+CA certificate (REDIS_CA_FILE, KAFKA_SSL_CA_LOCATION): $TLS/ca.pem
+kafka-sasl 127.0.0.1:$KAFKA_SASL_PORT SASL_SSL, SCRAM-SHA-512
+           user search-features  password file $SECRETS/kafka-pipeline.password
+           user stack-admin      password file $SECRETS/kafka-admin.password
+           CLI login (--command-config): $CONF/kafka-sasl/admin.properties
 redis-tls  rediss://search-features@127.0.0.1:$REDIS_TLS_PORT/0  password file $SECRETS/redis-pipeline.password
            rediss://ranking@127.0.0.1:$REDIS_TLS_PORT/0          password file $SECRETS/redis-reader.password
            rediss://stack-admin@127.0.0.1:$REDIS_TLS_PORT/0      password file $SECRETS/redis-admin.password
@@ -913,7 +1106,7 @@ main() {
       take_lock
       local svc
       # Reverse order: Prometheus and OpenSearch first, Kafka last (its shutdown is slowest).
-      for svc in prometheus opensearch redis-tls redis kafka; do stop_one "$svc"; done
+      for svc in prometheus opensearch redis-tls redis kafka-sasl kafka; do stop_one "$svc"; done
       ;;
     start)
       take_lock

@@ -72,6 +72,7 @@ def test_the_start_line_shows_the_config_with_every_secret_masked(
 ) -> None:
     for name, value in {**SECRETS, "LOG_FORMAT": fmt, "KAFKA_TOPICS": "events"}.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("KAFKA_SASL_MECHANISM", "PLAIN")
     monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc")
     built = flow._flow_from_env()

@@ -206,6 +206,7 @@ def test_a_configuration_from_files_shows_no_secret(tmp_path: Path) -> None:
         (tmp_path / name).write_text(value)
     config = Config.from_env(
         {
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
             "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
             "KAFKA_SASL_USERNAME": "search-features",
             "KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "kafka"),
@@ -231,3 +232,116 @@ def test_the_reader_reads_the_password_file_too(
     monkeypatch.setenv("REDIS_PASSWORD_FILE", str(tmp_path / "password"))
     reader = FeatureReader.from_url("rediss://ranking@cache:6380/0")
     assert reader.client.connection_pool.connection_kwargs["password"] == "from-a-file"
+
+
+# --- Kafka over SASL_SSL -------------------------------------------------------------------
+
+
+def test_kafka_over_sasl_ssl_verifies_the_brokers_against_the_ca(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    config = Config.from_env(
+        {
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": "search-features",
+            "KAFKA_SASL_PASSWORD": "pw",
+            "KAFKA_SSL_CA_LOCATION": str(ca),
+        }
+    )
+    client = config.kafka.client_config()
+    assert client["security.protocol"] == "SASL_SSL"
+    assert client["ssl.ca.location"] == str(ca)
+    assert client["ssl.endpoint.identification.algorithm"] == "https"
+    assert (client["sasl.mechanism"], client["sasl.username"]) == (
+        "SCRAM-SHA-512",
+        "search-features",
+    )
+    assert config.describe()["kafka"]["sasl_password"] == "********"
+    plain = Config.from_env({}).kafka.client_config()
+    assert not {"security.protocol", "ssl.ca.location", "sasl.mechanism"} & set(plain)
+
+
+def test_contradicting_kafka_security_settings_name_the_variable(tmp_path: Path) -> None:
+    sasl = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"}
+    cases = [
+        (
+            {"KAFKA_SSL_CA_LOCATION": "/etc/ca.pem"},
+            "KAFKA_SSL_CA_LOCATION: is set but KAFKA_SECURITY_PROTOCOL is PLAINTEXT (no TLS)",
+        ),
+        (
+            {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CA_LOCATION": str(tmp_path / "x")},
+            f"KAFKA_SSL_CA_LOCATION: cannot read '{tmp_path / 'x'}' (No such file or directory)",
+        ),
+        (
+            {"KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"},
+            "KAFKA_SASL_MECHANISM: is set but KAFKA_SECURITY_PROTOCOL is PLAINTEXT (no SASL)",
+        ),
+        (
+            {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"},
+            "KAFKA_SASL_MECHANISM: is empty but KAFKA_SECURITY_PROTOCOL is SASL_SSL; set it "
+            "(e.g. SCRAM-SHA-512)",
+        ),
+        (sasl, "KAFKA_SASL_USERNAME: is empty but SCRAM-SHA-512 needs a user"),
+        (
+            {**sasl, "KAFKA_SASL_USERNAME": "u"},
+            "KAFKA_SASL_PASSWORD: is empty (and KAFKA_SASL_PASSWORD_FILE unset) but "
+            "SCRAM-SHA-512 needs one",
+        ),
+    ]
+    for env, message in cases:
+        with pytest.raises(ConfigError) as caught:
+            Config.from_env(env)
+        assert str(caught.value) == message
+
+
+class _Event:
+    """A librdkafka error event as `error_cb` gets it."""
+
+    def __init__(self, code: int, text: str) -> None:
+        self._code, self._text = code, text
+
+    def code(self) -> int:
+        return self._code
+
+    def str(self) -> str:
+        return self._text
+
+
+def test_librdkafka_error_events_become_one_line_naming_the_variable() -> None:
+    from confluent_kafka import KafkaError
+
+    from dataflow.config import KafkaSettings
+    from dataflow.errors import PreflightError
+    from dataflow.preflight import _refused
+
+    settings = KafkaSettings(
+        brokers=("b:9094",),
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="search-features",
+        sasl_password=Secret("hunter2", "KAFKA_SASL_PASSWORD_FILE"),
+    )
+    _refused(settings, "b:9094", [_Event(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")])
+    login = _Event(
+        KafkaError._AUTHENTICATION,
+        "sasl_ssl://b:9094/bootstrap: SASL authentication error: Authentication failed "
+        "(after 314ms in state AUTH_REQ)",
+    )
+    with pytest.raises(PreflightError) as caught:
+        _refused(settings, "b:9094", [login])
+    assert str(caught.value) == (
+        "KAFKA_SASL_USERNAME=search-features: Kafka at b:9094 refused the credentials (SASL "
+        "authentication error: Authentication failed); check KAFKA_SASL_USERNAME and "
+        "KAFKA_SASL_PASSWORD_FILE"
+    )
+    untrusted = _Event(
+        KafkaError._SSL,
+        "sasl_ssl://b:9094/bootstrap: SSL handshake failed: error:0A000086:SSL routines::"
+        "certificate verify failed (after 6ms in state SSL_HANDSHAKE)",
+    )
+    with pytest.raises(PreflightError) as caught:
+        _refused(settings, "b:9094", [untrusted])
+    assert caught.value.variable == "KAFKA_SSL_CA_LOCATION"
+    assert "the system's trusted CAs" in str(caught.value)
+    assert "hunter2" not in str(caught.value)

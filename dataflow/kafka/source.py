@@ -80,14 +80,22 @@ class BrokerOffsets:
     One admin client per process, made on first use; `AdminClient` is thread-safe, and
     Bytewax builds partitions from several worker threads. `quiet`: librdkafka prints no log
     line of its own (for callers that report failures themselves, as the preflight does).
+    `on_error`: librdkafka's error events (a refused login, a certificate it does not trust,
+    brokers down), handed over when a `topics()` call fails.
     """
 
     def __init__(
-        self, settings: KafkaSettings, timeout_s: float = 10.0, *, quiet: bool = False
+        self,
+        settings: KafkaSettings,
+        timeout_s: float = 10.0,
+        *,
+        quiet: bool = False,
+        on_error: Callable[[Any], None] | None = None,
     ) -> None:
         self._settings = settings
         self._timeout_s = timeout_s
         self._quiet = quiet
+        self._on_error = on_error
         self._admin: AdminClient | None = None
         self._lock = threading.Lock()
 
@@ -96,17 +104,26 @@ class BrokerOffsets:
             if self._admin is None:
                 # log_level 0 (syslog "emergency"): nothing librdkafka would say.
                 quiet = {"log_level": 0} if self._quiet else None
-                self._admin = AdminClient(self._settings.producer_config(quiet))
+                config: dict[str, Any] = self._settings.producer_config(quiet)
+                if self._on_error is not None:
+                    config["error_cb"] = self._on_error
+                self._admin = AdminClient(config)
             return self._admin
 
-    def topics(self) -> dict[str, list[int]]:
+    def topics(self, timeout_s: float | None = None) -> dict[str, list[int]]:
         """Every topic the brokers list (to these credentials), with its partitions.
 
         One metadata request for all topics: unlike a request naming a topic, it never makes
         a broker with `auto.create.topics.enable` create one. Raises KafkaException when no
-        broker answers within the timeout.
+        broker answers within the timeout (`timeout_s`, default the one given at creation);
+        the error events that explain it have gone to `on_error` by then.
         """
-        meta = self._client().list_topics(timeout=self._timeout_s)
+        client = self._client()
+        try:
+            meta = client.list_topics(timeout=self._timeout_s if timeout_s is None else timeout_s)
+        except KafkaException:
+            client.poll(0)  # serves the queued error events to `on_error`
+            raise
         return {name: sorted(topic.partitions) for name, topic in meta.topics.items()}
 
     def source_parts(self) -> list[str]:

@@ -15,9 +15,12 @@ Isolation and cleanup, so tests can share one long-lived stack:
 - Redis keys under `key_prefix` are deleted after each test.
 - Indices and consumer groups are the test's own business (use `unique_name`).
 
-The secured side of the stack (`redis-tls`: TLS only, ACL users with passwords) is reached
-through `secured_redis`: its port (REDIS_TLS_PORT), the stack's CA and the users' password
-files under STACK_DIR (default `<repo>/.stack`), as `stack/stack.sh secured` lists them.
+The secured side of the stack (`redis-tls`: TLS only, ACL users with passwords;
+`kafka-sasl`: SASL_SSL with SCRAM-SHA-512 users and ACLs) is reached through
+`secured_redis` and `secured_kafka`: their ports (REDIS_TLS_PORT, KAFKA_SASL_PORT), the
+stack's CA and the users' password files under STACK_DIR (default `<repo>/.stack`), as
+`stack/stack.sh secured` lists them. `secured_topic_factory` makes topics there (as
+stack-admin), deleted at the end of the session.
 
 Every test collected under tests/integration is marked `integration`, so
 `pytest -m "not integration"` runs without the stack.
@@ -25,6 +28,7 @@ Every test collected under tests/integration is marked `integration`, so
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
@@ -289,6 +293,85 @@ def secured_prefix(secured_admin: redis.Redis, unique_name: str) -> Iterator[str
     keys = list(secured_admin.scan_iter(match=f"{prefix}*", count=1000))
     for start in range(0, len(keys), 500):
         secured_admin.delete(*keys[start : start + 500])
+
+
+# The secured Kafka's SCRAM users and their password files.
+KAFKA_USERS = {"search-features": "kafka-pipeline", "stack-admin": "kafka-admin"}
+
+
+@dataclass(frozen=True)
+class SecuredKafka:
+    """The stack's SASL_SSL broker: `client_config(user)` logs in as that user."""
+
+    brokers: str
+    ca_file: str
+    passwords: Mapping[str, str] = field(repr=False)  # never in a test report
+
+    def client_config(self, user: str = "stack-admin", **extra: Any) -> dict[str, Any]:
+        return {
+            "bootstrap.servers": self.brokers,
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": user,
+            "sasl.password": self.passwords[user],
+            "ssl.ca.location": self.ca_file,
+            **extra,
+        }
+
+
+@pytest.fixture(scope="session")
+def secured_kafka() -> SecuredKafka:
+    """The secured broker, once stack-admin has listed its topics over SASL_SSL."""
+    port = _port("KAFKA_SASL_PORT", 9094)
+    brokers = f"{HOST}:{port}"
+    try:
+        passwords = {
+            user: (STACK_DIR / "secrets" / f"{name}.password").read_text().strip()
+            for user, name in KAFKA_USERS.items()
+        }
+        socket.create_connection((HOST, port), timeout=3).close()
+    except OSError as exc:
+        _unavailable("The secured Kafka", brokers, exc)
+    secured = SecuredKafka(brokers, str(STACK_DIR / "tls" / "ca.pem"), passwords)
+    try:
+        AdminClient(secured.client_config(log_level=3)).list_topics(timeout=10)
+    except KafkaException as exc:
+        _unavailable("The secured Kafka", brokers, exc)
+    return secured
+
+
+@pytest.fixture(scope="session")
+def _secured_topics(secured_kafka: SecuredKafka) -> Iterator[list[str]]:
+    topics: list[str] = []
+    yield topics
+    if topics and not os.environ.get("KEEP_TEST_TOPICS"):
+        admin = AdminClient(secured_kafka.client_config())
+        for future in admin.delete_topics(topics, operation_timeout=30).values():
+            with contextlib.suppress(KafkaException):  # never created (a dead-letter name)
+                future.result(timeout=60)
+
+
+@pytest.fixture
+def secured_topic_factory(
+    secured_kafka: SecuredKafka, _secured_topics: list[str], unique_name: str
+) -> TopicFactory:
+    """`secured_topic_factory(partitions=1, prefix="search-events-it", create=True)`: a topic
+    on the secured broker, inside the pipeline user's ACLs (`search-events*` to read,
+    `search-events-dlq*` to write and create); `create=False` only names one (deleted at the
+    end of the session all the same, if something made it)."""
+    counter = itertools.count()
+    admin = AdminClient(secured_kafka.client_config())
+
+    def make(partitions: int = 1, *, prefix: str = "search-events-it", create: bool = True) -> str:
+        name = f"{prefix}-{unique_name}-{next(counter)}"
+        _secured_topics.append(name)
+        if create:
+            new = NewTopic(name, num_partitions=partitions, replication_factor=1)
+            admin.create_topics([new], operation_timeout=30)[name].result(timeout=60)
+            _wait_for_topic(admin, name, partitions)
+        return name
+
+    return make
 
 
 # --------------------------------------------------------------------------- OpenSearch

@@ -1,16 +1,17 @@
 """The pipeline and the reader against the secured side of the stack (`stack/stack.sh`):
-Redis over TLS only, verified against the stack's CA, as ACL users with passwords and the
-least rights (the default user is off).
+Kafka over SASL_SSL (SCRAM-SHA-512, ACLs) and Redis over TLS only (ACL users, the default
+user off), both verified against the stack's CA, each as a user with the least rights.
 
-- the whole pipeline (`python -m dataflow.run`, preflight included) writes exactly the
-  reference model's features as the `search-features` user over `rediss://`, its password
-  read from a file (`REDIS_PASSWORD_FILE`), and no secret is in any line it logs (at DEBUG),
-  in its `/metrics` and `/dataflow` or in its dead-letter envelopes;
+- the whole pipeline (`python -m dataflow.run`, preflight included) reads its input from
+  the secured broker as `search-features`, creates its dead-letter topic there and writes
+  exactly the reference model's features as the `search-features` Redis user over
+  `rediss://`, every password read from a file (`*_PASSWORD_FILE`), and no secret is in any
+  line it prints (at DEBUG), in its `/metrics` and `/dataflow` or in its dead letters;
 - the reader reads them as the read-only `ranking` user, sync and async, and what each user
-  may not do is refused;
+  may not do is refused, in Redis and in Kafka;
 - every bad credential (wrong password, unknown user, no password, a certificate the client
-  does not trust) stops the pipeline at start: one line naming the variable and Redis, exit
-  status 3, no secret in it, nothing created.
+  does not trust) stops the pipeline at start: one line naming the variable and the
+  service, exit status 3, no secret in it, nothing created.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from typing import Any
 
 import pytest
 import redis
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from dataflow.config import RedisSettings
 from dataflow.core import counters, keys
 from dataflow.core.families import AC, ACQ, DOC, LAYOUTS, QD, FeatureParams, fields_for
 from dataflow.core.smoothing import Prior
 from dataflow.errors import ReaderError
-from dataflow.kafka.topics import produce
+from dataflow.kafka.topics import Message
 from dataflow.reader import (
     AsyncFeatureReader,
     AutocompleteFeatures,
@@ -45,8 +47,8 @@ from dataflow.retry import NO_WAIT
 from dataflow.settings import Secret
 from dataflow.sinks.redis import RedisWriter, connect
 from dataflow.tools.generator import GeneratorConfig, generate
-from tests.integration.conftest import SecuredRedis, http_get
-from tests.integration.harness import PipelineProcess, dump, free_port, pipeline_env, read_topic
+from tests.integration.conftest import SecuredKafka, SecuredRedis, TopicFactory, http_get
+from tests.integration.harness import PipelineProcess, dump, free_port, pipeline_env
 from tests.integration.test_preflight import one_line, run_pipeline
 from tests.reference_model import diff_stores, expected_store, select_families
 
@@ -65,6 +67,50 @@ def redis_env(secured: SecuredRedis, user: str = PIPELINE_USER) -> dict[str, str
     }
 
 
+def kafka_env(secured: SecuredKafka, user: str = PIPELINE_USER) -> dict[str, str]:
+    """The pipeline's Kafka settings for the secured broker."""
+    return {
+        "KAFKA_BROKERS": secured.brokers,
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": user,
+        "KAFKA_SASL_PASSWORD": secured.passwords[PIPELINE_USER],
+        "KAFKA_SSL_CA_LOCATION": secured.ca_file,
+    }
+
+
+def produce_secured(secured: SecuredKafka, topic: str, messages: list[Message]) -> None:
+    """As stack-admin: the input the pipeline reads."""
+    producer = Producer(secured.client_config(**{"linger.ms": 20}))
+    for msg in messages:
+        producer.produce(topic, value=msg.value, key=msg.key)
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def read_secured(secured: SecuredKafka, topic: str) -> list[bytes]:
+    """Every value in `topic` (one partition), as stack-admin."""
+    consumer = Consumer(
+        secured.client_config(**{"group.id": "stack-admin-read", "enable.partition.eof": True})
+    )
+    out: list[bytes] = []
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            error = msg.error()
+            if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                return out
+            if error is None:
+                out.append(msg.value() or b"")
+        raise AssertionError(f"{topic}: no end of partition within 60s")
+    finally:
+        consumer.close()
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -79,15 +125,17 @@ def scrape_while_running(run: PipelineProcess, port: int) -> list[str]:
     return bodies
 
 
-def test_the_pipeline_over_tls_as_its_acl_user_writes_exactly_the_model_and_leaks_nothing(
-    kafka_brokers: str,
-    topic_factory: Any,
+def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_nothing(
+    secured_kafka: SecuredKafka,
+    secured_topic_factory: TopicFactory,
     secured_redis: SecuredRedis,
     secured_admin: redis.Redis,
     secured_prefix: str,
     tmp_path: Path,
 ) -> None:
-    topic, dlq = topic_factory(2), topic_factory(1)
+    topic = secured_topic_factory(2)
+    # Not made here: the pipeline creates it (its user has the Create ACL for it).
+    dlq = secured_topic_factory(prefix="search-events-dlq-it", create=False)
     messages = list(
         generate(
             GeneratorConfig(
@@ -103,24 +151,28 @@ def test_the_pipeline_over_tls_as_its_acl_user_writes_exactly_the_model_and_leak
             )
         )
     )
-    produce(kafka_brokers, topic, messages)
-    password_file = tmp_path / "redis-password"
-    password_file.write_text(secured_redis.passwords[PIPELINE_USER] + "\n")
-    settings = {k: v for k, v in redis_env(secured_redis).items() if k != "REDIS_PASSWORD"}
+    produce_secured(secured_kafka, topic, messages)
+    # Every password from a file, as a mounted Kubernetes Secret gives them.
+    (tmp_path / "redis-password").write_text(secured_redis.passwords[PIPELINE_USER] + "\n")
+    (tmp_path / "kafka-password").write_text(secured_kafka.passwords[PIPELINE_USER] + "\n")
+    settings = {**redis_env(secured_redis), **kafka_env(secured_kafka)}
+    del settings["REDIS_PASSWORD"], settings["KAFKA_SASL_PASSWORD"], settings["KAFKA_BROKERS"]
     port = free_port()
     env = pipeline_env(
-        brokers=kafka_brokers,
+        brokers=secured_kafka.brokers,
         topic=topic,
         dlq=dlq,
         redis_url=secured_redis.url(PIPELINE_USER),
         prefix=secured_prefix,
         **settings,
-        REDIS_PASSWORD_FILE=str(password_file),
+        REDIS_PASSWORD_FILE=str(tmp_path / "redis-password"),
+        KAFKA_SASL_PASSWORD_FILE=str(tmp_path / "kafka-password"),
         LOG_LEVEL="DEBUG",
         METRICS_ENABLED="true",
         BYTEWAX_DATAFLOW_API_PORT=str(port),
     )
     env.pop("REDIS_PASSWORD", None)
+    env.pop("KAFKA_SASL_PASSWORD", None)
     run = PipelineProcess(env, tmp_path / "pipeline.log")
     scraped = scrape_while_running(run, port)
     run.wait_ok()
@@ -140,9 +192,10 @@ def test_the_pipeline_over_tls_as_its_acl_user_writes_exactly_the_model_and_leak
     log_lines = run.log_path.read_text(errors="replace").splitlines()
     assert any("password=********" in line for line in log_lines)  # the configuration line
     assert any("search_features_" in body for body in scraped), "no /metrics scrape"
-    letters = [value.decode(errors="replace") for _, value in read_topic(kafka_brokers, dlq)]
-    assert letters, "the stream's broken messages were dead-lettered"
-    secrets = list(secured_redis.passwords.values())
+    letters = [value.decode(errors="replace") for value in read_secured(secured_kafka, dlq)]
+    broken = sum(1 for m in messages if m.expected_reason is not None)
+    assert len(letters) == broken, "every broken message dead-lettered, once"
+    secrets = [*secured_redis.passwords.values(), *secured_kafka.passwords.values()]
     for text in (*log_lines, *scraped, *letters):
         for secret in secrets:
             assert secret not in text, f"a password in: {text[:200]}"
@@ -315,66 +368,123 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(directory / "ca.pem")
 
 
-CASES = ["wrong password", "unknown user", "no password", "system CAs", "another CA"]
+WRONG = "wr0ng-pa55word-0815"
+REDIS_CASES = ["wrong password", "unknown user", "no password", "system CAs", "another CA"]
+KAFKA_CASES = ["kafka wrong password", "kafka unknown user", "kafka system CAs"]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_redis_credentials_stop_the_pipeline_at_start_with_one_line(
-    case: str,
-    kafka_brokers: str,
-    kafka_admin: AdminClient,
-    topic_factory: Any,
-    secured_redis: SecuredRedis,
-    secured_prefix: str,
-    other_ca: str,
-    unique_name: str,
-    tmp_path: Path,
-) -> None:
-    good = redis_env(secured_redis)
-    shown = secured_redis.url(PIPELINE_USER)
-    wrong = "wr0ng-pa55word-0815"
-    env = {**good}
+def broken_env(
+    case: str, good: dict[str, str], secured_redis: SecuredRedis, other_ca: str, tmp: Path
+) -> dict[str, str]:
+    """The working secured environment `good` with the one thing `case` breaks."""
+    env = dict(good)
     if case == "wrong password":  # from a file, as a mounted secret
         del env["REDIS_PASSWORD"]
-        env["REDIS_PASSWORD_FILE"] = str(tmp_path / "password")
-        (tmp_path / "password").write_text(wrong + "\n")
+        env["REDIS_PASSWORD_FILE"] = str(tmp / "password")
+        (tmp / "password").write_text(WRONG + "\n")
     elif case == "unknown user":
-        env["REDIS_URL"] = shown = secured_redis.url("nobody")
+        env["REDIS_URL"] = secured_redis.url("nobody")
     elif case == "no password":
         del env["REDIS_PASSWORD"]
     elif case == "system CAs":
         del env["REDIS_CA_FILE"]
-    else:
+    elif case == "another CA":
         env["REDIS_CA_FILE"] = other_ca
-    dlq = f"it-{unique_name}-dlq-never"
+    elif case == "kafka wrong password":  # from a file too
+        del env["KAFKA_SASL_PASSWORD"]
+        env["KAFKA_SASL_PASSWORD_FILE"] = str(tmp / "password")
+        (tmp / "password").write_text(WRONG + "\n")
+    elif case == "kafka unknown user":
+        env["KAFKA_SASL_USERNAME"] = "nobody"
+    elif case == "kafka system CAs":
+        del env["KAFKA_SSL_CA_LOCATION"]
+    return env
+
+
+@pytest.mark.parametrize("case", REDIS_CASES + KAFKA_CASES)
+def test_bad_credentials_stop_the_pipeline_at_start_with_one_line(
+    case: str,
+    secured_kafka: SecuredKafka,
+    secured_topic_factory: TopicFactory,
+    secured_redis: SecuredRedis,
+    secured_prefix: str,
+    other_ca: str,
+    tmp_path: Path,
+) -> None:
+    good = {**kafka_env(secured_kafka), **redis_env(secured_redis)}
+    env = broken_env(case, good, secured_redis, other_ca, tmp_path)
+    dlq = secured_topic_factory(prefix="search-events-dlq-it", create=False)
+    started = time.monotonic()
     done = run_pipeline(
-        KAFKA_BROKERS=kafka_brokers,
-        KAFKA_TOPICS=topic_factory(1),
+        KAFKA_TOPICS=secured_topic_factory(1),
         KAFKA_DLQ_TOPIC=dlq,
         FEATURE_PREFIX=secured_prefix,
         **env,
     )
+    took = time.monotonic() - started
     line = one_line(done)
+    url, brokers = env["REDIS_URL"], secured_kafka.brokers
     if case in ("wrong password", "unknown user", "no password"):
-        assert line.startswith(
-            f"preflight failed: REDIS_URL={shown}: Redis refused the credentials"
-        )
         password = {"wrong password": "REDIS_PASSWORD_FILE", "unknown user": "REDIS_PASSWORD"}
+        assert line.startswith(f"preflight failed: REDIS_URL={url}: Redis refused the credentials")
         assert line.endswith(
             "; check the user in REDIS_URL and " + password.get(case, "the password in REDIS_URL")
         ), line
     elif case == "system CAs":
         assert line.startswith(
-            f"preflight failed: REDIS_CA_FILE=: the TLS certificate of Redis at {shown} is not "
+            f"preflight failed: REDIS_CA_FILE=: the TLS certificate of Redis at {url} is not "
             "signed by a CA in the system's trusted CAs (self-signed certificate in certificate "
             "chain); set REDIS_CA_FILE"
         ), line
-    else:  # (the server sends the CA along with its certificate: "self-signed ... in chain")
+    elif case == "another CA":  # (the server sends the CA along: "self-signed ... in chain")
         assert line.startswith(
-            f"preflight failed: REDIS_CA_FILE={other_ca}: the TLS certificate of Redis at {shown} "
+            f"preflight failed: REDIS_CA_FILE={other_ca}: the TLS certificate of Redis at {url} "
             f"is not signed by a CA in '{other_ca}' ("
         ), line
-    for secret in (wrong, *secured_redis.passwords.values()):
+    elif case in ("kafka wrong password", "kafka unknown user"):
+        user = env["KAFKA_SASL_USERNAME"]
+        password = "KAFKA_SASL_PASSWORD_FILE" if "wrong" in case else "KAFKA_SASL_PASSWORD"
+        assert line == (
+            f"preflight failed: KAFKA_SASL_USERNAME={user}: Kafka at {brokers} refused the "
+            "credentials (SASL authentication error: Authentication failed during "
+            "authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512); "
+            f"check KAFKA_SASL_USERNAME and {password}"
+        ), line
+    else:
+        assert line.startswith(
+            f"preflight failed: KAFKA_SSL_CA_LOCATION=: the TLS certificate of Kafka at "
+            f"{brokers} is not signed by a CA in the system's trusted CAs or does not name the "
+            "broker ("
+        ), line
+        assert "certificate verify failed" in line
+    for secret in (WRONG, *secured_redis.passwords.values(), *secured_kafka.passwords.values()):
         assert secret not in done.stdout + done.stderr
-    # Nothing was created: the dead-letter topic comes after the Redis check.
-    assert dlq not in kafka_admin.list_topics(timeout=10).topics
+    assert took < 20, f"a refused login is told at once, not after the timeout ({took:.1f}s)"
+    # Nothing was created: the dead-letter topic comes after both checks.
+    admin = AdminClient(secured_kafka.client_config())
+    assert dlq not in admin.list_topics(timeout=10).topics
+
+
+def test_the_pipeline_user_has_only_its_kafka_rights(
+    secured_kafka: SecuredKafka, secured_topic_factory: TopicFactory, unique_name: str
+) -> None:
+    inputs = secured_topic_factory(1)
+    other = secured_topic_factory(1, prefix="other-it")  # outside its ACLs
+    pipeline = AdminClient(secured_kafka.client_config(PIPELINE_USER))
+    listed = pipeline.list_topics(timeout=10).topics
+    assert inputs in listed and other not in listed  # not even its name
+    # It may create dead-letter topics, nothing else, and delete none.
+    name = f"search-events-it-{unique_name}-made-by-the-pipeline-user"
+    new = NewTopic(name, num_partitions=1, replication_factor=1)
+    with pytest.raises(KafkaException) as caught:
+        pipeline.create_topics([new], operation_timeout=10)[name].result(timeout=30)
+    assert caught.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    with pytest.raises(KafkaException) as caught:
+        pipeline.delete_topics([inputs], operation_timeout=10)[inputs].result(timeout=30)
+    assert caught.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    # It reads its input but may not write to it.
+    failures: list[KafkaError] = []
+    producer = Producer(secured_kafka.client_config(PIPELINE_USER, log_level=0))
+    producer.produce(inputs, b"x", on_delivery=lambda err, _msg: failures.append(err))
+    producer.flush(30)
+    assert [err.code() for err in failures] == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
