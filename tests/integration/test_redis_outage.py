@@ -4,16 +4,17 @@ the same `python -m dataflow.run` process rides it out and ends with exact featu
 What it proves, and how the test is built so that it can:
 
 - The local Redis runs without persistence, so after the restart it is EMPTY: whatever the
-  pipeline wrote before the outage is gone, and no pipeline can restore it by itself.
-  (Repairing an emptied Redis is another matter, not tested here.) So the stream is made
-  such that every key is written again after the outage: one Kafka partition (read in
-  order) holding a first day of events (day D-2) and then a second day (D-1). When the
-  clock enters D-1, every live key of every shard is re-stated (docs/architecture.md, "The
-  clock and `as_of`"), each with an absolute `HSET` of every field. The test stops Redis
-  once the pipeline has written (so the outage interrupts a running pipeline with writes
-  in flight) and checks, on `/metrics` while the sink is down, that the pipeline clock is
-  still in D-2: with one worker a waiting sink holds every step, so the day change, and
-  with it the re-statement of every key, happens after Redis is back.
+  pipeline wrote before the outage is gone. (The sink's marker check notices that and
+  re-writes every live key, tests/integration/test_store_repair.py; this test does not rely
+  on it.) So the stream is made such that every key is written again after the outage: one
+  Kafka partition (read in order) holding a first day of events (day D-2) and then a
+  second day (D-1). When the clock enters D-1, every live key of every shard is re-stated
+  (docs/architecture.md, "The clock and `as_of`"), each with an absolute `HSET` of every
+  field. The test stops Redis once the pipeline has written (so the outage interrupts a
+  running pipeline with writes in flight) and checks, on `/metrics` while the sink is
+  down, that the pipeline clock is still in D-2: with one worker a waiting sink holds every
+  step, so the day change, and with it the re-statement of every key, happens after Redis
+  is back.
 - Then the final Redis equals the reference model of the whole stream, byte for byte, for
   every family. That holds only if nothing the pipeline held was lost across the outage:
   the chunk it was writing when Redis went away was sent again, the batch it was in was
