@@ -122,7 +122,9 @@ class StoreRepairs:
         with self._lock:
             if generation == self.generation:
                 self._keys_queued += keys
-            if keys:
+            # Acknowledged at its next snapshot; so is nothing queued while an earlier queue
+            # still waits for one.
+            if keys or shard in self._queued:
                 self._queued[shard] = generation
             elif self._shards.get(shard, -1) < generation:
                 self._shards[shard] = generation

@@ -161,3 +161,19 @@ def test_a_repair_waits_for_every_worker_to_have_run() -> None:
     assert not repairs.status().settled  # the second worker's restored shards may not exist
     second.next_batch()  # type: ignore[attr-defined]
     assert repairs.status().settled
+
+
+def test_a_queue_waits_for_its_snapshot_even_when_a_later_loss_needs_nothing() -> None:
+    repairs = StoreRepairs()
+    logic = shard(repairs, keys=3)
+    waker = wake_partition(repairs, 1)
+    repairs.lost()
+    waker.next_batch()  # type: ignore[attr-defined]
+    logic.on_batch([WAKE])  # 3 keys queued, in no snapshot yet
+    repairs.lost(at_start=True)  # a worker's mark missing at its start: nothing due here
+    waker.next_batch()  # type: ignore[attr-defined]
+    logic.on_batch([WAKE])
+    assert logic.repaired == repairs.generation
+    assert not repairs.status().settled  # the first queue is still only in memory
+    logic.snapshot()
+    assert repairs.status().settled

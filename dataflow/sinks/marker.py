@@ -243,7 +243,10 @@ class MarkerGuard:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._poke.clear()
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 - the checks must outlive a surprise
+                self._error(f"the feature store marker check {self.key} failed: {exc!r}", exc)
             self._poke.wait(self.every_s)
         if self._client is not None:
             self._client.close()

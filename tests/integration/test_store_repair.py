@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from dataflow.kafka.topics import produce
+from dataflow.run import ensure_recovery_dir
 from dataflow.sinks.marker import Mark, mark_field, marker_key
 from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 from tests.integration.conftest import http_get
@@ -85,13 +87,16 @@ def wait_until_equal(
     client: redis.Redis,
     prefix: str,
     want: dict[str, dict[str, str]],
-    run: PipelineProcess,
+    runs: PipelineProcess | list[PipelineProcess],
     timeout: float,
 ) -> float:
     """Seconds until the store equals `want`; fails with the differences after `timeout`."""
+    runs = runs if isinstance(runs, list) else [runs]
+    run = runs[0]
     started = time.monotonic()
     while True:
-        assert run.alive(), f"the pipeline stopped:\n{run.tail()}"
+        for each in runs:
+            assert each.alive(), f"the pipeline stopped:\n{each.tail()}"
         diffs = diff_stores(stored(client, prefix), want)  # type: ignore[arg-type]
         if not diffs:
             return time.monotonic() - started
@@ -112,7 +117,15 @@ def ttls(client: redis.Redis, keys: list[str]) -> list[int]:
 
 
 def start(
-    tmp_path: Path, kafka_brokers: str, topic: str, dlq: str, url: str, prefix: str, port: int
+    tmp_path: Path,
+    kafka_brokers: str,
+    topic: str,
+    dlq: str,
+    url: str,
+    prefix: str,
+    port: int,
+    args: list[str] | None = None,
+    log: str = "run.log",
 ) -> PipelineProcess:
     env = pipeline_env(
         brokers=kafka_brokers,
@@ -128,30 +141,62 @@ def start(
         RESTATE_KEYS_PER_SECOND=str(RATE),
         STORE_CHECK_SECONDS=str(CHECK_S),
     )
-    return PipelineProcess(env, tmp_path / "run.log")
+    return PipelineProcess(env, tmp_path / log, args or [])
 
 
+def marks(client: redis.Redis, prefix: str, workers: int) -> list[str | None]:
+    """The state of each worker's mark (None: missing)."""
+    raw = client.hmget(marker_key(prefix), [mark_field(w) for w in range(workers)])
+    decoded = [Mark.decode(v) if v is not None else None for v in raw]
+    return [m.state if m is not None else None for m in decoded]
+
+
+LAYOUTS = {
+    "one worker": [[]],
+    "two workers": [["-w", "2"]],
+    "two processes": [["-i", "0", "-a", "{addresses}"], ["-i", "1", "-a", "{addresses}"]],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_flushed_store_is_rewritten_whole_without_new_events(
-    kafka_brokers: str, topic_factory: Any, redis_url: str, key_prefix: str, tmp_path: Path
+    kafka_brokers: str,
+    topic_factory: Any,
+    redis_url: str,
+    key_prefix: str,
+    tmp_path: Path,
+    layout: str,
 ) -> None:
     messages = one_day(seed=31)
-    topic, dlq = topic_factory(1), topic_factory(1)
+    topic, dlq = topic_factory(2), topic_factory(1)
     produce(kafka_brokers, topic, messages)
     want = expected(messages, key_prefix)
     assert len(want) > 5_000
     url = redis_url.rsplit("/", 1)[0] + f"/{PRIVATE_DB}"
     client = redis.Redis.from_url(url)
-    port = free_port()
-    run = start(tmp_path, kafka_brokers, topic, dlq, url, key_prefix, port)
+    addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
+    commands = [[a.format(addresses=addresses) for a in args] for args in LAYOUTS[layout]]
+    workers = 2 if layout != "one worker" else 1
+    ensure_recovery_dir(tmp_path / "recovery", 1)  # shared by the processes of a cluster
+    ports = [free_port() for _ in commands]
+    runs = [
+        start(tmp_path, kafka_brokers, topic, dlq, url, key_prefix, port, args, f"run{i}.log")
+        for i, (port, args) in enumerate(zip(ports, commands, strict=True))
+    ]
+
+    def repairs() -> list[float]:
+        return [
+            metric(port, "search_features_store_repairs_total", trigger="missing") for port in ports
+        ]
+
     try:
-        wait_until_equal(client, key_prefix, want, run, timeout=180)
-        mark = client.hget(marker_key(key_prefix), mark_field(0))
-        assert mark is not None and Mark.decode(mark) is not None
+        wait_until_equal(client, key_prefix, want, runs, timeout=180)
         time.sleep(2 * CHECK_S)  # the first check of the marker is long done
-        assert metric(port, "search_features_store_repairs_total", trigger="missing") == 0
+        assert marks(client, key_prefix, workers) == ["whole"] * workers
+        assert repairs() == [0] * len(runs)
 
         client.flushdb()  # nothing of this pipeline's is left, marker included
-        took = wait_until_equal(client, key_prefix, want, run, timeout=len(want) / RATE + SLACK_S)
+        took = wait_until_equal(client, key_prefix, want, runs, timeout=len(want) / RATE + SLACK_S)
 
         # Rate-limited: no faster than RESTATE_KEYS_PER_SECOND allows (with a margin for
         # the shards' shares not being exactly equal).
@@ -160,30 +205,33 @@ def test_a_flushed_store_is_rewritten_whole_without_new_events(
         keys = sorted(want)
         assert all(ttl > 0 for ttl in ttls(client, keys)), "a repaired key has no TTL"
         deadline = time.monotonic() + 30
-        while metric(port, "search_features_keys_to_restate") or not client.hget(
-            marker_key(key_prefix), mark_field(0)
+        while (
+            any(metric(port, "search_features_keys_to_restate") for port in ports)
+            or marks(client, key_prefix, workers) != ["whole"] * workers
         ):
-            assert time.monotonic() < deadline, run.tail()
+            assert time.monotonic() < deadline, runs[0].tail()
             time.sleep(0.2)
-        back = Mark.decode(client.hget(marker_key(key_prefix), mark_field(0)) or b"")
-        assert back is not None and back.state == "whole"
-        assert metric(port, "search_features_store_repairs_total", trigger="missing") == 1
-        assert metric(port, "search_features_keys_restated_total") >= len(want)
+        assert repairs() == [1] * len(runs)  # each process noticed it, once
+        assert sum(metric(p, "search_features_keys_restated_total") for p in ports) >= len(want)
         deadline = time.monotonic() + 30
-        while "store repair done" not in run.log_path.read_text():
-            assert time.monotonic() < deadline, run.tail()
+        while not all("store repair done" in run.log_path.read_text() for run in runs):
+            assert time.monotonic() < deadline, runs[0].tail()
             time.sleep(0.2)
     finally:
-        run.kill()
+        for run in runs:
+            run.kill()
         for key in client.scan_iter(match=f"{key_prefix}*", count=1000):
             client.delete(key)
         client.close()
-    log = run.log_path.read_text()
-    lost = [line for line in log.splitlines() if "feature store lost data" in line]
-    assert len(lost) == 1, log[-3000:]
-    assert "worker:0 is missing" in lost[0] and "trigger=missing" in lost[0]
-    assert "store repair queued" in log
-    print(f"repair: {len(want)} keys back in {took:.1f}s at {RATE} keys/s")  # noqa: T201
+    for i, run in enumerate(runs):
+        log = run.log_path.read_text()
+        lost = [line for line in log.splitlines() if "feature store lost data" in line]
+        assert len(lost) == 1, log[-3000:]
+        own = [i] if len(runs) > 1 else range(workers)  # each process checks its own workers
+        fields = ",".join(mark_field(w) for w in own)
+        assert f"marker {fields} is missing" in lost[0] and "trigger=missing" in lost[0]
+        assert "store repair queued" in log
+    print(f"repair, {layout}: {len(want)} keys back in {took:.1f}s at {RATE} keys/s")  # noqa: T201
 
 
 def test_resync_rewrites_every_key_behind_an_intact_marker(
