@@ -208,6 +208,8 @@ class OpenSearchSettings:
     docs_index: str = s.OPENSEARCH_DOCS_INDEX.value
     username: str = s.OPENSEARCH_USERNAME.value
     password: Secret = s.OPENSEARCH_PASSWORD.value
+    ca_file: str = s.OPENSEARCH_CA_FILE.value
+    verify_certs: bool = s.OPENSEARCH_VERIFY_CERTS.value
     min_change: float = s.OPENSEARCH_MIN_CHANGE.value
     bulk_docs: int = s.OPENSEARCH_BULK_DOCS.value
     bulk_bytes: int = s.OPENSEARCH_BULK_BYTES.value
@@ -220,6 +222,24 @@ class OpenSearchSettings:
     @property
     def enabled(self) -> bool:
         return bool(self.url)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url.get()).scheme == "https"
+
+    def check(self) -> None:
+        """ConfigError when the TLS settings contradict the URL or each other, or name an
+        unreadable file."""
+        if not self.ca_file:
+            return
+        if not self.tls:
+            raise ConfigError("OPENSEARCH_CA_FILE", "is set but OPENSEARCH_URL is not https://")
+        if not self.verify_certs:
+            raise ConfigError(
+                "OPENSEARCH_CA_FILE",
+                "is set but OPENSEARCH_VERIFY_CERTS is false: it would not be used",
+            )
+        _readable_file("OPENSEARCH_CA_FILE", self.ca_file)
 
 
 @dataclass(frozen=True)
@@ -279,6 +299,8 @@ class Config:
             docs_index=s.OPENSEARCH_DOCS_INDEX.read(e),
             username=s.OPENSEARCH_USERNAME.read(e),
             password=s.OPENSEARCH_PASSWORD.read(e),
+            ca_file=s.OPENSEARCH_CA_FILE.read(e),
+            verify_certs=s.OPENSEARCH_VERIFY_CERTS.read(e),
             min_change=s.OPENSEARCH_MIN_CHANGE.read(e),
             bulk_docs=s.OPENSEARCH_BULK_DOCS.read(e),
             bulk_bytes=s.OPENSEARCH_BULK_BYTES.read(e),
@@ -288,6 +310,7 @@ class Config:
             max_retries=s.OPENSEARCH_MAX_RETRIES.read(e),
             backoff_max_seconds=s.OPENSEARCH_BACKOFF_MAX_SECONDS.read(e),
         )
+        opensearch.check()
         features = FeatureParams(
             doc=_prior(e, s.SMOOTHING_DOC_ALPHA, s.SMOOTHING_DOC_BETA),
             qd=_prior(e, s.SMOOTHING_QD_ALPHA, s.SMOOTHING_QD_BETA),

@@ -20,7 +20,8 @@ value. These checks run first, in this order, and stop at the first failure with
 3. **Dead-letter topic** (`KAFKA_DLQ_TOPIC`): exists, or is created here with the broker's
    default partitions and replication, on purpose and said so in a WARNING line. After the
    Redis check, so that a pipeline with bad Redis credentials creates nothing.
-4. **OpenSearch** (`OPENSEARCH_URL`, when set): answers, and the sink's aliases exist or
+4. **OpenSearch** (`OPENSEARCH_URL`, when set): answers (for `https://`, with a
+   certificate that verifies against `OPENSEARCH_CA_FILE`), and the sink's aliases exist or
    are created, with the fields it writes (`IndexAdmin.ensure`, what the sink does before
    its first write); `OPENSEARCH_DOCS_INDEX`, when set, exists with them
    (`IndexAdmin.verify`).
@@ -211,6 +212,18 @@ def check_opensearch(settings: OpenSearchSettings) -> None:
                 except IndexMappingError as exc:
                     raise PreflightError(variables[spec.name], spec.target, str(exc)) from None
     except OSConnectionError as exc:
+        untrusted = _certificate_problem(exc) or (
+            _certificate_problem(exc.info) if isinstance(exc.info, BaseException) else None
+        )
+        if untrusted is not None:
+            trusted = repr(settings.ca_file) if settings.ca_file else "opensearch-py's CA bundle"
+            raise PreflightError(
+                "OPENSEARCH_CA_FILE",
+                settings.ca_file,
+                f"the TLS certificate of OpenSearch at {url} is not signed by a CA in {trusted} "
+                f"or does not name the host ({untrusted}); set OPENSEARCH_CA_FILE to the CA "
+                "that signed it",
+            ) from None
         raise PreflightError(
             "OPENSEARCH_URL",
             url,
@@ -218,11 +231,12 @@ def check_opensearch(settings: OpenSearchSettings) -> None:
             "without the OpenSearch sink",
         ) from None
     except AuthenticationException:
+        password = settings.password.source or "OPENSEARCH_PASSWORD"
         raise PreflightError(
             "OPENSEARCH_USERNAME",
             settings.username,
             f"OpenSearch at {url} refused the credentials (HTTP 401); check "
-            "OPENSEARCH_USERNAME and OPENSEARCH_PASSWORD",
+            f"OPENSEARCH_USERNAME and {password}",
         ) from None
     except AuthorizationException as exc:
         raise PreflightError(

@@ -97,6 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "however long it is away; set REDIS_OUTAGE_EXIT_SECONDS to stop after an "
                 "outage that long"
             )
+        searching = config.opensearch
+        if searching.enabled and searching.tls and not searching.verify_certs:
+            log.warning(
+                "OPENSEARCH_VERIFY_CERTS is false: the OpenSearch server's certificate is not "
+                "verified, anyone between this process and it can read and change what is sent "
+                "(the basic-auth password included)"
+            )
         extra = recovery_args(env, args)
         metrics_on = settings.METRICS_ENABLED.read(env)
         port = settings.BYTEWAX_DATAFLOW_API_PORT.read(env) if metrics_on else 0

@@ -625,6 +625,21 @@ OPENSEARCH_DOCS_INDEX = _text(
 OPENSEARCH_USERNAME = _text(OPENSEARCH, "OPENSEARCH_USERNAME", "", "Basic-auth user.")
 OPENSEARCH_PASSWORD = _secret(OPENSEARCH, "OPENSEARCH_PASSWORD", "", "Basic-auth password.")
 OPENSEARCH_PASSWORD_FILE = _file_of(OPENSEARCH_PASSWORD)
+OPENSEARCH_CA_FILE = _text(
+    OPENSEARCH,
+    "OPENSEARCH_CA_FILE",
+    "",
+    "CA certificates (PEM) that sign the certificate of an `https://` OPENSEARCH_URL; empty: "
+    "opensearch-py's default bundle (certifi). The server's name in the URL must be on it.",
+    values="a file path, or empty",
+)
+OPENSEARCH_VERIFY_CERTS = _flag(
+    OPENSEARCH,
+    "OPENSEARCH_VERIFY_CERTS",
+    True,
+    "Verify the certificate and the name of an `https://` OPENSEARCH_URL; `false` only for a "
+    "throw-away cluster (a WARNING at start says so).",
+)
 OPENSEARCH_MIN_CHANGE = _number(
     OPENSEARCH,
     "OPENSEARCH_MIN_CHANGE",

@@ -151,7 +151,8 @@ def test_every_secret_has_a_file_companion_right_after_it() -> None:
         assert (companion.secret, companion.section, companion.default) == (False, row.section, "")
         assert getattr(settings, companion.name) is companion
     companions = {row.file_variable for row in SECRET_ROWS}
-    assert {r.name for r in SETTINGS if r.name.endswith("_FILE")} - companions == {"REDIS_CA_FILE"}
+    ca_files = {"REDIS_CA_FILE", "OPENSEARCH_CA_FILE"}
+    assert {r.name for r in SETTINGS if r.name.endswith("_FILE")} - companions == ca_files
     assert not any(row.file_variable for row in SETTINGS if not row.secret)
 
 
@@ -345,3 +346,46 @@ def test_librdkafka_error_events_become_one_line_naming_the_variable() -> None:
     assert caught.value.variable == "KAFKA_SSL_CA_LOCATION"
     assert "the system's trusted CAs" in str(caught.value)
     assert "hunter2" not in str(caught.value)
+
+
+# --- OpenSearch over https ----------------------------------------------------------------
+
+
+def test_opensearch_over_https_is_verified_against_the_ca(tmp_path: Path) -> None:
+    from dataflow.opensearch.index import client_for
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    env = {"OPENSEARCH_URL": "https://search:9200", "OPENSEARCH_CA_FILE": str(ca)}
+    connection = client_for(Config.from_env(env).opensearch).transport.get_connection()
+    pool = connection.pool
+    assert (pool.cert_reqs, pool.ca_certs) == ("CERT_REQUIRED", str(ca))
+    off = Config.from_env({"OPENSEARCH_URL": "https://search:9200", "OPENSEARCH_VERIFY_CERTS": "0"})
+    assert client_for(off.opensearch).transport.get_connection().pool.cert_reqs == "CERT_NONE"
+    plain = client_for(Config.from_env({}).opensearch).transport.get_connection()
+    assert not plain.use_ssl
+
+
+def test_contradicting_opensearch_tls_settings_name_the_variable(tmp_path: Path) -> None:
+    cases = [
+        (
+            {"OPENSEARCH_CA_FILE": "/etc/ca.pem"},
+            "OPENSEARCH_CA_FILE: is set but OPENSEARCH_URL is not https://",
+        ),
+        (
+            {
+                "OPENSEARCH_URL": "https://s:9200",
+                "OPENSEARCH_CA_FILE": "/etc/ca.pem",
+                "OPENSEARCH_VERIFY_CERTS": "false",
+            },
+            "OPENSEARCH_CA_FILE: is set but OPENSEARCH_VERIFY_CERTS is false: it would not be used",
+        ),
+        (
+            {"OPENSEARCH_URL": "https://s:9200", "OPENSEARCH_CA_FILE": str(tmp_path / "x")},
+            f"OPENSEARCH_CA_FILE: cannot read '{tmp_path / 'x'}' (No such file or directory)",
+        ),
+    ]
+    for env, message in cases:
+        with pytest.raises(ConfigError) as caught:
+            Config.from_env(env)
+        assert str(caught.value) == message

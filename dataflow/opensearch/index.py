@@ -48,7 +48,10 @@ _GENERATION_RE = re.compile(r"-(\d{6})$")
 
 
 def client_for(settings: OpenSearchSettings) -> OpenSearch:
-    """A client that never retries by itself: the sink decides when to try again."""
+    """A client that never retries by itself: the sink decides when to try again. For
+    `https://` the server's certificate is verified against `OPENSEARCH_CA_FILE` (else
+    opensearch-py's default bundle) and its name checked, unless `OPENSEARCH_VERIFY_CERTS`
+    is false (then without a warning per request: `dataflow.run` says it once at start)."""
     kwargs: dict[str, Any] = {
         "hosts": [settings.url.get()],
         "timeout": settings.timeout_seconds,
@@ -57,6 +60,11 @@ def client_for(settings: OpenSearchSettings) -> OpenSearch:
     }
     if settings.username:
         kwargs["http_auth"] = (settings.username, settings.password.get())
+    if settings.tls:
+        kwargs["verify_certs"] = settings.verify_certs
+        kwargs["ssl_show_warn"] = False
+        if settings.ca_file:
+            kwargs["ca_certs"] = settings.ca_file
     return OpenSearch(**kwargs)
 
 

@@ -745,7 +745,7 @@ def test_every_secret_setting_is_a_file_of_the_secret_and_every_file_is_used() -
         "OPENSEARCH_PASSWORD_FILE",
     }
     for name in files:
-        ca_bundles = ("REDIS_CA_FILE", "KAFKA_SSL_CA_LOCATION")
+        ca_bundles = ("REDIS_CA_FILE", "KAFKA_SSL_CA_LOCATION", "OPENSEARCH_CA_FILE")
         assert name.removesuffix("_FILE") in secret_rows or name in ca_bundles, name
     used = {path.removeprefix(SECRETS_MOUNT + "/") for path in files.values()}
     assert used == set(_secret()), "every key of the Secret is a file some setting reads"
@@ -764,7 +764,9 @@ def test_configmap_and_secret_make_a_valid_configuration(tmp_path: Path) -> None
     assert config.kafka.sasl_password.source == "KAFKA_SASL_PASSWORD_FILE"
     assert config.redis.password.get() == "CHANGE_ME"
     assert config.redis.url.get().startswith("rediss://search-features@")
-    assert config.redis.ca_file == config.kafka.ssl_ca_location == str(tmp_path / "ca.pem")
+    ca = str(tmp_path / "ca.pem")
+    assert config.redis.ca_file == config.kafka.ssl_ca_location == config.opensearch.ca_file == ca
+    assert config.opensearch.verify_certs
     assert config.opensearch.password.get() == "CHANGE_ME"
     assert config.opensearch.enabled
 

@@ -12,6 +12,11 @@ user off), both verified against the stack's CA, each as a user with the least r
 - every bad credential (wrong password, unknown user, no password, a certificate the client
   does not trust) stops the pipeline at start: one line naming the variable and the
   service, exit status 3, no secret in it, nothing created.
+
+OpenSearch has no secured side (its security plugin is not on Maven Central for the pinned
+2.19.6): `TlsProxy` puts TLS with the stack's certificate in front of the open node, so
+`OPENSEARCH_CA_FILE` and `OPENSEARCH_VERIFY_CERTS` are exercised against the real server;
+basic auth is not.
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
+import ssl
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from opensearchpy import OpenSearch
 
 from dataflow.config import RedisSettings
 from dataflow.core import counters, keys
@@ -47,7 +57,13 @@ from dataflow.retry import NO_WAIT
 from dataflow.settings import Secret
 from dataflow.sinks.redis import RedisWriter, connect
 from dataflow.tools.generator import GeneratorConfig, generate
-from tests.integration.conftest import SecuredKafka, SecuredRedis, TopicFactory, http_get
+from tests.integration.conftest import (
+    STACK_DIR,
+    SecuredKafka,
+    SecuredRedis,
+    TopicFactory,
+    http_get,
+)
 from tests.integration.harness import PipelineProcess, dump, free_port, pipeline_env
 from tests.integration.test_preflight import one_line, run_pipeline
 from tests.reference_model import diff_stores, expected_store, select_families
@@ -111,6 +127,68 @@ def read_secured(secured: SecuredKafka, topic: str) -> list[bytes]:
         consumer.close()
 
 
+class TlsProxy:
+    """TLS on 127.0.0.1:`port` with the stack's server certificate (signed by its CA, for
+    localhost and 127.0.0.1), each connection relayed as plain TCP to `upstream`."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls = STACK_DIR / "tls"
+        self.context.load_cert_chain(tls / "server.pem", tls / "server.key")
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):  # the client refused the certificate
+            conn.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        for source, sink in ((tls, upstream), (upstream, tls)):
+            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture(scope="module")
+def opensearch_tls(opensearch_url: str) -> Iterator[str]:
+    """`https://127.0.0.1:<port>`: the local OpenSearch behind TLS."""
+    proxy = TlsProxy(int(opensearch_url.rsplit(":", 1)[1]))
+    yield f"https://127.0.0.1:{proxy.port}"
+    proxy.close()
+
+
+@pytest.fixture
+def aliases(opensearch_client: OpenSearch, unique_name: str) -> Iterator[dict[str, str]]:
+    """Two aliases of the test's own (and their indices, removed afterwards)."""
+    yield {
+        "OPENSEARCH_INDEX": f"sec-{unique_name}-doc",
+        "OPENSEARCH_AC_INDEX": f"sec-{unique_name}-ac",
+    }
+    opensearch_client.indices.delete(index=f"sec-{unique_name}-*", ignore_unavailable=True)
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -131,6 +209,9 @@ def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_n
     secured_redis: SecuredRedis,
     secured_admin: redis.Redis,
     secured_prefix: str,
+    opensearch_tls: str,
+    opensearch_client: OpenSearch,
+    aliases: dict[str, str],
     tmp_path: Path,
 ) -> None:
     topic = secured_topic_factory(2)
@@ -170,6 +251,9 @@ def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_n
         LOG_LEVEL="DEBUG",
         METRICS_ENABLED="true",
         BYTEWAX_DATAFLOW_API_PORT=str(port),
+        OPENSEARCH_URL=opensearch_tls,
+        OPENSEARCH_CA_FILE=str(STACK_DIR / "tls" / "ca.pem"),
+        **aliases,
     )
     env.pop("REDIS_PASSWORD", None)
     env.pop("KAFKA_SASL_PASSWORD", None)
@@ -187,6 +271,9 @@ def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_n
     assert len(actual) > 300
     assert {k.split(":")[1] for k in actual} == set(ALL)
     assert 0 < secured_admin.ttl(next(iter(actual))) <= 35 * 86_400  # EXPIRE is allowed
+    # Popularity went to OpenSearch over https, its certificate verified against the CA.
+    opensearch_client.indices.refresh(index=aliases["OPENSEARCH_INDEX"])
+    assert opensearch_client.count(index=aliases["OPENSEARCH_INDEX"])["count"] > 0
 
     # No secret anywhere: every line logged (DEBUG and up), every scrape, every dead letter.
     log_lines = run.log_path.read_text(errors="replace").splitlines()
@@ -488,3 +575,47 @@ def test_the_pipeline_user_has_only_its_kafka_rights(
     producer.produce(inputs, b"x", on_delivery=lambda err, _msg: failures.append(err))
     producer.flush(30)
     assert [err.code() for err in failures] == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
+
+
+# --------------------------------------------------------------------------- OpenSearch TLS
+
+
+def test_opensearch_over_https_is_verified_against_its_ca_or_refused_in_one_line(
+    kafka_brokers: str,
+    topic_factory: TopicFactory,
+    redis_url: str,
+    key_prefix: str,
+    opensearch_tls: str,
+    opensearch_client: OpenSearch,
+    aliases: dict[str, str],
+) -> None:
+    base = {
+        "KAFKA_BROKERS": kafka_brokers,
+        "KAFKA_TOPICS": topic_factory(1),
+        "KAFKA_DLQ_TOPIC": topic_factory(1),
+        "REDIS_URL": redis_url,
+        "FEATURE_PREFIX": key_prefix,
+        "OPENSEARCH_URL": opensearch_tls,
+        **aliases,
+    }
+    # Not trusted: opensearch-py's bundle does not hold the stack's CA. Nothing is created.
+    line = one_line(run_pipeline(**base))
+    assert line.startswith(
+        f"preflight failed: OPENSEARCH_CA_FILE=: the TLS certificate of OpenSearch at "
+        f"{opensearch_tls} is not signed by a CA in opensearch-py's CA bundle or does not name "
+        "the host ("
+    ), line
+    assert line.endswith("); set OPENSEARCH_CA_FILE to the CA that signed it"), line
+    assert not opensearch_client.indices.exists_alias(name=aliases["OPENSEARCH_INDEX"])
+    # With the CA (and by the other name on the certificate): the aliases are made, it runs.
+    ca = str(STACK_DIR / "tls" / "ca.pem")
+    by_name = opensearch_tls.replace("127.0.0.1", "localhost")
+    done = run_pipeline(**{**base, "OPENSEARCH_URL": by_name, "OPENSEARCH_CA_FILE": ca})
+    assert done.returncode == 0, done.stderr
+    assert opensearch_client.indices.exists_alias(name=aliases["OPENSEARCH_INDEX"])
+    assert "OPENSEARCH_VERIFY_CERTS" not in done.stderr
+    # Not verified, on purpose: it runs, and says so once at start.
+    done = run_pipeline(**base, OPENSEARCH_VERIFY_CERTS="false")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "OPENSEARCH_VERIFY_CERTS" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], done.stderr
