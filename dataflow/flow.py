@@ -249,7 +249,7 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
         queued = self.shard.restate_all() if due else 0
         self.repaired = generation
         repairs.queued(self, generation, queued)
-        metrics.KEYS_TO_RESTATE.report(self, queued)
+        metrics.KEYS_TO_RESTATE.report(self, self.shard.restate_left)
 
     def on_batch(self, values: list[ShardItem | Wake]) -> tuple[Iterable[StepResult], bool]:
         self._repair()
