@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from dataflow.config import Config  # noqa: E402
 from dataflow.kafka.topics import ensure_topics, produce  # noqa: E402
+from dataflow.sinks.marker import marker_key  # noqa: E402
 from dataflow.tools.generator import GeneratorConfig, generate  # noqa: E402
 
 DAY_MS = 86_400_000
@@ -182,7 +183,8 @@ def main() -> int:
     calls_before = commandstats(client)
     elapsed, startup, idle_kib, peak_kib = run_pipeline(topic, prefix)
     calls = commandstats(client) - calls_before
-    live_keys = sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=5000))
+    marker = marker_key(prefix).encode()  # the store marker is no feature key
+    live_keys = sum(1 for k in client.scan_iter(match=f"{prefix}:*", count=5000) if k != marker)
     steady = max(elapsed - startup, 1e-9)
 
     result = {
