@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 MARKER_NAME = "__generation__"
 WHOLE = "whole"
 REPAIRING = "repairing"
+_GONE = "\x00gone"
+"""What a mark is expected to be after the hash was seen losing fields: never a real value,
+so the next check counts a loss."""
 PROGRESS_SECONDS = 10.0
 """At most one progress line per this many seconds while a repair re-states keys."""
 
@@ -285,7 +288,10 @@ class MarkerGuard:
         if not expected:
             return
         workers = sorted(expected)
-        found = [_text(v) for v in client.hmget(self.key, [mark_field(w) for w in workers])]
+        names = [mark_field(w) for w in workers] + [status_field(w) for w in workers]
+        read = [_text(v) for v in client.hmget(self.key, names)]
+        there = {name for name, value in zip(names, read, strict=True) if value is not None}
+        found = read[: len(workers)]
         lost: dict[int, str | None] = {}
         adopted: dict[int, str] = {}
         for worker, value in zip(workers, found, strict=True):
@@ -325,7 +331,15 @@ class MarkerGuard:
                 written_ms=now_ms,
                 every_s=self.every_s,
             ).encode()
-        client.hset(self.key, mapping=writes)  # type: ignore[arg-type]
+        # HSET answers how many fields it created. Every field read above must still be
+        # there: more new fields than that means the hash lost them between the read and this
+        # write (a flush, a failover), which the write would otherwise hide by putting the
+        # marks back. The next check then sees a loss.
+        created = int(client.hset(self.key, mapping=writes))  # type: ignore[arg-type]
+        if created > sum(1 for name in writes if name not in there):
+            with self._lock:
+                for worker in self._expected:
+                    self._expected[worker] = _GONE
         self.repairs.checked()
 
     def _set_marks(self, state: str, now_ms: int, writes: dict[str, str]) -> None:

@@ -218,3 +218,39 @@ def test_the_checks_run_on_their_own_thread_while_a_partition_is_attached(
     finally:
         g.detach(3)
     assert g._thread is None
+
+
+class FlushingAfterRead(redis.Redis):
+    """A real client whose next HMGET is followed at once by the loss of the whole marker:
+    a flush landing between a check's read and its write."""
+
+    flush_next = False
+
+    def hmget(self, name: Any, keys: Any, *args: Any) -> Any:
+        values = super().hmget(name, keys, *args)
+        if self.flush_next:
+            self.flush_next = False
+            self.delete(name)
+        return values
+
+
+def test_a_loss_between_a_checks_read_and_its_write_is_not_hidden_by_the_write(
+    redis_url: str, key_prefix: str
+) -> None:
+    c = FlushingAfterRead.from_url(redis_url)
+    try:
+        repairs = StoreRepairs()
+        g = guard(c, key_prefix, repairs, 0)
+        g.check()  # the first mark: a repair at start
+        settle(repairs)
+        c.flush_next = True
+        g.check()  # reads the marks, loses them, writes them back as whole
+        assert repairs.generation == 1
+        g.check()  # the mark it wrote back is not taken for the one it expected
+        assert repairs.generation == 2
+        settle(repairs)
+        g.check()
+        g.check()  # and once written back for real, no further repair
+        assert repairs.generation == 2
+    finally:
+        c.close()
