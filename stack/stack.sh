@@ -448,12 +448,27 @@ log.retention.hours=720
 EOF
 }
 
+# Kafka cluster ids are 16 random bytes in URL-safe base64 without padding. One in 64 of
+# those starts with "-", which the formatting tool's argument parser takes for an option
+# ("argument --cluster-id: expected one argument"); Kafka's own Uuid.randomUuid() skips
+# them for the same reason, and so does this. (An optional count prints that many ids.)
+new_kafka_cluster_id() {
+  python3 -c '
+import base64, sys, uuid
+wanted = int(sys.argv[1])
+while wanted:
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    if not cluster_id.startswith("-"):
+        print(cluster_id)
+        wanted -= 1
+' "${1:-1}"
+}
+
 # Formatting writes meta.properties; doing it again would fail (or, forced, lose data).
 format_kafka_storage() {
   [[ -f $DATA/kafka/meta.properties ]] && return 0
   local cluster_id
-  # Kafka cluster ids are 16 random bytes in URL-safe base64 without padding.
-  cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())')
+  cluster_id=$(new_kafka_cluster_id)
   log "kafka: formatting storage in $DATA/kafka (cluster id $cluster_id)"
   java -Dlog4j.configuration="file:$CONF/kafka/log4j.properties" -cp "$KAFKA_JARS/*" \
     kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" \
@@ -708,7 +723,7 @@ EOF
 format_kafka_sasl_storage() {
   [[ -f $DATA/kafka-sasl/meta.properties ]] && return 0
   local cluster_id pair scram=()
-  cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())')
+  cluster_id=$(new_kafka_cluster_id)
   for pair in "${KAFKA_SASL_USERS[@]}"; do
     scram+=(--add-scram "SCRAM-SHA-512=[name=${pair%%:*},password=$(cat "$SECRETS/${pair#*:}.password")]")
   done

@@ -264,3 +264,22 @@ def test_the_readme_points_to_the_doc_and_the_dashboard() -> None:
     readme = README.read_text()
     assert "docs/observability.md" in readme
     assert "ops/grafana" in readme
+
+
+def test_stack_kafka_cluster_ids_never_start_with_a_dash() -> None:
+    # The formatting tool's argument parser takes "-xyz" for an option; one random id in
+    # 64 starts that way, so 4096 draws without the guard fail with near certainty.
+    script = ROOT / "stack" / "stack.sh"
+    text = script.read_text()
+    function = re.search(r"^new_kafka_cluster_id\(\) \{\n.*?^\}\n", text, re.S | re.M)
+    assert function, "stack.sh defines new_kafka_cluster_id"
+    assert text.count("cluster_id=$(new_kafka_cluster_id)") == 2  # kafka and kafka-sasl
+    body = function.group(0)
+    ids = subprocess.run(
+        ["bash", "-c", body + "new_kafka_cluster_id 4096"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert len(ids) == 4096
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{21}", i) for i in ids), ids
