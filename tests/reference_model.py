@@ -212,22 +212,35 @@ def slot_forgotten(slot: int, clock: int, params: ModelParams = DEFAULT_PARAMS) 
     return clock > (slot + 1) * params.dedup_slot_ms + params.dedup_horizon_ms
 
 
-def dedup_flags(events: Iterable[Event], *, params: ModelParams = DEFAULT_PARAMS) -> list[bool]:
+def dedup_flags(
+    events: Iterable[Event],
+    *,
+    params: ModelParams = DEFAULT_PARAMS,
+    partitions: Iterable[int] | None = None,
+) -> list[bool]:
     """For each event in stream order, ``True`` if accepted and ``False`` if a duplicate.
 
     An event is a duplicate when an earlier *accepted* event has the same ``event_id`` and
-    the same slot, and that slot is not forgotten at the running clock (the largest ``ts``
-    read so far, this event included). Including this event's own ``ts`` or not makes no
-    difference: a ``ts`` inside a slot is always before that slot's horizon. Because the
-    clock never goes back, "forgotten" is permanent, so a set of accepted ``(id, slot)``
-    pairs plus the forgotten test is exactly the rule, with no expiry bookkeeping.
+    the same slot, and that slot is not forgotten at the clock of the event's partition (the
+    largest ``ts`` read from that partition so far, this event included; contract §5).
+    ``partitions`` gives each event's partition, in stream order; without it the stream is
+    one partition, whose clock is the whole stream's. Including this event's own ``ts`` or
+    not makes no difference: a ``ts`` inside a slot is always before that slot's horizon.
+    Because a clock never goes back, "forgotten" is permanent for that partition, so a set
+    of accepted ``(id, slot)`` pairs plus the forgotten test is exactly the rule, with no
+    expiry bookkeeping. (Copies of one event read from partitions days apart in event time
+    are the contract's one limit; the model does not cover them.)
     """
+    stream = list(events)
+    origins = [0] * len(stream) if partitions is None else list(partitions)
+    if len(origins) != len(stream):
+        raise ValueError(f"{len(origins)} partitions for {len(stream)} events")
     accepted: set[tuple[str, int]] = set()
     flags: list[bool] = []
-    clock: int | None = None
-    for event in events:
+    clocks: dict[int, int] = {}
+    for event, origin in zip(stream, origins, strict=True):
         ts = int(event["ts"])
-        clock = ts if clock is None else max(clock, ts)
+        clock = clocks[origin] = max(clocks.get(origin, ts), ts)
         ident = (str(event["event_id"]), dedup_slot(ts, params))
         duplicate = ident in accepted and not slot_forgotten(ident[1], clock, params)
         flags.append(not duplicate)
@@ -236,10 +249,16 @@ def dedup_flags(events: Iterable[Event], *, params: ModelParams = DEFAULT_PARAMS
     return flags
 
 
-def model_dedup(events: Iterable[Event], *, params: ModelParams = DEFAULT_PARAMS) -> list[Event]:
+def model_dedup(
+    events: Iterable[Event],
+    *,
+    params: ModelParams = DEFAULT_PARAMS,
+    partitions: Iterable[int] | None = None,
+) -> list[Event]:
     """The accepted events, in stream order (see ``dedup_flags`` for the rule)."""
     stream = list(events)
-    return [e for e, ok in zip(stream, dedup_flags(stream, params=params), strict=True) if ok]
+    flags = dedup_flags(stream, params=params, partitions=partitions)
+    return [e for e, ok in zip(stream, flags, strict=True) if ok]
 
 
 # ---------------------------------------------------------------------- contributions
@@ -576,14 +595,15 @@ def expected_store(
     *,
     prefix: str = "feat",
     params: ModelParams = DEFAULT_PARAMS,
+    partitions: Iterable[int] | None = None,
 ) -> Store:
-    """The final store after the whole stream of valid events (in stream order)."""
+    """The final store after the whole stream of valid events (in stream order), read from
+    `partitions` (each event's Kafka partition; default: one partition)."""
     stream = list(events)
     if not stream:
         return {}
-    return features_at(
-        model_dedup(stream, params=params), final_clock(stream), prefix=prefix, params=params
-    )
+    accepted = model_dedup(stream, params=params, partitions=partitions)
+    return features_at(accepted, final_clock(stream), prefix=prefix, params=params)
 
 
 def as_redis_strings(store: Mapping[str, Mapping[str, FieldValue]]) -> dict[str, dict[str, str]]:

@@ -326,6 +326,25 @@ def test_event_whose_slot_is_already_forgotten_on_arrival_is_never_a_duplicate()
     assert doc(expected_store(events), "a")["impressions_30d"] == 2
 
 
+def test_a_copy_is_judged_by_its_own_partitions_clock() -> None:
+    t0 = DAY0 + 1_000
+    horizon = DAY0 + SLOT + DAY_MS
+    events = [
+        imp(t0, ["a"], eid="x"),  # partition 0
+        imp(horizon + 1, ["clock"]),  # partition 1: its clock passes the slot's horizon
+        imp(t0 + 5, ["a"], eid="x"),  # partition 0, whose clock has not: still a duplicate
+        imp(horizon + 1, ["clock"], eid="y"),  # partition 0 passes the horizon too
+        imp(t0 + 6, ["a"], eid="x"),  # now forgotten for partition 0: counts again
+    ]
+    assert dedup_flags(events, partitions=[0, 1, 0, 0, 0]) == [True, True, False, True, True]
+    # One partition: the stream's clock, which passed the horizon at the second event.
+    assert dedup_flags(events) == [True, True, True, True, True]
+    store = expected_store(events, partitions=[0, 1, 0, 0, 0])
+    assert doc(store, "a")["impressions_30d"] == 2
+    with pytest.raises(ValueError, match="2 partitions for 5 events"):
+        dedup_flags(events, partitions=[0, 1])
+
+
 def test_dedup_horizon_and_slot_are_configurable() -> None:
     params = ModelParams(dedup_slot_ms=1_000, dedup_horizon_ms=10_000)
     events = [imp(DAY0, ["a"], eid="x"), imp(DAY0 + 11_001, ["b"]), imp(DAY0 + 1, ["a"], eid="x")]
