@@ -17,14 +17,16 @@ value. These checks run first, in this order, and stop at the first failure with
 2. **Redis** (`REDIS_URL`): answers `PING` on an authenticated connection (the URL's user,
    the password, the database), over verified TLS for `rediss://` (`REDIS_CA_FILE`). Wrong
    credentials and an untrusted or misnamed server certificate each get their own line.
-3. **Dead-letter topic** (`KAFKA_DLQ_TOPIC`): exists, or is created here with the broker's
-   default partitions and replication, on purpose and said so in a WARNING line. After the
-   Redis check, so that a pipeline with bad Redis credentials creates nothing.
-4. **OpenSearch** (`OPENSEARCH_URL`, when set): answers (for `https://`, with a
-   certificate that verifies against `OPENSEARCH_CA_FILE`), and the sink's aliases exist or
-   are created, with the fields it writes (`IndexAdmin.ensure`, what the sink does before
-   its first write); `OPENSEARCH_DOCS_INDEX`, when set, exists with them
-   (`IndexAdmin.verify`).
+3. **OpenSearch** (`OPENSEARCH_URL`, when set): answers (for `https://`, with a
+   certificate that verifies against `OPENSEARCH_CA_FILE`), accepts the login
+   (`OPENSEARCH_USERNAME`, HTTP 401 otherwise) and lets this user look up and set up the
+   sink's aliases (HTTP 403 otherwise, the alias named), which exist or are created, with
+   the fields it writes (`IndexAdmin.ensure`, what the sink does before its first write);
+   `OPENSEARCH_DOCS_INDEX`, when set, exists with them (`IndexAdmin.verify`). The first
+   request only looks, so refused credentials create nothing here.
+4. **Dead-letter topic** (`KAFKA_DLQ_TOPIC`): exists, or is created here with the broker's
+   default partitions and replication, on purpose and said so in a WARNING line. Last, so
+   that a pipeline with bad Redis or OpenSearch credentials creates nothing in Kafka.
 
 No message carries a secret: URLs are shown with the password masked, and the errors of
 the clients (which never contain the password) are quoted as they are.
@@ -42,6 +44,7 @@ import logging
 import ssl
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import redis
 from confluent_kafka import KafkaError, KafkaException
@@ -74,9 +77,9 @@ def check(config: Config) -> None:
     """Every check, in order; raises PreflightError at the first failure."""
     topics = check_kafka(config.kafka)
     check_redis(config.redis)
-    ensure_dead_letter_topic(config.kafka, topics)
     if config.opensearch.enabled:
         check_opensearch(config.opensearch)
+    ensure_dead_letter_topic(config.kafka, topics)
 
 
 def check_kafka(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> set[str]:
@@ -211,6 +214,16 @@ def check_opensearch(settings: OpenSearchSettings) -> None:
                         admin.verify(spec)
                 except IndexMappingError as exc:
                     raise PreflightError(variables[spec.name], spec.target, str(exc)) from None
+                except AuthorizationException as exc:
+                    variable = variables[spec.name]
+                    raise PreflightError(
+                        "OPENSEARCH_USERNAME",
+                        settings.username,
+                        f"OpenSearch at {url} does not allow this user to set up and write "
+                        f"{spec.target} ({variable}) (HTTP 403: {_os_reason(exc)}); grant its "
+                        f"role the sink's rights on {spec.target} and its indices, or set "
+                        f"{variable} to an index it has them on",
+                    ) from None
     except OSConnectionError as exc:
         untrusted = _certificate_problem(exc) or (
             _certificate_problem(exc.info) if isinstance(exc.info, BaseException) else None
@@ -224,21 +237,16 @@ def check_opensearch(settings: OpenSearchSettings) -> None:
                 f"or does not name the host ({untrusted}); set OPENSEARCH_CA_FILE to the CA "
                 "that signed it",
             ) from None
+        scheme = "" if settings.tls else " (https:// for a node that speaks TLS)"
         raise PreflightError(
             "OPENSEARCH_URL",
             url,
-            f"no answer ({exc.error}); check the URL, or set OPENSEARCH_URL empty to run "
-            "without the OpenSearch sink",
+            f"no answer ({exc.error}); check the URL{scheme}, or set OPENSEARCH_URL empty to "
+            "run without the OpenSearch sink",
         ) from None
     except AuthenticationException:
-        password = settings.password.source or "OPENSEARCH_PASSWORD"
-        raise PreflightError(
-            "OPENSEARCH_USERNAME",
-            settings.username,
-            f"OpenSearch at {url} refused the credentials (HTTP 401); check "
-            f"OPENSEARCH_USERNAME and {password}",
-        ) from None
-    except AuthorizationException as exc:
+        raise _refused_login(settings, url) from None
+    except AuthorizationException as exc:  # a request outside the loop's specs
         raise PreflightError(
             "OPENSEARCH_USERNAME",
             settings.username,
@@ -258,6 +266,36 @@ def check_opensearch(settings: OpenSearchSettings) -> None:
         ) from None
     finally:
         admin.client.close()
+
+
+def _refused_login(settings: OpenSearchSettings, url: str) -> PreflightError:
+    """HTTP 401 from OpenSearch, said with where the credentials came from (or that none
+    were given)."""
+    if settings.username:
+        if settings.password:
+            password = settings.password.source or "OPENSEARCH_PASSWORD"
+            hint = f"check OPENSEARCH_USERNAME and {password}"
+        else:
+            hint = "no password is set: set OPENSEARCH_PASSWORD or OPENSEARCH_PASSWORD_FILE"
+        return PreflightError(
+            "OPENSEARCH_USERNAME",
+            settings.username,
+            f"OpenSearch at {url} refused the credentials (HTTP 401); {hint}",
+        )
+    if urlsplit(settings.url.get()).username:
+        source = settings.url.source or "OPENSEARCH_URL"
+        return PreflightError(
+            "OPENSEARCH_URL",
+            url,
+            f"OpenSearch refused the credentials (HTTP 401); check the user and the password "
+            f"in {source}",
+        )
+    return PreflightError(
+        "OPENSEARCH_USERNAME",
+        "",
+        f"OpenSearch at {url} asks for a login (HTTP 401); set OPENSEARCH_USERNAME and "
+        "OPENSEARCH_PASSWORD or OPENSEARCH_PASSWORD_FILE",
+    )
 
 
 def _certificate_problem(exc: BaseException) -> str | None:

@@ -4,11 +4,11 @@ A thin wrapper over `python -m bytewax.run dataflow.flow` that takes the same fl
 
 - fails before touching Kafka if any setting is invalid (the message names the variable):
   exit status 2;
-- runs the preflight checks (`dataflow.preflight`): input topics exist, the dead-letter
-  topic exists or is created, Redis answers and authenticates, OpenSearch (when
-  `OPENSEARCH_URL` is set) answers and its aliases exist or are created. A failure is one
-  line on stderr, `preflight failed: VARIABLE=value: what is wrong` (secrets masked), and
-  exit status 3;
+- runs the preflight checks (`dataflow.preflight`): input topics exist, Redis answers and
+  authenticates, OpenSearch (when `OPENSEARCH_URL` is set) answers, authenticates and its
+  aliases exist or are created, the dead-letter topic exists or is created. A failure is
+  one line on stderr, `preflight failed: VARIABLE=value: what is wrong` (secrets masked),
+  and exit status 3;
 - with `RECOVERY_DIR` set (or `-r DIR`), creates the recovery partitions on first use
   (`RECOVERY_PARTITIONS`, default 1) and passes `-s SNAPSHOT_INTERVAL_SECONDS`
   (default 10) and `-b RECOVERY_BACKUP_INTERVAL_SECONDS` (default 0); see

@@ -129,7 +129,10 @@ class IndexAdmin:
 
     def resolve(self, name: str) -> Target:
         try:
-            aliases = self.client.indices.get_alias(name=name)
+            # `GET /{name}/_alias/{name}`, not `GET /_alias/{name}`: the latter looks through
+            # every index, which a user with rights on its own indices only may not do (the
+            # security plugin answers 403); this asks about `name` alone.
+            aliases = self.client.indices.get_alias(index=name, name=name)
         except NotFoundError:
             aliases = {}
         if aliases:

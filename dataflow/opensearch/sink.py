@@ -65,6 +65,13 @@ Attempt = Literal["idle", "ok", "retry"]
 # and one creating the index while the others look is wasted work (never wrong: `ensure`
 # is safe to race, which is what happens across processes).
 _ENSURE_LOCK = threading.Lock()
+# What an operator does about a failure that waits for them (the `hint` of the log line).
+_HINTS = {
+    "http_401": "OpenSearch refused the credentials: check OPENSEARCH_USERNAME and "
+    "OPENSEARCH_PASSWORD (or OPENSEARCH_PASSWORD_FILE)",
+    "security_exception": "the user's role lacks a right on this index (OpenSearch's "
+    "security plugin, HTTP 403): grant it the sink's rights (docs/operations.md, Security)",
+}
 
 
 def attach(writes: Stream[StepResult], settings: OpenSearchSettings) -> None:
@@ -365,17 +372,21 @@ class OpenSearchPartition(StatefulSinkPartition[list[DocUpdate], bytes]):
             delay = pacing.failed(self.clock())
             pending = len(self.outboxes[spec.name])
         level = logging.ERROR if pacing.failures > self.settings.max_retries else logging.WARNING
+        extra: dict[str, object] = {
+            "index": spec.target,
+            "reason": reason,
+            "attempt": pacing.failures,
+            "retry_in_s": round(delay, 2),
+            "pending": pending,
+        }
+        hint = _HINTS.get(reason)
+        if hint is not None:
+            extra["hint"] = hint
         log.log(
             level,
             "OpenSearch write failed; documents stay pending and are retried (Redis is "
             "not affected)",
-            extra={
-                "index": spec.target,
-                "reason": reason,
-                "attempt": pacing.failures,
-                "retry_in_s": round(delay, 2),
-                "pending": pending,
-            },
+            extra=extra,
         )
 
     def _due_in(self, now: float) -> float | None:

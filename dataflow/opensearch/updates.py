@@ -530,9 +530,11 @@ def classify(op: Op, deleting: bool, status: int, error_type: str) -> Outcome:
         return OK
     if status == 404 and deleting and error_type != "index_not_found_exception":
         return OK  # already gone (delete: not_found; update: document_missing_exception)
-    if status == 429 or status >= 500 or status == 409:
+    if status in (401, 403, 409, 429) or status >= 500:
         # 429: the cluster pushes back; 5xx: a shard is unavailable or failing; 409: the
-        # owner of the document kept writing it through our retry_on_conflict attempts.
+        # owner of the document kept writing it through our retry_on_conflict attempts;
+        # 401/403: the security plugin refused the user or its role this write (a
+        # `security_exception`), which an operator fixes without anything being lost.
         return Outcome("retry", error_type or f"http_{status}")
     if error_type == "index_not_found_exception":
         # The alias or index disappeared: keep the document and let the sink re-check the

@@ -171,6 +171,15 @@ def test_bulk_body_cuts_by_bytes_but_always_sends_one() -> None:
             Outcome("fail", "strict_dynamic_mapping_exception"),
         ),
         ("index", False, 400, "", Outcome("fail", "http_400")),
+        # The security plugin refused this user or its role the write: kept for an operator.
+        (
+            "index",
+            False,
+            403,
+            "security_exception",
+            Outcome("retry", "security_exception"),
+        ),
+        ("update", False, 401, "", Outcome("retry", "http_401")),
     ],
 )
 def test_classify(op_: Any, deleting: bool, status: int, error: str, expected: Outcome) -> None:
@@ -221,6 +230,10 @@ def test_pacing_backs_off_exponentially_up_to_the_cap_and_resets() -> None:
         (TransportError(503, "x", {"error": {"type": "a"}}), RetryableError("a")),
         (TransportError(502, "Bad Gateway", "<html>"), RetryableError("http_502")),
         (TransportError(401, "x", {}), RetryableError("http_401")),  # fix credentials, no loss
+        (
+            TransportError(403, "x", {"error": {"type": "security_exception"}}),
+            RetryableError("security_exception"),  # fix the role, no loss
+        ),
         (
             TransportError(404, "x", {"error": {"type": "index_not_found_exception"}}),
             RetryableError("index_not_found_exception"),
