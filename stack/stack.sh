@@ -5,7 +5,7 @@
 #
 #   stack/stack.sh up | down | status            the whole stack
 #   stack/stack.sh start|stop|restart SVC...     one service (kafka kafka-sasl redis redis-tls
-#                                                opensearch prometheus)
+#                                                opensearch opensearch-secure prometheus)
 #   stack/stack.sh start-opensearch | stop-opensearch   (and the same for every service)
 #   stack/stack.sh reload-prometheus             re-read ops/prometheus/*.rules.yml
 #   stack/stack.sh logs SVC [N]                  last N lines of a service's log
@@ -30,6 +30,11 @@ REDIS_PORT=${REDIS_PORT:-6379}
 # redis-server, since ACL users apply to every port of a server; stack/README.md).
 REDIS_TLS_PORT=${REDIS_TLS_PORT:-6380}
 OPENSEARCH_PORT=${OPENSEARCH_PORT:-9200}
+# The secured OpenSearch: a second node with the security plugin (TLS on HTTP and transport,
+# users and roles). Its transport port is fixed and outside the 9300-9400 range the open
+# node takes its first free port from, so the two never race for one.
+OPENSEARCH_SECURE_PORT=${OPENSEARCH_SECURE_PORT:-9201}
+OPENSEARCH_SECURE_TRANSPORT_PORT=${OPENSEARCH_SECURE_TRANSPORT_PORT:-9401}
 PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
 METRICS_PORTS=${METRICS_PORTS:-3030,3031}
 
@@ -40,10 +45,16 @@ OPENSEARCH_VERSION=${OPENSEARCH_VERSION:-2.19.6}
 OPENSEARCH_USER=${OPENSEARCH_USER:-opensearch}
 KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}
 OPENSEARCH_HEAP=${OPENSEARCH_HEAP:-512m}
+# The security plugin is on Maven Central for 2.19.3.0 and 2.19.4.0 only (2.19.5.0 and
+# 2.19.6.0: HTTP 404), and a plugin installs only into the OpenSearch it was built for: the
+# secured node runs the newest of those, not OPENSEARCH_VERSION.
+OPENSEARCH_SECURE_VERSION=${OPENSEARCH_SECURE_VERSION:-2.19.4}
+OPENSEARCH_SECURITY_VERSION=${OPENSEARCH_SECURITY_VERSION:-$OPENSEARCH_SECURE_VERSION.0}
+OPENSEARCH_SECURE_HEAP=${OPENSEARCH_SECURE_HEAP:-384m}
 # Seconds to wait for a graceful stop before SIGKILL (Kafka's controlled shutdown is the slow one).
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
 
-SERVICES=(kafka kafka-sasl redis redis-tls opensearch prometheus)
+SERVICES=(kafka kafka-sasl redis redis-tls opensearch opensearch-secure prometheus)
 
 # Seconds since the command started, so a slow CI run shows where the time went.
 log() { printf '[stack %3ss] %s\n' "$SECONDS" "$*"; }
@@ -73,6 +84,9 @@ REDIS_TLS_USERS=$CONF/redis-tls/users.acl
 OS_HOME=$DIST/opensearch-$OPENSEARCH_VERSION
 OS_CONF=$CONF/opensearch
 OS_PIDFILE=$RUN/opensearch/opensearch.pid  # written by OpenSearch itself, hence its own dir
+OSS_HOME=$DIST/opensearch-secure-$OPENSEARCH_SECURE_VERSION  # with the security plugin
+OSS_CONF=$CONF/opensearch-secure
+OSS_PIDFILE=$RUN/opensearch-secure/opensearch.pid
 PROM_CONF=$CONF/prometheus/prometheus.yml
 
 log_file() { echo "$LOGS/$1.log"; }
@@ -80,6 +94,7 @@ log_file() { echo "$LOGS/$1.log"; }
 pid_file() {
   case $1 in
     opensearch) echo "$OS_PIDFILE" ;;
+    opensearch-secure) echo "$OSS_PIDFILE" ;;
     *) echo "$RUN/$1.pid" ;;
   esac
 }
@@ -91,6 +106,7 @@ port_of() {
     redis) echo "$REDIS_PORT" ;;
     redis-tls) echo "$REDIS_TLS_PORT" ;;
     opensearch) echo "$OPENSEARCH_PORT" ;;
+    opensearch-secure) echo "$OPENSEARCH_SECURE_PORT" ;;
     prometheus) echo "$PROMETHEUS_PORT" ;;
   esac
 }
@@ -102,6 +118,7 @@ port_var_of() {
     redis) echo REDIS_PORT ;;
     redis-tls) echo REDIS_TLS_PORT ;;
     opensearch) echo OPENSEARCH_PORT ;;
+    opensearch-secure) echo OPENSEARCH_SECURE_PORT ;;
     prometheus) echo PROMETHEUS_PORT ;;
   esac
 }
@@ -117,6 +134,7 @@ marker_of() {
     redis) echo "redis-server 127.0.0.1:$REDIS_PORT" ;;
     redis-tls) echo "redis-server 127.0.0.1:$REDIS_TLS_PORT" ;;
     opensearch) echo "org.opensearch.bootstrap.OpenSearch -p $OS_PIDFILE" ;;
+    opensearch-secure) echo "org.opensearch.bootstrap.OpenSearch -p $OSS_PIDFILE" ;;
     prometheus) echo "--config.file=$PROM_CONF" ;;
   esac
 }
@@ -126,7 +144,7 @@ start_timeout_of() {
   case $1 in
     kafka | kafka-sasl) echo 90 ;;
     redis | redis-tls) echo 20 ;;
-    opensearch) echo 180 ;;
+    opensearch | opensearch-secure) echo 180 ;;
     prometheus) echo 60 ;;
   esac
 }
@@ -151,7 +169,7 @@ pid_alive() {
 # mentions the path, must not pass for the service.
 comm_of() {
   case $1 in
-    kafka | kafka-sasl | opensearch) echo java ;;
+    kafka | kafka-sasl | opensearch | opensearch-secure) echo java ;;
     redis | redis-tls) echo redis-server ;;
     prometheus) echo prometheus ;;
   esac
@@ -246,6 +264,13 @@ healthy() {
     opensearch)
       curl -fsS --max-time 3 "http://127.0.0.1:$port/_cluster/health" 2>/dev/null |
         grep -Eq '"status":"(green|yellow)"' ;;
+    # Over TLS with the admin certificate; the security plugin says DOWN until it has loaded
+    # its users and roles.
+    opensearch-secure)
+      os_curl opensearch-secure /_plugins/_security/health --max-time 3 2>/dev/null |
+        grep -q '"status":"UP"' &&
+        os_curl opensearch-secure /_cluster/health --max-time 3 2>/dev/null |
+        grep -Eq '"status":"(green|yellow)"' ;;
     prometheus) curl -fsS --max-time 3 -o /dev/null "http://127.0.0.1:$port/-/ready" 2>/dev/null ;;
   esac
 }
@@ -310,6 +335,8 @@ mvn_fetch() {
   mkdir -p "$LOGS"
   local args=(-B -q -f "$STACK_SRC/pom.xml" -P "$profile"
     -Dkafka.version="$KAFKA_VERSION" -Dopensearch.version="$OPENSEARCH_VERSION"
+    -Dopensearch.secure.version="$OPENSEARCH_SECURE_VERSION"
+    -Dopensearch.security.version="$OPENSEARCH_SECURITY_VERSION"
     -Dstack.build.dir="$TMP/mvn"
     dependency:copy-dependencies -DoutputDirectory="$out" "$@")
   # Offline first: with a warm ~/.m2 (a new STACK_DIR, a CI cache) that skips Maven's
@@ -333,6 +360,30 @@ install_kafka() {
   rm -rf "$KAFKA_JARS" && mv "$staging" "$KAFKA_JARS"
 }
 
+# OpenSearch VERSION unzipped from the integ-test zip in ARTIFACTS into STAGING, plus the
+# mapper-extras module.
+unpack_opensearch() {
+  local version=$1 artifacts=$2 staging=$3
+  rm -rf "$staging" "$staging.unzip"
+  unzip -q "$artifacts/opensearch-$version.zip" -d "$staging.unzip"
+  mv "$staging.unzip/opensearch-$version" "$staging" && rmdir "$staging.unzip"
+  # rank_feature lives in the mapper-extras module, which the integ-test zip leaves out.
+  # Maven Central has its classes as mapper-extras-client; a module is that jar plus a
+  # descriptor (fields as in OpenSearch's PluginInfo).
+  mkdir -p "$staging/modules/mapper-extras"
+  cp "$artifacts/mapper-extras-client-$version.jar" "$staging/modules/mapper-extras/"
+  cat >"$staging/modules/mapper-extras/plugin-descriptor.properties" <<EOF
+description=Adds advanced field mappers (rank_feature, rank_features, scaled_float, ...)
+version=$version
+name=mapper-extras
+classname=org.opensearch.index.mapper.MapperExtrasPlugin
+java.version=11
+opensearch.version=$version
+extended.plugins=
+has.native.controller=false
+EOF
+}
+
 install_opensearch() {
   [[ -f $OS_HOME/.complete ]] && return 0
   local artifacts=$DIST/opensearch-$OPENSEARCH_VERSION-artifacts staging=$OS_HOME.partial
@@ -342,26 +393,37 @@ install_opensearch() {
     mvn_fetch opensearch "$artifacts" -DexcludeTransitive=true
     touch "$artifacts/.complete"
   fi
-  rm -rf "$staging" "$staging.unzip"
-  unzip -q "$artifacts/opensearch-$OPENSEARCH_VERSION.zip" -d "$staging.unzip"
-  mv "$staging.unzip/opensearch-$OPENSEARCH_VERSION" "$staging" && rmdir "$staging.unzip"
-  # rank_feature lives in the mapper-extras module, which the integ-test zip leaves out.
-  # Maven Central has its classes as mapper-extras-client; a module is that jar plus a
-  # descriptor (fields as in OpenSearch's PluginInfo).
-  mkdir -p "$staging/modules/mapper-extras"
-  cp "$artifacts/mapper-extras-client-$OPENSEARCH_VERSION.jar" "$staging/modules/mapper-extras/"
-  cat >"$staging/modules/mapper-extras/plugin-descriptor.properties" <<EOF
-description=Adds advanced field mappers (rank_feature, rank_features, scaled_float, ...)
-version=$OPENSEARCH_VERSION
-name=mapper-extras
-classname=org.opensearch.index.mapper.MapperExtrasPlugin
-java.version=11
-opensearch.version=$OPENSEARCH_VERSION
-extended.plugins=
-has.native.controller=false
-EOF
+  unpack_opensearch "$OPENSEARCH_VERSION" "$artifacts" "$staging"
   touch "$staging/.complete"
   rm -rf "$OS_HOME" && mv "$staging" "$OS_HOME"
+}
+
+# The secured node's own distribution (never the open node's: a node with the plugin
+# installed does not start without its TLS configuration), with the security plugin
+# installed by bin/opensearch-plugin from the zip Maven fetched.
+install_opensearch-secure() {
+  [[ -f $OSS_HOME/.complete ]] && return 0
+  local artifacts=$DIST/opensearch-secure-$OPENSEARCH_SECURE_VERSION-artifacts staging=$OSS_HOME.partial
+  local plugin_zip=opensearch-security-$OPENSEARCH_SECURITY_VERSION.zip
+  if [[ ! -f $artifacts/.complete ]]; then
+    log "opensearch-secure: fetching integ-test-zip and mapper-extras $OPENSEARCH_SECURE_VERSION and opensearch-security $OPENSEARCH_SECURITY_VERSION from Maven Central"
+    rm -rf "$artifacts"
+    mvn_fetch opensearch-secure "$artifacts" -DexcludeTransitive=true
+    [[ -s $artifacts/$plugin_zip ]] || die "opensearch-secure: $plugin_zip was not fetched"
+    touch "$artifacts/.complete"
+  fi
+  unpack_opensearch "$OPENSEARCH_SECURE_VERSION" "$artifacts" "$staging"
+  # --batch grants the permissions the plugin asks for. It refuses an OpenSearch of
+  # another version than its own, which is why this node runs OPENSEARCH_SECURE_VERSION.
+  log "opensearch-secure: installing the security plugin (bin/opensearch-plugin install)"
+  env -i PATH=/usr/local/bin:/usr/bin:/bin OPENSEARCH_JAVA_HOME="$(java_home)" \
+    "$staging/bin/opensearch-plugin" install --batch "file://$artifacts/$plugin_zip" \
+    >>"$LOGS/install.log" 2>&1 || {
+    tail -n 30 "$LOGS/install.log" >&2
+    die "opensearch-secure: bin/opensearch-plugin could not install $plugin_zip; full output in $LOGS/install.log"
+  }
+  touch "$staging/.complete"
+  rm -rf "$OSS_HOME" && mv "$staging" "$OSS_HOME"
 }
 
 # Debian packages the named services need and this machine lacks, as one list so that
@@ -373,6 +435,7 @@ missing_packages() {
       redis | redis-tls) command -v redis-server >/dev/null && command -v redis-cli >/dev/null || echo redis-server ;;
       prometheus) command -v prometheus >/dev/null && command -v promtool >/dev/null || echo prometheus ;;
       opensearch) [[ -f $OS_HOME/.complete ]] || command -v unzip >/dev/null || echo unzip ;;
+      opensearch-secure) [[ -f $OSS_HOME/.complete ]] || command -v unzip >/dev/null || echo unzip ;;
     esac
   done
   # Slim images lack even these.
@@ -383,7 +446,7 @@ missing_packages() {
 }
 
 install_services() {
-  local svc apt_pid="" pkgs
+  local svc apt_pid="" pkgs home
   mapfile -t pkgs < <(missing_packages "$@")
   # apt and Maven both spend their time downloading: run them side by side.
   if ((${#pkgs[@]})); then
@@ -393,13 +456,15 @@ install_services() {
   for svc in "$@"; do
     case $svc in
       kafka | kafka-sasl) install_kafka ;;
-      opensearch)
+      opensearch | opensearch-secure)
         # unzip may be one of the packages still being installed.
-        if [[ -n $apt_pid && ! -f $OS_HOME/.complete ]] && ! command -v unzip >/dev/null; then
+        home=$OS_HOME
+        [[ $svc == opensearch ]] || home=$OSS_HOME
+        if [[ -n $apt_pid && ! -f $home/.complete ]] && ! command -v unzip >/dev/null; then
           wait "$apt_pid" || die "apt-get failed (see $LOGS/install.log)"
           apt_pid=""
         fi
-        install_opensearch
+        "install_$svc"
         ;;
     esac
   done
@@ -482,8 +547,7 @@ configure_redis() {
 # --------------------------------------------------------------------------- the secured side
 
 # The stack's CA and one server certificate for every secured listener (SAN localhost and
-# 127.0.0.1), made once with openssl. The server certificate is made again when it is
-# missing, expires within a day or was not signed by the current CA.
+# 127.0.0.1), made once with openssl (see ensure_signed_cert for when they are made again).
 ensure_tls() {
   mkdir -p "$TLS" "$LOGS"
   chmod 755 "$TLS"
@@ -496,25 +560,37 @@ ensure_tls() {
       >>"$LOGS/install.log" 2>&1 || die "tls: openssl could not make the CA (see $LOGS/install.log)"
     chmod 600 "$TLS/ca.key"
   fi
-  if [[ -s $TLS/server.pem && -s $TLS/server.key ]] &&
-    openssl x509 -in "$TLS/server.pem" -noout -checkend 86400 >/dev/null 2>&1 &&
-    openssl x509 -in "$TLS/server.pem" -noout -ext extendedKeyUsage 2>/dev/null | grep -q "Client" &&
-    openssl verify -CAfile "$TLS/ca.pem" "$TLS/server.pem" >/dev/null 2>&1; then
+  # clientAuth too: the secured Kafka node presents it to its own controller listener.
+  ensure_signed_cert server /CN=localhost "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    "extendedKeyUsage=serverAuth,clientAuth"
+}
+
+# tls/NAME.pem, a certificate for SUBJECT that the stack's CA signs, with the extensions
+# given (lines of an openssl extension file) and the usual ones of a leaf certificate, and
+# its key tls/NAME.key (PKCS#8, unencrypted, mode 600). Made again when missing, expiring
+# within a day, not signed by the current CA, or made with other extensions
+# (tls/NAME.ext keeps those it was made with).
+ensure_signed_cert() {
+  local name=$1 subject=$2 ext
+  shift 2
+  ext=$(printf '%s\n' "$@" "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature,keyEncipherment" "subjectKeyIdentifier=hash" \
+    "authorityKeyIdentifier=keyid")
+  if [[ -s $TLS/$name.pem && -s $TLS/$name.key && $(cat "$TLS/$name.ext" 2>/dev/null) == "$ext" ]] &&
+    openssl x509 -in "$TLS/$name.pem" -noout -checkend 86400 >/dev/null 2>&1 &&
+    openssl verify -CAfile "$TLS/ca.pem" "$TLS/$name.pem" >/dev/null 2>&1; then
     return 0
   fi
-  log "tls: signing a server certificate for localhost and 127.0.0.1"
-  # clientAuth too: the secured Kafka node presents it to its own controller listener.
-  printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "extendedKeyUsage=serverAuth,clientAuth" \
-    "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
-    "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" >"$TLS/server.ext"
+  log "tls: signing a certificate for $subject ($TLS/$name.pem)"
+  printf '%s\n' "$ext" >"$TLS/$name.ext"
   {
-    openssl req -newkey rsa:2048 -nodes -sha256 -keyout "$TLS/server.key" -out "$TLS/server.csr" \
-      -subj "/CN=localhost" &&
-      openssl x509 -req -sha256 -days 825 -in "$TLS/server.csr" -CA "$TLS/ca.pem" \
-        -CAkey "$TLS/ca.key" -CAcreateserial -out "$TLS/server.pem" -extfile "$TLS/server.ext"
-  } >>"$LOGS/install.log" 2>&1 || die "tls: openssl could not sign the server certificate (see $LOGS/install.log)"
-  chmod 600 "$TLS/server.key"
-  rm -f "$TLS/server.csr"
+    openssl req -newkey rsa:2048 -nodes -sha256 -keyout "$TLS/$name.key" -out "$TLS/$name.csr" \
+      -subj "$subject" &&
+      openssl x509 -req -sha256 -days 825 -in "$TLS/$name.csr" -CA "$TLS/ca.pem" \
+        -CAkey "$TLS/ca.key" -CAcreateserial -out "$TLS/$name.pem" -extfile "$TLS/$name.ext"
+  } >>"$LOGS/install.log" 2>&1 || die "tls: openssl could not sign $TLS/$name.pem (see $LOGS/install.log)"
+  chmod 600 "$TLS/$name.key"
+  rm -f "$TLS/$name.csr"
 }
 
 # A service account's password: random, made once, readable by root (or the stack's owner)
@@ -771,22 +847,41 @@ ensure_opensearch_user() {
     --shell /usr/sbin/nologin "$OPENSEARCH_USER"
 }
 
-configure_opensearch() {
-  mkdir -p "$OS_CONF" "$DATA/opensearch" "$LOGS/opensearch" "$RUN/opensearch" "$TMP/opensearch"
+# What both OpenSearch nodes (SVC: opensearch, opensearch-secure) share: their dirs, a
+# config dir of their own and jvm.options with the heap given.
+opensearch_node_config() {
+  local svc=$1 home=$2 conf=$3 version=$4 heap=$5
+  mkdir -p "$conf" "$DATA/$svc" "$LOGS/$svc" "$RUN/$svc" "$TMP/$svc"
   # The config dir must be writable by OpenSearch (it creates its keystore there), so it is
   # a copy of the distribution's, not the distribution's own (refreshed on a version change).
-  if [[ $(cat "$OS_CONF/.from-version" 2>/dev/null) != "$OPENSEARCH_VERSION" ]]; then
-    cp -r "$OS_HOME/config/." "$OS_CONF/"
-    echo "$OPENSEARCH_VERSION" >"$OS_CONF/.from-version"
+  if [[ $(cat "$conf/.from-version" 2>/dev/null) != "$version" ]]; then
+    cp -r "$home/config/." "$conf/"
+    echo "$version" >"$conf/.from-version"
   fi
   # jvm.options names gc logs, heap dumps and crash logs relative to the working dir
   # (OpenSearch's home, owned by root): point them into the stack's logs and data.
   sed -E \
-    -e "s#file=logs/gc\.log#file=$LOGS/opensearch/gc.log#" \
-    -e "s#^-XX:HeapDumpPath=data#-XX:HeapDumpPath=$DATA/opensearch#" \
-    -e "s#^-XX:ErrorFile=logs/#-XX:ErrorFile=$LOGS/opensearch/#" \
-    -e "s#^-Xms.*#-Xms$OPENSEARCH_HEAP#" -e "s#^-Xmx.*#-Xmx$OPENSEARCH_HEAP#" \
-    "$OS_HOME/config/jvm.options" >"$OS_CONF/jvm.options"
+    -e "s#file=logs/gc\.log#file=$LOGS/$svc/gc.log#" \
+    -e "s#^-XX:HeapDumpPath=data#-XX:HeapDumpPath=$DATA/$svc#" \
+    -e "s#^-XX:ErrorFile=logs/#-XX:ErrorFile=$LOGS/$svc/#" \
+    -e "s#^-Xms.*#-Xms$heap#" -e "s#^-Xmx.*#-Xmx$heap#" \
+    "$home/config/jvm.options" >"$conf/jvm.options"
+}
+
+# Root runs OpenSearch as OPENSEARCH_USER: it gets everything the node writes; the
+# distribution itself stays root-owned and read-only.
+opensearch_node_owner() {
+  local svc=$1 home=$2 conf=$3
+  [[ $(id -u) == 0 ]] || return 0
+  ensure_opensearch_user
+  chown -R "$OPENSEARCH_USER:" "$conf" "$DATA/$svc" "$LOGS/$svc" "$RUN/$svc" "$TMP/$svc"
+  # The user must be able to reach those paths (STACK_DIR under /root would not work).
+  runuser -u "$OPENSEARCH_USER" -- test -r "$home/lib" -a -w "$DATA/$svc" ||
+    die "$svc: user $OPENSEARCH_USER cannot reach $STACK_DIR; put STACK_DIR where other users can traverse"
+}
+
+configure_opensearch() {
+  opensearch_node_config opensearch "$OS_HOME" "$OS_CONF" "$OPENSEARCH_VERSION" "$OPENSEARCH_HEAP"
   cat >"$OS_CONF/opensearch.yml" <<EOF
 # Generated by stack/stack.sh on every start; edit the script, not this file.
 cluster.name: search-features-local
@@ -801,14 +896,232 @@ path.logs: $LOGS/opensearch
 cluster.routing.allocation.disk.threshold_enabled: false
 # (cluster.default_number_of_replicas is set through the API, see opensearch_defaults.)
 EOF
-  [[ $(id -u) == 0 ]] || return 0
-  ensure_opensearch_user
-  # Everything OpenSearch writes; the distribution itself stays root-owned and read-only.
-  chown -R "$OPENSEARCH_USER:" "$OS_CONF" "$DATA/opensearch" "$LOGS/opensearch" \
-    "$RUN/opensearch" "$TMP/opensearch"
-  # The user must be able to reach those paths (STACK_DIR under /root would not work).
-  runuser -u "$OPENSEARCH_USER" -- test -r "$OS_HOME/lib" -a -w "$DATA/opensearch" ||
-    die "opensearch: user $OPENSEARCH_USER cannot reach $STACK_DIR; put STACK_DIR where other users can traverse"
+  opensearch_node_owner opensearch "$OS_HOME" "$OS_CONF"
+}
+
+# The secured OpenSearch's users (internal_users.yml, bcrypt hashes of the passwords in
+# secrets/), each mapped to one role:
+#   search-features  the pipeline's sink: the role below, nothing else
+#   stack-admin      all_access (and the security REST API): tests, a developer's curl
+# The stack's own calls (the health check, cluster settings, loading changed users and
+# roles) use the admin certificate (tls/opensearch-admin.pem, plugins.security.authcz.admin_dn)
+# instead, so they never depend on a password.
+OPENSEARCH_SECURE_USERS=(search-features:opensearch-pipeline stack-admin:opensearch-admin)
+
+# What the sink does (dataflow/opensearch/index.py and sink.py), on its aliases and the
+# indices behind them: look up an alias or index, create the first index with its alias,
+# read and extend the mapping, and write documents in _bulk (index and delete). The
+# patterns are the default OPENSEARCH_INDEX and OPENSEARCH_AC_INDEX and everything that
+# starts with them (their generations -000001, ..., and the tests' own aliases).
+OPENSEARCH_SINK_INDEX_PATTERNS=("doc-features*" "ac-features*")
+OPENSEARCH_SINK_INDEX_ACTIONS=(
+  indices:admin/aliases/get
+  indices:admin/get
+  indices:admin/create
+  indices:admin/aliases
+  indices:admin/mappings/get
+  indices:admin/mapping/put
+  indices:data/write/bulk*
+  indices:data/write/index
+  indices:data/write/delete
+)
+
+# A bcrypt hash of secrets/NAME.password, made once by the plugin's tools/hash.sh (the
+# password reaches it through its environment, never a command line) and kept in
+# secrets/NAME.bcrypt with the password's SHA-256, so that it is made again only for a new
+# password and the generated files stay the same from one start to the next.
+opensearch_password_hash() {
+  local name=$1 cache=$SECRETS/$1.bcrypt sum hash
+  sum=$(password_sha256 "$name")
+  if [[ -s $cache && $(cut -d' ' -f1 "$cache") == "$sum" ]]; then
+    cut -d' ' -f2 "$cache"
+    return 0
+  fi
+  hash=$(STACK_OPENSEARCH_PASSWORD=$(cat "$SECRETS/$name.password") \
+    OPENSEARCH_JAVA_HOME="$(java_home)" \
+    bash "$OSS_HOME/plugins/opensearch-security/tools/hash.sh" -env STACK_OPENSEARCH_PASSWORD \
+    2>>"$LOGS/install.log" 9>&- | grep -E '^\$2[aby]\$' | tail -n 1) || true
+  [[ -n $hash ]] || die "opensearch-secure: tools/hash.sh made no hash of $name's password (see $LOGS/install.log)"
+  (umask 077 && printf '%s %s\n' "$sum" "$hash" >"$cache")
+  echo "$hash"
+}
+
+# The security plugin's configuration, written into DIR (opensearch-security/ of the node's
+# config) on every start and every `up`: HTTP basic auth against the internal users only,
+# no anonymous access, the users and roles above, and empty versions of the files the
+# plugin's package fills with demo users, tenants and audit settings.
+write_opensearch_security_config() {
+  local dir=$1 pair user pattern action
+  rm -rf "$dir.new"
+  mkdir -p "$dir.new"
+  (
+    umask 077
+    cd "$dir.new"
+    cat >config.yml <<'EOF'
+_meta:
+  type: "config"
+  config_version: 2
+config:
+  dynamic:
+    http:
+      anonymous_auth_enabled: false
+    authc:
+      basic_internal_auth_domain:
+        description: "HTTP basic auth against the internal users (internal_users.yml)"
+        http_enabled: true
+        transport_enabled: true
+        order: 0
+        http_authenticator:
+          type: basic
+          challenge: true
+        authentication_backend:
+          type: intern
+EOF
+    {
+      printf '_meta:\n  type: "internalusers"\n  config_version: 2\n'
+      for pair in "${OPENSEARCH_SECURE_USERS[@]}"; do
+        printf '%s:\n  hash: "%s"\n  reserved: true\n' "${pair%%:*}" "$(opensearch_password_hash "${pair#*:}")"
+      done
+    } >internal_users.yml
+    {
+      printf '_meta:\n  type: "roles"\n  config_version: 2\n'
+      printf 'search-features-sink:\n  reserved: true\n'
+      printf '  description: "The pipeline'"'"'s OpenSearch sink: its aliases and their indices"\n'
+      printf '  cluster_permissions:\n    - "indices:data/write/bulk"\n'
+      printf '  index_permissions:\n    - index_patterns:\n'
+      for pattern in "${OPENSEARCH_SINK_INDEX_PATTERNS[@]}"; do printf '        - "%s"\n' "$pattern"; done
+      printf '      allowed_actions:\n'
+      for action in "${OPENSEARCH_SINK_INDEX_ACTIONS[@]}"; do printf '        - "%s"\n' "$action"; done
+    } >roles.yml
+    {
+      printf '_meta:\n  type: "rolesmapping"\n  config_version: 2\n'
+      printf 'all_access:\n  reserved: true\n  users:\n    - "stack-admin"\n'
+      printf 'search-features-sink:\n  reserved: true\n  users:\n    - "search-features"\n'
+    } >roles_mapping.yml
+    for user in actiongroups:action_groups tenants:tenants nodesdn:nodes_dn; do
+      printf '_meta:\n  type: "%s"\n  config_version: 2\n' "${user%%:*}" >"${user#*:}.yml"
+    done
+    printf '_meta:\n  type: "audit"\n  config_version: 2\nconfig:\n  enabled: false\n' >audit.yml
+    # securityadmin.sh still asks for whitelist.yml, allowlist.yml's old name.
+    for user in allowlist whitelist; do
+      printf '_meta:\n  type: "%s"\n  config_version: 2\nconfig:\n  enabled: false\n' "$user" >"$user.yml"
+    done
+  )
+  rm -rf "$dir" && mv "$dir.new" "$dir"
+}
+
+opensearch_security_digest() {
+  cat "$OSS_CONF"/opensearch-security/*.yml | sha256sum | cut -d' ' -f1
+}
+
+# The node's certificate and key, and the CA, inside its config dir (where the plugin wants
+# them); the admin certificate stays in tls/ for the stack's own calls.
+ensure_opensearch_secure_certs() {
+  ensure_tls
+  ensure_signed_cert opensearch-node /CN=opensearch-secure \
+    "subjectAltName=DNS:localhost,IP:127.0.0.1" "extendedKeyUsage=serverAuth,clientAuth"
+  ensure_signed_cert opensearch-admin /CN=stack-admin "extendedKeyUsage=clientAuth"
+  mkdir -p "$OSS_CONF/tls"
+  (
+    umask 077
+    cp "$TLS/opensearch-node.pem" "$OSS_CONF/tls/node.pem"
+    cp "$TLS/opensearch-node.key" "$OSS_CONF/tls/node.key"
+    cp "$TLS/ca.pem" "$OSS_CONF/tls/ca.pem"
+  )
+}
+
+configure_opensearch-secure() {
+  local pair
+  opensearch_node_config opensearch-secure "$OSS_HOME" "$OSS_CONF" "$OPENSEARCH_SECURE_VERSION" \
+    "$OPENSEARCH_SECURE_HEAP"
+  ensure_opensearch_secure_certs
+  for pair in "${OPENSEARCH_SECURE_USERS[@]}"; do ensure_password "${pair#*:}"; done
+  write_opensearch_security_config "$OSS_CONF/opensearch-security"
+  # A node without data loads these files into its security index on its first start; with
+  # data, it keeps the index it has (opensearch_secure_security compares the two).
+  if [[ ! -d $DATA/opensearch-secure/nodes ]]; then
+    opensearch_security_digest >"$DATA/opensearch-secure/.security-sha256"
+  fi
+  cat >"$OSS_CONF/opensearch.yml" <<EOF
+# Generated by stack/stack.sh on every start; edit the script, not this file.
+cluster.name: search-features-local-secure
+node.name: local-secure-1
+network.host: 127.0.0.1
+http.port: $OPENSEARCH_SECURE_PORT
+transport.port: $OPENSEARCH_SECURE_TRANSPORT_PORT
+discovery.type: single-node
+path.data: $DATA/opensearch-secure
+path.logs: $LOGS/opensearch-secure
+cluster.routing.allocation.disk.threshold_enabled: false
+
+# The security plugin, configured here rather than by its demo installer. TLS on HTTP and
+# on transport with the stack's CA; the PEM files are in tls/ of this directory (the plugin
+# reads them only there), the key PKCS#8.
+plugins.security.ssl.transport.pemcert_filepath: tls/node.pem
+plugins.security.ssl.transport.pemkey_filepath: tls/node.key
+plugins.security.ssl.transport.pemtrustedcas_filepath: tls/ca.pem
+plugins.security.ssl.http.enabled: true
+plugins.security.ssl.http.pemcert_filepath: tls/node.pem
+plugins.security.ssl.http.pemkey_filepath: tls/node.key
+plugins.security.ssl.http.pemtrustedcas_filepath: tls/ca.pem
+# Only this node's certificate may join; only the admin certificate (tls/opensearch-admin.pem)
+# may change the security configuration (securityadmin.sh) or skip authentication.
+plugins.security.nodes_dn:
+  - "CN=opensearch-secure"
+plugins.security.authcz.admin_dn:
+  - "CN=stack-admin"
+# On the first start, opensearch-security/ becomes the security index.
+plugins.security.allow_default_init_securityindex: true
+plugins.security.restapi.roles_enabled: ["all_access"]
+plugins.security.system_indices.enabled: true
+plugins.security.audit.type: noop
+EOF
+  opensearch_node_owner opensearch-secure "$OSS_HOME" "$OSS_CONF"
+  # The plugin warns about a config dir that others may read (it holds the node's key).
+  chmod -R go= "$OSS_CONF"
+}
+
+# `up` on a running opensearch-secure: the files again, for opensearch_secure_security.
+refresh_opensearch-secure() {
+  local pair
+  for pair in "${OPENSEARCH_SECURE_USERS[@]}"; do ensure_password "${pair#*:}"; done
+  write_opensearch_security_config "$OSS_CONF/opensearch-security"
+  if [[ $(id -u) == 0 ]]; then chown -R "$OPENSEARCH_USER:" "$OSS_CONF/opensearch-security"; fi
+}
+
+# curl against one of the OpenSearch nodes; the secured one over TLS verified against the
+# stack's CA, authenticated by the admin certificate.
+os_curl() {
+  local svc=$1 path=$2
+  shift 2
+  if [[ $svc == opensearch-secure ]]; then
+    curl -fsS --cacert "$TLS/ca.pem" --cert "$TLS/opensearch-admin.pem" \
+      --key "$TLS/opensearch-admin.key" "$@" "https://127.0.0.1:$OPENSEARCH_SECURE_PORT$path"
+  else
+    curl -fsS "$@" "http://127.0.0.1:$OPENSEARCH_PORT$path"
+  fi
+}
+
+# Once the secured node is healthy: when its security index was loaded from other files
+# than the current ones (users, roles or passwords changed since), load these with the
+# plugin's securityadmin.sh and the admin certificate; then make sure stack-admin's
+# password is accepted (the password goes to curl on its stdin, never on a command line).
+opensearch_secure_security() {
+  local stamp=$DATA/opensearch-secure/.security-sha256 digest
+  digest=$(opensearch_security_digest)
+  if [[ $(cat "$stamp" 2>/dev/null) != "$digest" ]]; then
+    log "opensearch-secure: loading the changed users and roles (securityadmin.sh)"
+    OPENSEARCH_JAVA_HOME="$(java_home)" bash "$OSS_HOME/plugins/opensearch-security/tools/securityadmin.sh" \
+      -cd "$OSS_CONF/opensearch-security" -icl -h 127.0.0.1 -p "$OPENSEARCH_SECURE_PORT" \
+      -cacert "$TLS/ca.pem" -cert "$TLS/opensearch-admin.pem" -key "$TLS/opensearch-admin.key" \
+      >>"$(log_file opensearch-secure)" 2>&1 9>&- ||
+      fail_with_log opensearch-secure "securityadmin.sh could not load the users and roles"
+    echo "$digest" >"$stamp"
+  fi
+  printf 'user = "stack-admin:%s"\n' "$(cat "$SECRETS/opensearch-admin.password")" |
+    curl -fsS --max-time 10 -K - --cacert "$TLS/ca.pem" -o /dev/null \
+      "https://127.0.0.1:$OPENSEARCH_SECURE_PORT/_plugins/_security/authinfo" 2>/dev/null ||
+    fail_with_log opensearch-secure "stack-admin cannot log in with $SECRETS/opensearch-admin.password"
 }
 
 # One node cannot place a replica, so by default every new index would stay yellow and
@@ -816,12 +1129,12 @@ EOF
 # ask for replicas. It has to be a persistent cluster setting: OpenSearch 2.19 ignores this
 # one in opensearch.yml when creating an index (it reads only the cluster metadata).
 opensearch_defaults() {
-  local url="http://127.0.0.1:$OPENSEARCH_PORT/_cluster/settings"
-  curl -fsS --max-time 10 "$url?flat_settings=true" | grep -q '"cluster.default_number_of_replicas":"0"' &&
-    return 0
-  curl -fsS --max-time 30 -X PUT -H 'Content-Type: application/json' \
-    -d '{"persistent":{"cluster.default_number_of_replicas":0}}' "$url" >/dev/null ||
-    fail_with_log opensearch "could not set cluster.default_number_of_replicas"
+  local svc=$1
+  os_curl "$svc" "/_cluster/settings?flat_settings=true" --max-time 10 |
+    grep -q '"cluster.default_number_of_replicas":"0"' && return 0
+  os_curl "$svc" /_cluster/settings --max-time 30 -X PUT -H 'Content-Type: application/json' \
+    -d '{"persistent":{"cluster.default_number_of_replicas":0}}' >/dev/null ||
+    fail_with_log "$svc" "could not set cluster.default_number_of_replicas"
 }
 
 # Written on every start and every `up`; a running Prometheus is told to reload when it changed.
@@ -925,24 +1238,30 @@ launch_redis-tls() {
     fail_with_log redis-tls "redis-server did not start"
 }
 
-launch_opensearch() {
-  local runas
+# SVC (opensearch, opensearch-secure) from HOME with its config dir CONF.
+launch_opensearch_node() {
+  local svc=$1 home=$2 conf=$3 runas pidfile
+  pidfile=$(pid_file "$svc")
   read -ra runas <<<"$(opensearch_runas)"
-  rm -f "$OS_PIDFILE"
+  rm -f "$pidfile"
   # Its start script runs bin/opensearch-keystore by a relative path, so start it from its
   # home. env -i: nothing from the caller's environment (JAVA_OPTS, a venv) leaks in.
   (
-    cd "$OS_HOME"
+    cd "$home"
     setsid "${runas[@]}" env -i \
       PATH=/usr/local/bin:/usr/bin:/bin \
       OPENSEARCH_JAVA_HOME="$(java_home)" \
-      OPENSEARCH_PATH_CONF="$OS_CONF" \
-      OPENSEARCH_TMPDIR="$TMP/opensearch" \
+      OPENSEARCH_PATH_CONF="$conf" \
+      OPENSEARCH_TMPDIR="$TMP/$svc" \
       OPENSEARCH_JAVA_OPTS="${OPENSEARCH_JAVA_OPTS:-}" \
-      "$OS_HOME/bin/opensearch" -p "$OS_PIDFILE" \
-      </dev/null >>"$(log_file opensearch)" 2>&1 9>&- &
+      "$home/bin/opensearch" -p "$pidfile" \
+      </dev/null >>"$(log_file "$svc")" 2>&1 9>&- &
   )
 }
+
+launch_opensearch() { launch_opensearch_node opensearch "$OS_HOME" "$OS_CONF"; }
+
+launch_opensearch-secure() { launch_opensearch_node opensearch-secure "$OSS_HOME" "$OSS_CONF"; }
 
 launch_prometheus() {
   spawn "$(pid_file prometheus)" "$(log_file prometheus)" \
@@ -959,7 +1278,7 @@ wait_for_pidfile() {
   for ((i = 0; i < 120; i++)); do
     svc_pid "$svc" >/dev/null && return 0
     # While its start script (or runuser) still runs, the JVM is on its way.
-    if [[ $svc == opensearch ]] && pgrep -f -- "$OS_PIDFILE" >/dev/null; then
+    if [[ $svc == opensearch* ]] && pgrep -f -- "$(pid_file "$svc")" >/dev/null; then
       sleep 0.5
       continue
     fi
@@ -978,6 +1297,7 @@ start_one() {
     log "$svc: already running (pid $pid)"
     [[ $svc == prometheus ]] && refresh_prometheus "$pid"
     [[ $svc == redis-tls ]] && refresh_redis-tls
+    [[ $svc == opensearch-secure ]] && refresh_opensearch-secure
     return 0
   fi
   port=$(port_of "$svc")
@@ -989,6 +1309,9 @@ start_one() {
   fi
   if [[ $svc == kafka-sasl ]] && port_busy "$KAFKA_SASL_CONTROLLER_PORT"; then
     die "kafka-sasl: controller port $KAFKA_SASL_CONTROLLER_PORT is taken by $(port_listener "$KAFKA_SASL_CONTROLLER_PORT"); stop it or set KAFKA_SASL_CONTROLLER_PORT"
+  fi
+  if [[ $svc == opensearch-secure ]] && port_busy "$OPENSEARCH_SECURE_TRANSPORT_PORT"; then
+    die "opensearch-secure: transport port $OPENSEARCH_SECURE_TRANSPORT_PORT is taken by $(port_listener "$OPENSEARCH_SECURE_TRANSPORT_PORT"); stop it or set OPENSEARCH_SECURE_TRANSPORT_PORT"
   fi
   mkdir -p "$RUN" "$LOGS"
   "configure_$svc"
@@ -1052,7 +1375,11 @@ start_services() {
   for svc in "$@"; do
     wait_for_pidfile "$svc"
     wait_healthy "$svc"
-    if [[ $svc == opensearch ]]; then opensearch_defaults; fi
+    if [[ $svc == opensearch ]]; then opensearch_defaults opensearch; fi
+    if [[ $svc == opensearch-secure ]]; then
+      opensearch_secure_security
+      opensearch_defaults opensearch-secure
+    fi
     if [[ $svc == kafka-sasl ]]; then kafka_sasl_acls; fi
     log "$svc: healthy on 127.0.0.1:$(port_of "$svc")"
   done
@@ -1065,7 +1392,7 @@ status_line() {
   else
     pid=- state=stopped
   fi
-  printf '%-11s %-20s port %-6s pid %-8s log %s\n' "$svc" "$state" "$(port_of "$svc")" "$pid" "$(log_file "$svc")"
+  printf '%-17s %-20s port %-6s pid %-8s log %s\n' "$svc" "$state" "$(port_of "$svc")" "$pid" "$(log_file "$svc")"
 }
 
 # --------------------------------------------------------------------------- commands
@@ -1090,7 +1417,7 @@ usage() {
 # Where a client of the secured side finds what it needs (no password is printed).
 secured_info() {
   cat <<EOF
-CA certificate (REDIS_CA_FILE, KAFKA_SSL_CA_LOCATION): $TLS/ca.pem
+CA certificate (REDIS_CA_FILE, KAFKA_SSL_CA_LOCATION, OPENSEARCH_CA_FILE): $TLS/ca.pem
 kafka-sasl 127.0.0.1:$KAFKA_SASL_PORT SASL_SSL, SCRAM-SHA-512
            user search-features  password file $SECRETS/kafka-pipeline.password
            user stack-admin      password file $SECRETS/kafka-admin.password
@@ -1098,6 +1425,10 @@ kafka-sasl 127.0.0.1:$KAFKA_SASL_PORT SASL_SSL, SCRAM-SHA-512
 redis-tls  rediss://search-features@127.0.0.1:$REDIS_TLS_PORT/0  password file $SECRETS/redis-pipeline.password
            rediss://ranking@127.0.0.1:$REDIS_TLS_PORT/0          password file $SECRETS/redis-reader.password
            rediss://stack-admin@127.0.0.1:$REDIS_TLS_PORT/0      password file $SECRETS/redis-admin.password
+opensearch-secure https://127.0.0.1:$OPENSEARCH_SECURE_PORT (OPENSEARCH_CA_FILE: the CA above), OpenSearch $OPENSEARCH_SECURE_VERSION with the security plugin
+           user search-features  password file $SECRETS/opensearch-pipeline.password
+           user stack-admin      password file $SECRETS/opensearch-admin.password
+           admin certificate $TLS/opensearch-admin.pem, key $TLS/opensearch-admin.key
 EOF
 }
 
@@ -1121,7 +1452,7 @@ main() {
       take_lock
       local svc
       # Reverse order: Prometheus and OpenSearch first, Kafka last (its shutdown is slowest).
-      for svc in prometheus opensearch redis-tls redis kafka-sasl kafka; do stop_one "$svc"; done
+      for svc in prometheus opensearch-secure opensearch redis-tls redis kafka-sasl kafka; do stop_one "$svc"; done
       ;;
     start)
       take_lock
