@@ -361,7 +361,7 @@ def _os_reason(exc: TransportError) -> str:
     error = info.get("error") if isinstance(info, dict) else None
     if isinstance(error, dict):
         return f"{error.get('type', '')}: {error.get('reason', '')}"
-    return str(exc.error)
+    return str(exc.error) or "no reason given"  # (the answer to a HEAD request has no body)
 
 
 @contextlib.contextmanager

@@ -72,6 +72,7 @@ _HINTS = {
     "security_exception": "the user's role lacks a right on this index (OpenSearch's "
     "security plugin, HTTP 403): grant it the sink's rights (docs/operations.md, Security)",
 }
+_HINTS["http_403"] = _HINTS["security_exception"]  # a HEAD request's 403 has no body
 
 
 def attach(writes: Stream[StepResult], settings: OpenSearchSettings) -> None:

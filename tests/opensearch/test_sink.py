@@ -412,6 +412,27 @@ def test_outage_keeps_documents_pending_with_backoff_then_converges() -> None:
     assert len(part.outboxes["support"]) == 0
 
 
+def test_a_refused_write_waits_for_the_role_with_a_hint_and_loses_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeOpenSearch()
+    clock = ManualClock()
+    part = make_partition(fake, clock)
+    # OpenSearch's security plugin: the role may not write this index (per document, 403).
+    fake.item_status = lambda index, doc: (403, "security_exception")
+    part.write_batch([[up("a", 1.0), up("b", 2.0)]])
+    with caplog.at_level("WARNING", logger="dataflow.opensearch.sink"):
+        assert part.flush_once() == "retry"
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("OpenSearch write")]
+    assert record.__dict__["reason"] == "security_exception"
+    assert "grant it the sink's rights" in record.__dict__["hint"]
+    assert len(part.outboxes["support"]) == 2  # pending, not dropped
+    fake.item_status = lambda index, doc: None  # the role fixed
+    clock.now += 10
+    flush_all(part)
+    assert fake.docs["doc-features"].keys() == {"a", "b"}
+
+
 def test_zero_values_are_left_out_and_a_feature_dropping_to_zero_is_removed() -> None:
     fake = FakeOpenSearch()
     part = make_partition(fake)
