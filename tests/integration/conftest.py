@@ -16,11 +16,13 @@ Isolation and cleanup, so tests can share one long-lived stack:
 - Indices and consumer groups are the test's own business (use `unique_name`).
 
 The secured side of the stack (`redis-tls`: TLS only, ACL users with passwords;
-`kafka-sasl`: SASL_SSL with SCRAM-SHA-512 users and ACLs) is reached through
-`secured_redis` and `secured_kafka`: their ports (REDIS_TLS_PORT, KAFKA_SASL_PORT), the
-stack's CA and the users' password files under STACK_DIR (default `<repo>/.stack`), as
-`stack/stack.sh secured` lists them. `secured_topic_factory` makes topics there (as
-stack-admin), deleted at the end of the session.
+`kafka-sasl`: SASL_SSL with SCRAM-SHA-512 users and ACLs; `opensearch-secure`: the
+security plugin, https only, internal users and roles) is reached through `secured_redis`,
+`secured_kafka` and `secured_opensearch`: their ports (REDIS_TLS_PORT, KAFKA_SASL_PORT,
+OPENSEARCH_SECURE_PORT), the stack's CA and the users' password files under STACK_DIR
+(default `<repo>/.stack`), as `stack/stack.sh secured` lists them.
+`secured_topic_factory` makes topics there (as stack-admin), deleted at the end of the
+session; `secured_os_admin` is the secured OpenSearch as stack-admin.
 
 Every test collected under tests/integration is marked `integration`, so
 `pytest -m "not integration"` runs without the stack.
@@ -46,7 +48,7 @@ import pytest
 import redis
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
-from opensearchpy import OpenSearch
+from opensearchpy import OpenSearch, OpenSearchException
 
 HOST = "127.0.0.1"
 INTEGRATION_DIR = Path(__file__).resolve().parent
@@ -372,6 +374,65 @@ def secured_topic_factory(
         return name
 
     return make
+
+
+# The secured OpenSearch's internal users and their password files.
+OPENSEARCH_USERS = {
+    "search-features": "opensearch-pipeline",  # the sink: its aliases and their indices
+    "stack-admin": "opensearch-admin",  # all_access
+}
+
+
+@dataclass(frozen=True)
+class SecuredOpenSearch:
+    """The stack's OpenSearch with the security plugin: `client(user)` logs in as that user
+    over https, the certificate verified against the stack's CA."""
+
+    url: str
+    ca_file: str
+    passwords: Mapping[str, str] = field(repr=False)  # never in a test report
+
+    def client(self, user: str = "stack-admin", **options: Any) -> OpenSearch:
+        return OpenSearch(
+            hosts=[self.url],
+            http_auth=(user, self.passwords[user]),
+            ca_certs=self.ca_file,
+            verify_certs=True,
+            **{"timeout": 30, **options},
+        )
+
+
+@pytest.fixture(scope="session")
+def secured_opensearch() -> SecuredOpenSearch:
+    """The secured OpenSearch, once stack-admin has seen its cluster green or yellow."""
+    port = _port("OPENSEARCH_SECURE_PORT", 9201)
+    url = f"https://{HOST}:{port}"
+    try:
+        passwords = {
+            user: (STACK_DIR / "secrets" / f"{name}.password").read_text().strip()
+            for user, name in OPENSEARCH_USERS.items()
+        }
+    except OSError as exc:
+        _unavailable("The secured OpenSearch", url, exc)
+    secured = SecuredOpenSearch(url, str(STACK_DIR / "tls" / "ca.pem"), passwords)
+    probe = secured.client(timeout=10)
+    try:
+        health = probe.cluster.health()
+    except OpenSearchException as exc:
+        _unavailable("The secured OpenSearch", url, exc)
+    finally:
+        probe.close()
+    if health.get("status") not in ("green", "yellow"):
+        _unavailable("The secured OpenSearch", url, f"cluster health is {health.get('status')}")
+    return secured
+
+
+@pytest.fixture(scope="session")
+def secured_os_admin(secured_opensearch: SecuredOpenSearch) -> Iterator[OpenSearch]:
+    """The secured OpenSearch as stack-admin."""
+    client = secured_opensearch.client()
+    yield client
+    client.close()
 
 
 # --------------------------------------------------------------------------- OpenSearch

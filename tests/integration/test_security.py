@@ -1,22 +1,24 @@
 """The pipeline and the reader against the secured side of the stack (`stack/stack.sh`):
-Kafka over SASL_SSL (SCRAM-SHA-512, ACLs) and Redis over TLS only (ACL users, the default
-user off), both verified against the stack's CA, each as a user with the least rights.
+Kafka over SASL_SSL (SCRAM-SHA-512, ACLs), Redis over TLS only (ACL users, the default
+user off) and OpenSearch with its security plugin (https only, internal users and roles),
+all verified against the stack's CA, each as a user with the least rights.
 
 - the whole pipeline (`python -m dataflow.run`, preflight included) reads its input from
-  the secured broker as `search-features`, creates its dead-letter topic there and writes
+  the secured broker as `search-features`, creates its dead-letter topic there, writes
   exactly the reference model's features as the `search-features` Redis user over
-  `rediss://`, every password read from a file (`*_PASSWORD_FILE`), and no secret is in any
-  line it prints (at DEBUG), in its `/metrics` and `/dataflow` or in its dead letters;
+  `rediss://` and the popularity `rank_feature` documents as the `search-features`
+  OpenSearch user over https, every password read from a file (`*_PASSWORD_FILE`), and no
+  secret is in any line it prints (at DEBUG), in its `/metrics` and `/dataflow` or in its
+  dead letters;
 - the reader reads them as the read-only `ranking` user, sync and async, and what each user
-  may not do is refused, in Redis and in Kafka;
+  may not do is refused, in Redis, in Kafka and in OpenSearch;
 - every bad credential (wrong password, unknown user, no password, a certificate the client
-  does not trust) stops the pipeline at start: one line naming the variable and the
-  service, exit status 3, no secret in it, nothing created.
+  does not trust, an OpenSearch index outside the user's role) stops the pipeline at start:
+  one line naming the variable and the service, exit status 3, no secret in it, nothing
+  created.
 
-OpenSearch has no secured side (its security plugin is not on Maven Central for the pinned
-2.19.6): `TlsProxy` puts TLS with the stack's certificate in front of the open node, so
-`OPENSEARCH_CA_FILE` and `OPENSEARCH_VERIFY_CERTS` are exercised against the real server;
-basic auth is not.
+The secured OpenSearch runs 2.19.4, the newest release whose security plugin is on Maven
+Central (the open node runs 2.19.6; docs/operations.md, "Security").
 """
 
 from __future__ import annotations
@@ -24,10 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
-import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,12 @@ import pytest
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from opensearchpy import OpenSearch
+from opensearchpy import (
+    AuthenticationException,
+    AuthorizationException,
+    OpenSearch,
+)
+from opensearchpy import ConnectionError as OSConnectionError
 
 from dataflow.config import RedisSettings
 from dataflow.core import counters, keys
@@ -45,6 +49,8 @@ from dataflow.core.families import AC, ACQ, DOC, LAYOUTS, QD, FeatureParams, fie
 from dataflow.core.smoothing import Prior
 from dataflow.errors import ReaderError
 from dataflow.kafka.topics import Message
+from dataflow.opensearch.index import IndexAdmin
+from dataflow.opensearch.updates import DOC_FEATURES, IndexSpec
 from dataflow.reader import (
     AsyncFeatureReader,
     AutocompleteFeatures,
@@ -58,13 +64,14 @@ from dataflow.settings import Secret
 from dataflow.sinks.redis import RedisWriter, connect
 from dataflow.tools.generator import GeneratorConfig, generate
 from tests.integration.conftest import (
-    STACK_DIR,
     SecuredKafka,
+    SecuredOpenSearch,
     SecuredRedis,
     TopicFactory,
     http_get,
 )
 from tests.integration.harness import PipelineProcess, dump, free_port, pipeline_env
+from tests.integration.test_opensearch import FEATURES, index_docs, mismatches, redis_docs
 from tests.integration.test_preflight import one_line, run_pipeline
 from tests.reference_model import diff_stores, expected_store, select_families
 
@@ -92,6 +99,16 @@ def kafka_env(secured: SecuredKafka, user: str = PIPELINE_USER) -> dict[str, str
         "KAFKA_SASL_USERNAME": user,
         "KAFKA_SASL_PASSWORD": secured.passwords[PIPELINE_USER],
         "KAFKA_SSL_CA_LOCATION": secured.ca_file,
+    }
+
+
+def opensearch_env(secured: SecuredOpenSearch, user: str = PIPELINE_USER) -> dict[str, str]:
+    """The pipeline's OpenSearch settings for the secured node."""
+    return {
+        "OPENSEARCH_URL": secured.url,
+        "OPENSEARCH_CA_FILE": secured.ca_file,
+        "OPENSEARCH_USERNAME": user,
+        "OPENSEARCH_PASSWORD": secured.passwords[PIPELINE_USER],
     }
 
 
@@ -127,66 +144,29 @@ def read_secured(secured: SecuredKafka, topic: str) -> list[bytes]:
         consumer.close()
 
 
-class TlsProxy:
-    """TLS on 127.0.0.1:`port` with the stack's server certificate (signed by its CA, for
-    localhost and 127.0.0.1), each connection relayed as plain TCP to `upstream`."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls = STACK_DIR / "tls"
-        self.context.load_cert_chain(tls / "server.pem", tls / "server.key")
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            tls = self.context.wrap_socket(conn, server_side=True)
-        except (OSError, ssl.SSLError):  # the client refused the certificate
-            conn.close()
-            return
-        upstream = socket.create_connection(("127.0.0.1", self.upstream))
-        for source, sink in ((tls, upstream), (upstream, tls)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.server.close()
-
-
-@pytest.fixture(scope="module")
-def opensearch_tls(opensearch_url: str) -> Iterator[str]:
-    """`https://127.0.0.1:<port>`: the local OpenSearch behind TLS."""
-    proxy = TlsProxy(int(opensearch_url.rsplit(":", 1)[1]))
-    yield f"https://127.0.0.1:{proxy.port}"
-    proxy.close()
-
-
 @pytest.fixture
-def aliases(opensearch_client: OpenSearch, unique_name: str) -> Iterator[dict[str, str]]:
-    """Two aliases of the test's own (and their indices, removed afterwards)."""
+def aliases(secured_os_admin: OpenSearch, unique_name: str) -> Iterator[dict[str, str]]:
+    """Two aliases of the test's own, inside the pipeline user's index patterns on the
+    secured node (`doc-features*`, `ac-features*`); they and their indices are removed
+    afterwards."""
     yield {
-        "OPENSEARCH_INDEX": f"sec-{unique_name}-doc",
-        "OPENSEARCH_AC_INDEX": f"sec-{unique_name}-ac",
+        "OPENSEARCH_INDEX": f"doc-features-it-{unique_name}",
+        "OPENSEARCH_AC_INDEX": f"ac-features-it-{unique_name}",
     }
-    opensearch_client.indices.delete(index=f"sec-{unique_name}-*", ignore_unavailable=True)
+    secured_os_admin.indices.delete(
+        index=f"doc-features-it-{unique_name}*,ac-features-it-{unique_name}*",
+        ignore_unavailable=True,
+        expand_wildcards="all",
+    )
+
+
+def made_for(admin: OpenSearch, unique_name: str) -> list[str]:
+    """Every index or alias on the secured node with the test's token in its name."""
+    found = admin.indices.get_alias(index=f"*{unique_name}*", ignore_unavailable=True)
+    names = set(found)
+    for info in found.values():
+        names.update(info.get("aliases", {}))
+    return sorted(names)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -209,8 +189,8 @@ def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_n
     secured_redis: SecuredRedis,
     secured_admin: redis.Redis,
     secured_prefix: str,
-    opensearch_tls: str,
-    opensearch_client: OpenSearch,
+    secured_opensearch: SecuredOpenSearch,
+    secured_os_admin: OpenSearch,
     aliases: dict[str, str],
     tmp_path: Path,
 ) -> None:
@@ -236,8 +216,14 @@ def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_n
     # Every password from a file, as a mounted Kubernetes Secret gives them.
     (tmp_path / "redis-password").write_text(secured_redis.passwords[PIPELINE_USER] + "\n")
     (tmp_path / "kafka-password").write_text(secured_kafka.passwords[PIPELINE_USER] + "\n")
-    settings = {**redis_env(secured_redis), **kafka_env(secured_kafka)}
-    del settings["REDIS_PASSWORD"], settings["KAFKA_SASL_PASSWORD"], settings["KAFKA_BROKERS"]
+    (tmp_path / "os-password").write_text(secured_opensearch.passwords[PIPELINE_USER] + "\n")
+    settings = {
+        **redis_env(secured_redis),
+        **kafka_env(secured_kafka),
+        **opensearch_env(secured_opensearch),
+    }
+    for name in ("REDIS_PASSWORD", "KAFKA_SASL_PASSWORD", "OPENSEARCH_PASSWORD", "KAFKA_BROKERS"):
+        del settings[name]
     port = free_port()
     env = pipeline_env(
         brokers=secured_kafka.brokers,
@@ -248,15 +234,14 @@ def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_n
         **settings,
         REDIS_PASSWORD_FILE=str(tmp_path / "redis-password"),
         KAFKA_SASL_PASSWORD_FILE=str(tmp_path / "kafka-password"),
+        OPENSEARCH_PASSWORD_FILE=str(tmp_path / "os-password"),
         LOG_LEVEL="DEBUG",
         METRICS_ENABLED="true",
         BYTEWAX_DATAFLOW_API_PORT=str(port),
-        OPENSEARCH_URL=opensearch_tls,
-        OPENSEARCH_CA_FILE=str(STACK_DIR / "tls" / "ca.pem"),
         **aliases,
     )
-    env.pop("REDIS_PASSWORD", None)
-    env.pop("KAFKA_SASL_PASSWORD", None)
+    for name in ("REDIS_PASSWORD", "KAFKA_SASL_PASSWORD", "OPENSEARCH_PASSWORD"):
+        env.pop(name, None)
     run = PipelineProcess(env, tmp_path / "pipeline.log")
     scraped = scrape_while_running(run, port)
     run.wait_ok()
@@ -271,9 +256,16 @@ def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_n
     assert len(actual) > 300
     assert {k.split(":")[1] for k in actual} == set(ALL)
     assert 0 < secured_admin.ttl(next(iter(actual))) <= 35 * 86_400  # EXPIRE is allowed
-    # Popularity went to OpenSearch over https, its certificate verified against the CA.
-    opensearch_client.indices.refresh(index=aliases["OPENSEARCH_INDEX"])
-    assert opensearch_client.count(index=aliases["OPENSEARCH_INDEX"])["count"] > 0
+    # Popularity went to the secured OpenSearch over https, as search-features: a
+    # rank_feature document for every document in Redis, within the sink's 5% threshold.
+    indexed = index_docs(secured_os_admin, aliases["OPENSEARCH_INDEX"])
+    problems = mismatches(redis_docs(secured_admin, secured_prefix), indexed, FEATURES)
+    assert not problems, "\n".join(problems[:30])
+    assert len(indexed) > 100
+    mapping = secured_os_admin.indices.get_mapping(index=aliases["OPENSEARCH_INDEX"])
+    (properties,) = (m["mappings"]["properties"] for m in mapping.values())
+    assert {properties[name]["type"] for name in FEATURES} == {"rank_feature"}
+    assert index_docs(secured_os_admin, aliases["OPENSEARCH_AC_INDEX"])  # candidates too
 
     # No secret anywhere: every line logged (DEBUG and up), every scrape, every dead letter.
     log_lines = run.log_path.read_text(errors="replace").splitlines()
@@ -282,7 +274,11 @@ def test_the_pipeline_over_sasl_ssl_and_tls_writes_exactly_the_model_and_leaks_n
     letters = [value.decode(errors="replace") for value in read_secured(secured_kafka, dlq)]
     broken = sum(1 for m in messages if m.expected_reason is not None)
     assert len(letters) == broken, "every broken message dead-lettered, once"
-    secrets = [*secured_redis.passwords.values(), *secured_kafka.passwords.values()]
+    secrets = [
+        *secured_redis.passwords.values(),
+        *secured_kafka.passwords.values(),
+        *secured_opensearch.passwords.values(),
+    ]
     for text in (*log_lines, *scraped, *letters):
         for secret in secrets:
             assert secret not in text, f"a password in: {text[:200]}"
@@ -458,10 +454,22 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> str:
 WRONG = "wr0ng-pa55word-0815"
 REDIS_CASES = ["wrong password", "unknown user", "no password", "system CAs", "another CA"]
 KAFKA_CASES = ["kafka wrong password", "kafka unknown user", "kafka system CAs"]
+OPENSEARCH_CASES = [
+    "opensearch wrong password",
+    "opensearch unknown user",
+    "opensearch system CAs",
+    "opensearch another CA",
+    "opensearch index without rights",
+]
 
 
 def broken_env(
-    case: str, good: dict[str, str], secured_redis: SecuredRedis, other_ca: str, tmp: Path
+    case: str,
+    good: dict[str, str],
+    secured_redis: SecuredRedis,
+    other_ca: str,
+    tmp: Path,
+    other_index: str,
 ) -> dict[str, str]:
     """The working secured environment `good` with the one thing `case` breaks."""
     env = dict(good)
@@ -485,21 +493,43 @@ def broken_env(
         env["KAFKA_SASL_USERNAME"] = "nobody"
     elif case == "kafka system CAs":
         del env["KAFKA_SSL_CA_LOCATION"]
+    elif case == "opensearch wrong password":  # from a file too
+        del env["OPENSEARCH_PASSWORD"]
+        env["OPENSEARCH_PASSWORD_FILE"] = str(tmp / "password")
+        (tmp / "password").write_text(WRONG + "\n")
+    elif case == "opensearch unknown user":
+        env["OPENSEARCH_USERNAME"] = "nobody"
+    elif case == "opensearch system CAs":  # opensearch-py's own bundle (certifi)
+        del env["OPENSEARCH_CA_FILE"]
+    elif case == "opensearch another CA":
+        env["OPENSEARCH_CA_FILE"] = other_ca
+    elif case == "opensearch index without rights":  # outside doc-features*, ac-features*
+        env["OPENSEARCH_INDEX"] = other_index
     return env
 
 
-@pytest.mark.parametrize("case", REDIS_CASES + KAFKA_CASES)
+@pytest.mark.parametrize("case", REDIS_CASES + KAFKA_CASES + OPENSEARCH_CASES)
 def test_bad_credentials_stop_the_pipeline_at_start_with_one_line(
     case: str,
     secured_kafka: SecuredKafka,
     secured_topic_factory: TopicFactory,
     secured_redis: SecuredRedis,
     secured_prefix: str,
+    secured_opensearch: SecuredOpenSearch,
+    secured_os_admin: OpenSearch,
+    aliases: dict[str, str],
+    unique_name: str,
     other_ca: str,
     tmp_path: Path,
 ) -> None:
-    good = {**kafka_env(secured_kafka), **redis_env(secured_redis)}
-    env = broken_env(case, good, secured_redis, other_ca, tmp_path)
+    good = {
+        **kafka_env(secured_kafka),
+        **redis_env(secured_redis),
+        **opensearch_env(secured_opensearch),
+        **aliases,
+    }
+    other_index = f"other-it-{unique_name}"
+    env = broken_env(case, good, secured_redis, other_ca, tmp_path, other_index)
     dlq = secured_topic_factory(prefix="search-events-dlq-it", create=False)
     started = time.monotonic()
     done = run_pipeline(
@@ -510,7 +540,7 @@ def test_bad_credentials_stop_the_pipeline_at_start_with_one_line(
     )
     took = time.monotonic() - started
     line = one_line(done)
-    url, brokers = env["REDIS_URL"], secured_kafka.brokers
+    url, brokers, os_url = env["REDIS_URL"], secured_kafka.brokers, secured_opensearch.url
     if case in ("wrong password", "unknown user", "no password"):
         password = {"wrong password": "REDIS_PASSWORD_FILE", "unknown user": "REDIS_PASSWORD"}
         assert line.startswith(f"preflight failed: REDIS_URL={url}: Redis refused the credentials")
@@ -537,19 +567,53 @@ def test_bad_credentials_stop_the_pipeline_at_start_with_one_line(
             "authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512); "
             f"check KAFKA_SASL_USERNAME and {password}"
         ), line
-    else:
+    elif case == "kafka system CAs":
         assert line.startswith(
             f"preflight failed: KAFKA_SSL_CA_LOCATION=: the TLS certificate of Kafka at "
             f"{brokers} is not signed by a CA in the system's trusted CAs or does not name the "
             "broker ("
         ), line
         assert "certificate verify failed" in line
-    for secret in (WRONG, *secured_redis.passwords.values(), *secured_kafka.passwords.values()):
+    elif case in ("opensearch wrong password", "opensearch unknown user"):
+        user = env["OPENSEARCH_USERNAME"]
+        password = "OPENSEARCH_PASSWORD_FILE" if "wrong" in case else "OPENSEARCH_PASSWORD"
+        assert line == (
+            f"preflight failed: OPENSEARCH_USERNAME={user}: OpenSearch at {os_url} refused the "
+            f"credentials (HTTP 401); check OPENSEARCH_USERNAME and {password}"
+        ), line
+    elif case in ("opensearch system CAs", "opensearch another CA"):
+        ca, trusted = (
+            ("", "opensearch-py's CA bundle") if "system" in case else (other_ca, f"'{other_ca}'")
+        )
+        assert line.startswith(
+            f"preflight failed: OPENSEARCH_CA_FILE={ca}: the TLS certificate of OpenSearch at "
+            f"{os_url} is not signed by a CA in {trusted} or does not name the host ("
+        ), line
+        assert line.endswith("); set OPENSEARCH_CA_FILE to the CA that signed it"), line
+    else:  # the security plugin's 403, with the permission it missed
+        assert line.startswith(
+            f"preflight failed: OPENSEARCH_USERNAME={PIPELINE_USER}: OpenSearch at {os_url} "
+            f"does not allow this user to set up and write {other_index} (OPENSEARCH_INDEX) "
+            "(HTTP 403: security_exception: no permissions for [indices:admin/aliases/get] "
+            f"and User [name={PIPELINE_USER}"
+        ), line
+        assert line.endswith(
+            f"; grant its role the sink's rights on {other_index} and its indices, or set "
+            "OPENSEARCH_INDEX to an index it has them on"
+        ), line
+    passwords = (
+        *secured_redis.passwords.values(),
+        *secured_kafka.passwords.values(),
+        *secured_opensearch.passwords.values(),
+    )
+    for secret in (WRONG, *passwords):
         assert secret not in done.stdout + done.stderr
     assert took < 20, f"a refused login is told at once, not after the timeout ({took:.1f}s)"
-    # Nothing was created: the dead-letter topic comes after both checks.
+    # Nothing was created: the preflight only looked (OpenSearch) before it failed, and the
+    # dead-letter topic comes after every check.
     admin = AdminClient(secured_kafka.client_config())
     assert dlq not in admin.list_topics(timeout=10).topics
+    assert made_for(secured_os_admin, unique_name) == []
 
 
 def test_the_pipeline_user_has_only_its_kafka_rights(
@@ -577,16 +641,69 @@ def test_the_pipeline_user_has_only_its_kafka_rights(
     assert [err.code() for err in failures] == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
 
 
-# --------------------------------------------------------------------------- OpenSearch TLS
+# --------------------------------------------------------------------------- OpenSearch
 
 
-def test_opensearch_over_https_is_verified_against_its_ca_or_refused_in_one_line(
+def test_the_pipeline_user_has_only_its_opensearch_rights(
+    secured_opensearch: SecuredOpenSearch,
+    secured_os_admin: OpenSearch,
+    aliases: dict[str, str],
+    unique_name: str,
+) -> None:
+    index = aliases["OPENSEARCH_INDEX"]
+    pipeline = secured_opensearch.client(PIPELINE_USER)
+    try:
+        # What the sink does: make its alias and index, write and delete documents.
+        target = IndexAdmin(pipeline).ensure(IndexSpec("support", index, "doc", DOC_FEATURES))
+        assert target.indices == [f"{index}-000001"]
+        body = [
+            {"index": {"_index": index, "_id": "d1"}},
+            {"doc_id": "d1", "popularity_7d": 2.0, "as_of": NOW},
+            {"delete": {"_index": index, "_id": "d0"}},
+        ]
+        reply = pipeline.bulk(body=body, params={"require_alias": "true"})
+        assert [next(iter(item.values()))["status"] for item in reply["items"]] == [201, 404]
+        secured_os_admin.indices.refresh(index=index)
+        assert secured_os_admin.get(index=index, id="d1")["_source"]["popularity_7d"] == 2.0
+        other = f"other-it-{unique_name}"
+        refused = [
+            lambda: pipeline.search(index=index),  # writes, never reads
+            lambda: pipeline.count(index=index),
+            lambda: pipeline.indices.delete(index=f"{index}-000001"),
+            lambda: pipeline.indices.create(index=other),  # only doc-features*, ac-features*
+            lambda: pipeline.index(index=other, body={"a": 1}),
+            lambda: pipeline.search(index=".opendistro_security"),
+            pipeline.cluster.get_settings,
+            lambda: pipeline.cluster.put_settings(body={"persistent": {"x.y": None}}),
+            lambda: pipeline.transport.perform_request(
+                "GET", "/_plugins/_security/api/internalusers"
+            ),
+        ]
+        for number, call in enumerate(refused):
+            with pytest.raises(AuthorizationException):
+                call()
+                pytest.fail(f"call {number} was allowed")
+        assert made_for(secured_os_admin, other) == []
+    finally:
+        pipeline.close()
+    # No login, no access; plain HTTP on its port gets no answer at all.
+    anonymous = OpenSearch(hosts=[secured_opensearch.url], ca_certs=secured_opensearch.ca_file)
+    with pytest.raises(AuthenticationException):
+        anonymous.cluster.health()
+    anonymous.close()
+    plain = OpenSearch(hosts=[secured_opensearch.url.replace("https", "http")], max_retries=0)
+    with pytest.raises(OSConnectionError):
+        plain.cluster.health()
+    plain.close()
+
+
+def test_opensearch_over_https_by_either_name_and_without_verification(
     kafka_brokers: str,
     topic_factory: TopicFactory,
     redis_url: str,
     key_prefix: str,
-    opensearch_tls: str,
-    opensearch_client: OpenSearch,
+    secured_opensearch: SecuredOpenSearch,
+    secured_os_admin: OpenSearch,
     aliases: dict[str, str],
 ) -> None:
     base = {
@@ -595,26 +712,17 @@ def test_opensearch_over_https_is_verified_against_its_ca_or_refused_in_one_line
         "KAFKA_DLQ_TOPIC": topic_factory(1),
         "REDIS_URL": redis_url,
         "FEATURE_PREFIX": key_prefix,
-        "OPENSEARCH_URL": opensearch_tls,
+        **opensearch_env(secured_opensearch),
         **aliases,
     }
-    # Not trusted: opensearch-py's bundle does not hold the stack's CA. Nothing is created.
-    line = one_line(run_pipeline(**base))
-    assert line.startswith(
-        f"preflight failed: OPENSEARCH_CA_FILE=: the TLS certificate of OpenSearch at "
-        f"{opensearch_tls} is not signed by a CA in opensearch-py's CA bundle or does not name "
-        "the host ("
-    ), line
-    assert line.endswith("); set OPENSEARCH_CA_FILE to the CA that signed it"), line
-    assert not opensearch_client.indices.exists_alias(name=aliases["OPENSEARCH_INDEX"])
-    # With the CA (and by the other name on the certificate): the aliases are made, it runs.
-    ca = str(STACK_DIR / "tls" / "ca.pem")
-    by_name = opensearch_tls.replace("127.0.0.1", "localhost")
-    done = run_pipeline(**{**base, "OPENSEARCH_URL": by_name, "OPENSEARCH_CA_FILE": ca})
+    # By the other name on the certificate: the aliases are made, it runs.
+    by_name = secured_opensearch.url.replace("127.0.0.1", "localhost")
+    done = run_pipeline(**{**base, "OPENSEARCH_URL": by_name})
     assert done.returncode == 0, done.stderr
-    assert opensearch_client.indices.exists_alias(name=aliases["OPENSEARCH_INDEX"])
+    assert secured_os_admin.indices.exists_alias(name=aliases["OPENSEARCH_INDEX"])
     assert "OPENSEARCH_VERIFY_CERTS" not in done.stderr
-    # Not verified, on purpose: it runs, and says so once at start.
+    # Not verified, on purpose (and so without a CA file): it runs, and says so once.
+    del base["OPENSEARCH_CA_FILE"]
     done = run_pipeline(**base, OPENSEARCH_VERIFY_CERTS="false")
     assert done.returncode == 0, done.stderr
     warnings = [line for line in done.stderr.splitlines() if "OPENSEARCH_VERIFY_CERTS" in line]
