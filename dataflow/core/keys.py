@@ -9,15 +9,19 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Sequence
 from urllib.parse import quote, unquote
 
 __all__ = [
     "ac_key",
     "acq_key",
     "doc_key",
+    "doc_keys",
     "enc",
+    "enc_many",
     "q_norm",
     "qd_key",
+    "qd_keys",
     "query_hash",
     "stable_hash64",
 ]
@@ -47,6 +51,19 @@ def enc(component: str) -> str:
     if _UNRESERVED.fullmatch(component):
         return component
     return quote(component, safe="")
+
+
+_UNRESERVED_OR_SLASH = re.compile(r"[A-Za-z0-9_.~/-]*")
+
+
+def enc_many(components: Sequence[str]) -> list[str]:
+    """`enc` of each component, in order. A batch of plain ids (the reader's common case)
+    is checked in one pass: joined by `/`, which `enc` never leaves as it is, so the join
+    holds exactly `len - 1` of them when no id needs encoding."""
+    joined = "/".join(components)
+    if _UNRESERVED_OR_SLASH.fullmatch(joined) and joined.count("/") == len(components) - 1:
+        return list(components)
+    return [enc(c) for c in components]
 
 
 def dec(component: str) -> str:
@@ -97,3 +114,15 @@ def ac_key(prefix: str, typed_prefix: str, candidate: str) -> str:
 def acq_key(prefix: str, candidate: str) -> str:
     """`P:acq:{query_hash(candidate)}` (input raw)."""
     return f"{prefix}:{acq_suffix(query_hash(candidate))}"
+
+
+def doc_keys(prefix: str, doc_ids: Sequence[str]) -> list[str]:
+    """`doc_key(prefix, d)` of each id, in order (the reader's batches)."""
+    head = f"{prefix}:doc:"
+    return [head + c for c in enc_many(doc_ids)]
+
+
+def qd_keys(prefix: str, qhash: str, doc_ids: Sequence[str]) -> list[str]:
+    """`P:qd:{qhash}:{enc(doc_id)}` of each id, in order (`qhash` from `query_hash`)."""
+    head = f"{prefix}:qd:{qhash}:"
+    return [head + c for c in enc_many(doc_ids)]

@@ -5,6 +5,8 @@ storage-format change and needs a new FEATURE_PREFIX version.
 """
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dataflow.core import keys
 
@@ -66,3 +68,28 @@ def test_stable_hash_is_not_salted() -> None:
         bytes.fromhex(__import__("hashlib").blake2b(b"shard-key", digest_size=8).hexdigest()),
         "big",
     )
+
+
+_IDS = st.lists(
+    st.one_of(
+        st.sampled_from(["d1", "a/b", "a:b", "100%", "", "/", "x y", "ü", "Doc-1_x.y~z"]),
+        st.text(max_size=12),
+    ),
+    max_size=20,
+)
+
+
+@given(ids=_IDS)
+def test_batch_keys_are_the_keys_of_each_id(ids: list[str]) -> None:
+    """The reader's batch functions build exactly the writer's keys, id by id."""
+    assert keys.enc_many(ids) == [keys.enc(i) for i in ids]
+    assert keys.doc_keys("feat", ids) == [keys.doc_key("feat", i) for i in ids]
+    qhash = keys.query_hash("iPhone Case")
+    assert keys.qd_keys("feat", qhash, ids) == [keys.qd_key("feat", "iPhone Case", i) for i in ids]
+
+
+def test_a_slash_in_a_batch_of_plain_ids_is_still_encoded() -> None:
+    assert keys.enc_many(["a", "b/c", "d"]) == ["a", "b%2Fc", "d"]
+    assert keys.enc_many(["/"]) == ["%2F"]
+    assert keys.enc_many([]) == []
+    assert keys.enc_many([""]) == [""]
