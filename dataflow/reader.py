@@ -295,17 +295,26 @@ def decode_rows(layout: _Layout[_R], rows: Sequence[Any], prior: Prior) -> list[
     this pipeline wrote, are converted together: one `orjson` parse of all their values, a
     type check per column, one C call per record. A column that does not hold exactly the
     expected JSON type (a value outside the contract's encoding) is converted with
-    `int`/`float` instead. An empty reply is a missing key; any other reply (some fields
-    absent, unknown fields, another order) is read field by field.
+    `int`/`float` instead. An empty reply is a missing key (a batch of written and missing
+    keys, the usual one, takes the same single pass); any other reply (some fields absent,
+    unknown fields, another order) is read field by field.
     """
     if not rows:
         return []
     per_field = 1 if type(rows[0]) is dict else 2
     full_length = layout.width * per_field
-    if set(map(len, rows)) == {full_length}:
-        fast = _decode_same_layout(layout, rows)
+    lengths = set(map(len, rows))
+    if lengths == {0}:
+        return [layout.missing(prior)] * len(rows)
+    if lengths <= {0, full_length}:  # written keys and missing ones: the usual batch
+        present = list(filter(None, rows)) if 0 in lengths else rows
+        fast = _decode_same_layout(layout, present)
         if fast is not None:
-            return fast
+            if len(present) == len(rows):
+                return fast
+            records = iter(fast)
+            missing = layout.missing(prior)
+            return [next(records) if row else missing for row in rows]
     out: list[_R] = [layout.missing(prior)] * len(rows)
     candidates = [i for i, row in enumerate(rows) if len(row) == full_length]
     decoded = _decode_same_layout(layout, [rows[i] for i in candidates]) if candidates else []
@@ -375,7 +384,7 @@ class _Part:
 
     layout: _Layout[Any]
     ids: list[str]
-    key_of: Callable[[str], str]
+    keys_of: Callable[[Sequence[str]], list[str]]
     prior: Prior
 
 
@@ -386,8 +395,8 @@ class _Rejected(Exception):
 Conversation = Generator[tuple[bytes, int], list[Any], list[dict[str, Any]]]
 
 
-def _pack_part(part: _Part) -> bytes:
-    return resp.pack_hgetall([part.key_of(i) for i in part.ids])
+def _pack(part: _Part) -> bytes:
+    return resp.pack_hgetall(part.keys_of(part.ids))
 
 
 def _conversation(parts: Sequence[_Part]) -> Conversation:
@@ -399,9 +408,9 @@ def _conversation(parts: Sequence[_Part]) -> Conversation:
     first part goes out before the second is built, so Redis starts on it meanwhile.
     """
     results: list[dict[str, Any]] = []
-    yield _pack_part(parts[0]), 0
+    yield _pack(parts[0]), 0
     for index, part in enumerate(parts):
-        following = _pack_part(parts[index + 1]) if index + 1 < len(parts) else b""
+        following = _pack(parts[index + 1]) if index + 1 < len(parts) else b""
         rows = yield following, len(part.ids)
         error = _first_error(rows)
         if error is not None:
@@ -468,7 +477,7 @@ class _ReaderBase:
     def _doc_part(self, doc_ids: Sequence[str]) -> _Part:
         prefix = self.prefix
         return _Part(
-            _DOC, list(dict.fromkeys(doc_ids)), partial(keys.doc_key, prefix), self.params.doc
+            _DOC, list(dict.fromkeys(doc_ids)), partial(keys.doc_keys, prefix), self.params.doc
         )
 
     def _qd_part(self, query: str, doc_ids: Sequence[str]) -> _Part | None:
@@ -477,12 +486,8 @@ class _ReaderBase:
         if not normalized:
             return None
         qhash = keys.hash_normalized(normalized)
-        head = f"{self.prefix}:"
-
-        def key_of(doc_id: str) -> str:
-            return head + keys.qd_suffix(qhash, doc_id)
-
-        return _Part(_QD, list(dict.fromkeys(doc_ids)), key_of, self.params.qd)
+        keys_of = partial(keys.qd_keys, self.prefix, qhash)
+        return _Part(_QD, list(dict.fromkeys(doc_ids)), keys_of, self.params.qd)
 
     def _no_query(self, doc_ids: Sequence[str]) -> dict[str, QueryDocFeatures]:
         return dict.fromkeys(doc_ids, _QD.missing(self.params.qd))
@@ -491,16 +496,18 @@ class _ReaderBase:
         typed_norm = keys.q_norm(typed)
         head = f"{self.prefix}:"
 
-        def key_of(candidate: str) -> str:
-            return head + keys.ac_suffix(typed_norm, keys.q_norm(candidate))
+        def keys_of(batch: Sequence[str]) -> list[str]:
+            return [head + keys.ac_suffix(typed_norm, keys.q_norm(c)) for c in batch]
 
-        return _Part(_AC, list(dict.fromkeys(candidates)), key_of, self.params.ac)
+        return _Part(_AC, list(dict.fromkeys(candidates)), keys_of, self.params.ac)
 
     def _acq_part(self, queries: Sequence[str]) -> _Part:
         prefix = self.prefix
-        return _Part(
-            _ACQ, list(dict.fromkeys(queries)), partial(keys.acq_key, prefix), self.params.acq
-        )
+
+        def keys_of(batch: Sequence[str]) -> list[str]:
+            return [keys.acq_key(prefix, q) for q in batch]
+
+        return _Part(_ACQ, list(dict.fromkeys(queries)), keys_of, self.params.acq)
 
 
 def _checked_deadline(deadline_ms: float) -> float:

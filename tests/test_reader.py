@@ -133,6 +133,24 @@ def test_written_keys_decode_as_the_field_by_field_reading(
             assert type(getattr(got, name)) is kind
 
 
+@pytest.mark.parametrize("shape", ["resp2-bytes", "resp2-str", "resp3-bytes", "resp3-str"])
+def test_a_batch_of_missing_keys_or_of_written_and_missing_keys_decodes_as_each_reply(
+    shape: str,
+) -> None:
+    make = resp2 if shape.startswith("resp2") else resp3
+    text = shape.endswith("str")
+    empty: Any = {} if shape.startswith("resp3") else []
+    for layout in (rd._DOC, rd._ACQ):
+        family = DOC if layout is rd._DOC else ACQ
+        only_missing = [empty] * 5
+        assert decode_rows(layout, only_missing, PRIOR) == [layout.missing(PRIOR)] * 5
+        mixed = [empty, make(written_fields(family, 1), text=text), empty, empty]
+        mixed += [make(written_fields(family, 2), text=text), empty]
+        records = decode_rows(layout, mixed, PRIOR)
+        assert records == [reference(layout, r) for r in mixed]
+        assert [r.found for r in records] == [False, True, False, False, True, False]
+
+
 def test_missing_and_partial_keys_read_as_zero_counts_and_the_prior() -> None:
     full = written_fields(DOC, 7)
     partial = {k: v for k, v in full.items() if k not in ("popularity_7d", "ctr_decay")}
