@@ -12,11 +12,14 @@
    hits every path alike): 200 random documents (a `--missing` share of them never written),
    the same for query-document pairs, 50 autocomplete candidates, 50 link queries, and the
    ranking call (200 documents and their 200 query-document pairs in one round trip), on the
-   sync and the async reader; the previous reader (a redis-py pipeline of `HGETALL` parsed
-   per key) and a server-side Lua script (one `EVALSHA` that runs `HGETALL` per key) as
-   comparisons.
+   sync and the async reader. Comparisons for 200 documents, each returning the same records
+   (checked before measuring): the previous reader (a redis-py pipeline of `HGETALL` parsed
+   per key); a server-side Lua script (one `EVALSHA_RO` that runs `HMGET` of the record's
+   fields on every key and returns the whole batch as one JSON text, `LUA_ROWS`); and a
+   pipeline of `HMGET` (values only, no field names) plus one `EXISTS` of every key.
 3. Repeats that `--runs` times and prints, per path, the median over runs of p50 and p99
-   (and the spread of p50), plus what else the machine was doing (load, CPU steal).
+   (and the spread of p50), plus what else the machine was doing (load, CPU steal) and the
+   garbage collections that ran during the timed calls.
 
 `--with-writer` measures while another process rewrites the same keys at full speed (the
 sink's `RedisWriter` in a loop, bounded in time and stopped when the measurement ends).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -38,15 +42,19 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
 import hiredis
+import orjson
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dataflow import reader as reader_module  # noqa: E402
+from dataflow import resp  # noqa: E402
 from dataflow.config import RedisSettings  # noqa: E402
 from dataflow.core import counters, keys  # noqa: E402
 from dataflow.core.families import (  # noqa: E402
@@ -78,12 +86,50 @@ TYPED = ("ip", "us", "ra")
 CANDIDATES_PER_PREFIX = 60
 WRITER_MAX_SECONDS = 600.0
 
-# One EVALSHA for the whole batch: what a server-side read costs (comparison only).
-LUA_HGETALL = """
-local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
-return out
+# The server-side alternative (comparison only): one EVALSHA_RO for the whole batch. KEYS are
+# the feature hashes, ARGV the record's fields in the record's order; the reply is one bulk
+# string, a JSON text `[row, ...]`: a row is 0 for a key that does not exist, else the
+# values (`null` for an absent field). A value outside the numbers' alphabet makes the
+# script return '' and the caller read that batch with HGETALL (so the records stay exact).
+LUA_ROWS = """#!lua flags=no-writes
+-- search-features bench: reader rows v1
+local rows = {}
+local width = #ARGV
+for i, key in ipairs(KEYS) do
+  local values = redis.call('HMGET', key, unpack(ARGV))
+  local absent = 0
+  for j = 1, width do
+    if not values[j] then absent = absent + 1 end
+  end
+  if absent == 0 then
+    local row = table.concat(values, ',')
+    if string.find(row, '[^%d%.eE%+%-,]') then return '' end
+    rows[i] = '[' .. row .. ']'
+  elseif absent == width and redis.call('EXISTS', key) == 0 then
+    rows[i] = '0'
+  else
+    for j = 1, width do
+      local value = values[j]
+      if not value then
+        values[j] = 'null'
+      elseif string.find(value, '[^%d%.eE%+%-]') then
+        return ''
+      end
+    end
+    rows[i] = '[' .. table.concat(values, ',') .. ']'
+  end
+end
+return '[' .. table.concat(rows, ',') .. ']'
 """
+
+
+def pack_command(*args: str) -> bytes:
+    """One command as RESP (UTF-8 arguments)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- population
@@ -174,6 +220,7 @@ class Paths:
     """Every measured path as a callable over one random batch."""
 
     def __init__(self, url: str, prefix: str, docs: list[str], missing: float) -> None:
+        self.url = url
         self.prefix = prefix
         self.docs = docs
         self.missing = missing
@@ -181,8 +228,8 @@ class Paths:
         self.sync = FeatureReader.from_url(url, prefix=prefix, deadline_ms=1000)
         self.async_reader = AsyncFeatureReader.from_url(url, prefix=prefix, deadline_ms=1000)
         self.previous_client = redis.Redis.from_url(url)  # what the previous from_url built
-        self.lua_client = redis.Redis.from_url(url, protocol=2)
-        self.lua_sha = self.lua_client.script_load(LUA_HGETALL)
+        self.raw_client = redis.Redis.from_url(url, protocol=2)  # the comparisons' connection
+        self.lua_sha = self.raw_client.script_load(LUA_ROWS)
         self.params = FeatureParams()
 
     def doc_batch(self, n: int = 200) -> list[str]:
@@ -210,9 +257,82 @@ class Paths:
             d: DocFeatures.parse(row, self.params.doc) for d, row in zip(unique, rows, strict=True)
         }
 
-    def lua(self, doc_ids: list[str]) -> Any:
-        key_list = [keys.doc_key(self.prefix, d) for d in dict.fromkeys(doc_ids)]
-        return self.lua_client.evalsha(self.lua_sha, len(key_list), *key_list)
+    def _round_trip(self, data: bytes, replies: int) -> list[Any]:
+        pool: Any = self.raw_client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([data], check_health=False)
+            return resp.read_replies(conn, replies)
+        finally:
+            pool.release(conn)
+
+    def lua(self, doc_ids: list[str]) -> dict[str, DocFeatures]:
+        """One EVALSHA_RO running LUA_ROWS, the JSON reply decoded column by column."""
+        layout = reader_module._DOC
+        unique = list(dict.fromkeys(doc_ids))
+        key_list = keys.doc_keys(self.prefix, unique)
+        args = ["EVALSHA_RO", self.lua_sha, str(len(key_list)), *key_list, *layout.names]
+        (reply,) = self._round_trip(pack_command(*args), 1)
+        rows = orjson.loads(reply) if reply else None
+        present = [row for row in rows if row != 0] if rows else []
+        if rows is None or any(len(row) != layout.width for row in present):
+            return self.sync.doc_features(unique)  # values outside the numbers' alphabet
+        values = list(chain.from_iterable(present))
+        width = layout.width
+        columns = []
+        for position, kind in enumerate(layout.kinds):
+            column = values[position::width]
+            kinds = set(map(type, column))
+            if kind is float and int in kinds and kinds <= {int, float}:
+                column = [float(v) for v in column]
+            elif kinds and kinds != {kind}:  # null (a partial hash) or a non-contract value
+                return self.sync.doc_features(unique)
+            columns.append(column)
+        records = iter(map(layout.make, zip(*columns, repeat(True))))
+        missing = layout.missing(self.params.doc)
+        return dict(zip(unique, [next(records) if row else missing for row in rows], strict=True))
+
+    def hmget(self, doc_ids: list[str]) -> dict[str, DocFeatures]:
+        """A pipeline of HMGET (the record's fields in the record's order) and one EXISTS of
+        every key: as many keys exist as rows hold values, else it reads with HGETALL."""
+        layout = reader_module._DOC
+        unique = list(dict.fromkeys(doc_ids))
+        key_list = keys.doc_keys(self.prefix, unique)
+        fields = "".join(f"${len(n)}\r\n{n}\r\n" for n in layout.names)
+        head = f"*{2 + layout.width}\r\n$5\r\nHMGET\r\n$"
+        text = "".join([f"{head}{len(k)}\r\n{k}\r\n{fields}" for k in key_list])
+        data = text.encode() + pack_command("EXISTS", *key_list)
+        rows = self._round_trip(data, len(key_list) + 1)
+        existing = rows.pop()
+        present = [row for row in rows if row[0] is not None]
+        flat = list(chain.from_iterable(present))
+        if existing != len(present) or None in flat:
+            return self.sync.doc_features(unique)  # a partial or foreign hash: not measured
+        parsed = orjson.loads(b"[" + b",".join(flat) + b"]")
+        width = layout.width
+        columns = [parsed[p::width] for p in range(width)]
+        if any(set(map(type, c)) - {k} for c, k in zip(columns, layout.kinds, strict=True)):
+            return self.sync.doc_features(unique)
+        records = iter(map(layout.make, zip(*columns, repeat(True))))
+        missing = layout.missing(self.params.doc)
+        out = [next(records) if row[0] is not None else missing for row in rows]
+        return dict(zip(unique, out, strict=True))
+
+    def check(self) -> None:
+        """Every 200-document path returns the same records (before anything is timed)."""
+        batch = self.doc_batch()
+        want = self.sync.doc_features(batch)
+        assert self.previous(batch) == want, "previous"
+        assert self.lua(batch) == want, "lua"
+        assert self.hmget(batch) == want, "hmget"
+        assert asyncio.run(self._async_docs(batch)) == want, "async"
+
+    async def _async_docs(self, batch: list[str]) -> dict[str, DocFeatures]:
+        reader = AsyncFeatureReader.from_url(self.url, prefix=self.prefix, deadline_ms=1000)
+        try:
+            return await reader.doc_features(batch)
+        finally:
+            await reader.aclose()
 
     def table(self) -> list[tuple[str, str, int, Callable[[], Any]]]:
         """(path, family, ids, call) for every row; async calls return awaitables."""
@@ -220,7 +340,8 @@ class Paths:
         query = QUERIES[0]
         return [
             ("previous (pipeline of HGETALL)", "doc", 200, lambda: self.previous(self.doc_batch())),
-            ("lua script (one EVALSHA)", "doc", 200, lambda: self.lua(self.doc_batch())),
+            ("lua: EVALSHA_RO, HMGET->JSON", "doc", 200, lambda: self.lua(self.doc_batch())),
+            ("pipeline of HMGET + EXISTS", "doc", 200, lambda: self.hmget(self.doc_batch())),
             ("sync", "doc", 200, lambda: s.doc_features(self.doc_batch())),
             ("sync", "qd", 200, lambda: s.query_doc_features(query, self.doc_batch())),
             ("sync", "ac", 50, lambda: s.autocomplete_features(*self.ac_batch())),
@@ -247,7 +368,34 @@ class Paths:
 Row = tuple[str, str, int, Callable[[], Any]]
 
 
-async def measure(rows: list[Row], calls: int, runs: int) -> list[list[list[float]]]:
+class GcWatch:
+    """The garbage collections that run while it is installed: count and longest, per
+    generation."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.longest_ms = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        generation = info["generation"]
+        self.count[generation] += 1
+        took = (time.perf_counter() - self._started) * 1000.0
+        self.longest_ms[generation] = max(self.longest_ms[generation], took)
+
+    def summary(self) -> str:
+        return ", ".join(
+            f"gen{g} {n}" + (f" (longest {ms:.2f} ms)" if n else "")
+            for g, (n, ms) in enumerate(zip(self.count, self.longest_ms, strict=True))
+        )
+
+
+async def measure(
+    rows: list[Row], calls: int, runs: int, gc_watch: GcWatch
+) -> list[list[list[float]]]:
     """Milliseconds per call, per run and row; the rows take turns call by call.
 
     Each call draws its random batch inside the timed span (a few microseconds); the async
@@ -257,6 +405,14 @@ async def measure(rows: list[Row], calls: int, runs: int) -> list[list[list[floa
             result = row[3]()
             if isinstance(result, Awaitable):
                 await result
+    gc.callbacks.append(gc_watch)
+    try:
+        return await _measure(rows, calls, runs)
+    finally:
+        gc.callbacks.remove(gc_watch)
+
+
+async def _measure(rows: list[Row], calls: int, runs: int) -> list[list[list[float]]]:
     out = []
     for run in range(runs):
         samples: list[list[float]] = [[] for _ in rows]
@@ -336,11 +492,13 @@ def main() -> int:
             )
             time.sleep(1.0)  # let it reach full speed
         paths = Paths(args.url, prefix, docs, args.missing)
+        paths.check()
         rows = paths.table()
         per_run: list[list[tuple[float, float]]] = []
         steal0, total0 = cpu_steal()
         load0 = os.getloadavg()
-        for samples in asyncio.run(measure(rows, args.calls, args.runs)):
+        gc_watch = GcWatch()
+        for samples in asyncio.run(measure(rows, args.calls, args.runs, gc_watch)):
             stats = []
             for values in samples:
                 values.sort()
@@ -370,6 +528,7 @@ def main() -> int:
         + ("; a writer rewrote the keys meanwhile" if args.with_writer else "")
     )
     print(header)
+    print(f"garbage collections during the timed calls: {gc_watch.summary()}")
     print(f"{args.runs} runs x {args.calls} calls per path; median over runs (p50 range)")
     print(f"{'path':<32}{'family':<8}{'ids':>5}{'p50 ms':>9}{'p99 ms':>9}   p50 range")
     result_rows = []
@@ -397,7 +556,10 @@ def main() -> int:
     results.mkdir(parents=True, exist_ok=True)
     name = "reader_latency_writer.json" if args.with_writer else "reader_latency.json"
     (results / name).write_text(
-        json.dumps({"header": header, "args": vars(args), "rows": result_rows}, indent=2)
+        json.dumps(
+            {"header": header, "gc": gc_watch.summary(), "args": vars(args), "rows": result_rows},
+            indent=2,
+        )
     )
     return 0
 
