@@ -946,6 +946,20 @@ opensearch_password_hash() {
   echo "$hash"
 }
 
+# Every user's password (made when missing) and its bcrypt hash, the hashes of new
+# passwords side by side (a JVM each); write_opensearch_security_config then reads them
+# from secrets/*.bcrypt (and says so should one have failed). Only these pids are waited
+# for: the services launched before run in the background of this shell.
+opensearch_secure_passwords() {
+  local pair pids=()
+  for pair in "${OPENSEARCH_SECURE_USERS[@]}"; do
+    ensure_password "${pair#*:}"
+    opensearch_password_hash "${pair#*:}" >/dev/null 2>&1 9>&- &
+    pids+=($!)
+  done
+  wait "${pids[@]}" || true
+}
+
 # The security plugin's configuration, written into DIR (opensearch-security/ of the node's
 # config) on every start and every `up`: HTTP basic auth against the internal users only,
 # no anonymous access, the users and roles above, and empty versions of the files the
@@ -1031,11 +1045,10 @@ ensure_opensearch_secure_certs() {
 }
 
 configure_opensearch-secure() {
-  local pair
   opensearch_node_config opensearch-secure "$OSS_HOME" "$OSS_CONF" "$OPENSEARCH_SECURE_VERSION" \
     "$OPENSEARCH_SECURE_HEAP"
   ensure_opensearch_secure_certs
-  for pair in "${OPENSEARCH_SECURE_USERS[@]}"; do ensure_password "${pair#*:}"; done
+  opensearch_secure_passwords
   write_opensearch_security_config "$OSS_CONF/opensearch-security"
   # A node without data loads these files into its security index on its first start; with
   # data, it keeps the index it has (opensearch_secure_security compares the two).
@@ -1083,8 +1096,7 @@ EOF
 
 # `up` on a running opensearch-secure: the files again, for opensearch_secure_security.
 refresh_opensearch-secure() {
-  local pair
-  for pair in "${OPENSEARCH_SECURE_USERS[@]}"; do ensure_password "${pair#*:}"; done
+  opensearch_secure_passwords
   write_opensearch_security_config "$OSS_CONF/opensearch-security"
   if [[ $(id -u) == 0 ]]; then chown -R "$OPENSEARCH_USER:" "$OSS_CONF/opensearch-security"; fi
 }
