@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dataflow import settings as s
-from dataflow.core.families import FeatureParams
+from dataflow.core.families import AC, DOC, FAMILY_NAMES, QD, FeatureParams
+from dataflow.core.priors import FitRules
 from dataflow.core.smoothing import Prior
 from dataflow.errors import ConfigError
 from dataflow.logs import librdkafka_log_level
@@ -250,6 +251,8 @@ class Config:
     # FeatureParams (dataflow.core) keeps its own defaults: the core imports no settings.
     # tests/test_config.py checks that they equal the table's.
     features: FeatureParams = field(default_factory=FeatureParams)
+    priors: FitRules = field(default_factory=FitRules)
+    """Which families' priors are fitted from their keys, and how (`PRIOR_FIT_*`)."""
     future_tolerance_ms: int = 1000 * s.FUTURE_TOLERANCE_SECONDS.value
     flush_interval_ms: int = s.FEATURE_FLUSH_INTERVAL_MS.value
     restate_keys_per_second: int = s.RESTATE_KEYS_PER_SECOND.value
@@ -323,11 +326,24 @@ class Config:
             reference_ctr=tuple(float(ctr) for ctr in s.COEC_REFERENCE_CTR.read(e)),
             coec_prior=s.COEC_PRIOR.read(e),
         )
+        fitted = (
+            (DOC, s.SMOOTHING_DOC_PRIOR),
+            (QD, s.SMOOTHING_QD_PRIOR),
+            (AC, s.SMOOTHING_AC_PRIOR),
+        )
+        priors = FitRules(
+            families=frozenset(f for f, setting in fitted if setting.read(e) == "fitted"),
+            sample=s.PRIOR_FIT_SAMPLE.read(e),
+            min_keys=s.PRIOR_FIT_MIN_KEYS.read(e),
+            min_trials=s.PRIOR_FIT_MIN_IMPRESSIONS.read(e),
+            grace_ms=1000 * s.PRIOR_FIT_GRACE_SECONDS.read(e),
+        )
         return cls(
             kafka=kafka,
             redis=redis,
             opensearch=opensearch,
             features=features,
+            priors=priors,
             future_tolerance_ms=1000 * s.FUTURE_TOLERANCE_SECONDS.read(e),
             flush_interval_ms=s.FEATURE_FLUSH_INTERVAL_MS.read(e),
             restate_keys_per_second=s.RESTATE_KEYS_PER_SECOND.read(e),
@@ -355,6 +371,10 @@ def _prior(env: Mapping[str, str], alpha: Setting[float], beta: Setting[float]) 
 def _describe(obj: Any) -> Any:
     if isinstance(obj, Secret):  # a URL without its password, any other secret as ********
         return masked(obj.get())
+    if isinstance(obj, FitRules):  # families by name
+        described = {f.name: _describe(getattr(obj, f.name)) for f in fields(obj)}
+        described["families"] = [FAMILY_NAMES[f] for f in sorted(obj.families)]
+        return described
     if hasattr(obj, "__dataclass_fields__"):
         return {f.name: _describe(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):

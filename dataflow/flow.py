@@ -44,8 +44,9 @@ from dataflow.core.aclink import LinkItem, LinkShard
 from dataflow.core.deadletter import DeadLetter
 from dataflow.core.dedup import DedupEntry, Forget, Watermark
 from dataflow.core.events import Event
-from dataflow.core.families import FeatureParams, Update, updates_for
+from dataflow.core.families import FAMILY_NAMES, FeatureParams, Update, updates_for
 from dataflow.core.intake import Intake, IntakeResult
+from dataflow.core.priors import Fit, FitRules, PriorFitter, in_sample, prior_suffix
 from dataflow.core.shard import FeatureShard, ShardItem, StepResult
 from dataflow.core.windows import DAY_MS
 from dataflow.kafka.intake import IntakeSource
@@ -60,6 +61,7 @@ from dataflow.sinks.redis import RedisFeatureSink
 log = logging.getLogger(__name__)
 
 CLOCK_KEY = "clock"
+PRIORS_KEY = "priors"
 WATERMARK_KEY = "watermark"
 UNCHECKED_KEY = "unchecked"
 CLOCK_LAYOUT = 1
@@ -194,6 +196,77 @@ class LinkLogic(StatefulBatchLogic[list[LinkItem], list[Update], bytes]):
         return blob
 
 
+@dataclass(slots=True)
+class FitBatch:
+    """What the prior fit sends: the fits for the feature shards, and the newest fit of
+    each family, to publish at `P:prior:{family}`."""
+
+    fits: list[Fit]
+    published: list[Fit]
+
+
+class PriorFitLogic(StatefulBatchLogic[list[Update] | dict[int, int], FitBatch, bytes]):
+    """The prior fit (one key): the sampled keys' counts and the partition clocks in, the
+    fitted priors out (`dataflow.core.priors`).
+
+    The fits due are made when an epoch closes (in `snapshot()`), so that every update read
+    before the clocks moved is counted, and sent at the next activation; at the end of input
+    every prior still needed is fitted. When the store lost data (`repairs`), the published
+    priors are written again.
+    """
+
+    def __init__(
+        self,
+        fitter: PriorFitter,
+        repairs: StoreRepairs | None,
+    ) -> None:
+        self.fitter = fitter
+        self.repairs = repairs
+        self.repaired = 0 if repairs is None else repairs.generation
+
+    def on_batch(self, values: list[list[Update] | dict[int, int]]) -> tuple[list[FitBatch], bool]:
+        fitter = self.fitter
+        for value in values:
+            if isinstance(value, dict):
+                fitter.read_clocks(value.items())
+            else:
+                fitter.observe(value)
+        return self._send(), self.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return datetime.now(UTC) if self.fitter.ready else None
+
+    def on_notify(self) -> tuple[list[FitBatch], bool]:
+        return self._send(), self.RETAIN
+
+    def on_eof(self) -> tuple[list[FitBatch], bool]:
+        self.fitter.close_epoch(everything=True)
+        return self._send(), self.RETAIN
+
+    def _send(self) -> list[FitBatch]:
+        fits = self.fitter.take()
+        republish = self.repairs is not None and self.repairs.generation != self.repaired
+        if republish and self.repairs is not None:
+            self.repaired = self.repairs.generation
+        if not fits and not republish:
+            return []
+        for fit in fits:
+            result = "fitted" if fit.fitted else "fallback"
+            metrics.PRIOR_FITS.labels(family=FAMILY_NAMES[fit.family], result=result).inc()
+        newest = self.fitter.newest()
+        for fit in newest:
+            name = FAMILY_NAMES[fit.family]
+            metrics.PRIOR.labels(family=name, parameter="alpha").set(fit.alpha)
+            metrics.PRIOR.labels(family=name, parameter="beta").set(fit.beta)
+            metrics.PRIOR.labels(family=name, parameter="day").set(fit.day)
+        return [FitBatch(fits, newest)]
+
+    def snapshot(self) -> bytes:
+        # The epoch closes here: every update read before the clocks moved is in.
+        self.fitter.close_epoch()
+        return self.fitter.snapshot()
+
+
 @dataclass(frozen=True, slots=True)
 class Wake:
     """Sent to every feature shard by `store_checks` when the store lost data: look at the
@@ -226,11 +299,13 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
         restate_per_flush: int | None,
         resume: bytes | None,
         repairs: StoreRepairs | None = None,
+        *,
+        fitted: frozenset[int] = frozenset(),
     ) -> None:
         self.shard = (
-            FeatureShard(params, restate_per_flush=restate_per_flush)
+            FeatureShard(params, restate_per_flush=restate_per_flush, fitted=fitted)
             if resume is None
-            else FeatureShard.restore(params, resume, restate_per_flush)
+            else FeatureShard.restore(params, resume, restate_per_flush, fitted)
         )
         self.flush_interval = timedelta(milliseconds=flush_ms)
         self.next_flush: datetime | None = None
@@ -348,6 +423,22 @@ class FanOut:
             (u for _key, events in batches for e in events for u in updates_for(e, params)),
             self.shards,
         )
+
+
+class PriorSample:
+    """`flat_map_batch` mapper: the counter updates of the keys that feed the prior fit
+    (fitted families, the sampled keys)."""
+
+    def __init__(self, rules: FitRules) -> None:
+        self.families = rules.families
+        self.sample = rules.sample
+
+    def __call__(self, batches: list[tuple[str, list[Update]]]) -> list[tuple[str, list[Update]]]:
+        families, sample = self.families, self.sample
+        picked = [
+            u for _k, ups in batches for u in ups if u[0] in families and in_sample(u[1], sample)
+        ]
+        return [(PRIORS_KEY, picked)] if picked else []
 
 
 class LinkRouter:
@@ -519,6 +610,56 @@ def _labels_by_shard(route: aclink.LinkRoute, shards: int) -> list[tuple[str, di
     return list(by_shard.items())
 
 
+@dataclass(frozen=True)
+class PriorsOut:
+    to_shards: Stream[tuple[str, Fit]]
+    """Every fit, to every state shard."""
+    writes: Stream[StepResult]
+    """The newest fit of each family, as the write of `P:prior:{family}`."""
+
+
+def priors(
+    updates: Stream[tuple[str, list[Update]]],
+    clocks: Stream[dict[int, int]],
+    config: Config,
+    repairs: StoreRepairs | None,
+) -> PriorsOut:
+    """The priors fitted from the keys of the families that ask for it."""
+    rules = config.priors
+    sampled = op.flat_map_batch("prior_sample", updates, PriorSample(rules))
+    readings = op.key_on("prior_clock_readings", clocks, lambda _: PRIORS_KEY)
+    fixed = {0: config.features.doc, 1: config.features.qd, 2: config.features.ac}
+
+    def build(resume: bytes | None) -> PriorFitLogic:
+        fitter = (
+            PriorFitter(rules, fixed)
+            if resume is None
+            else PriorFitter.restore(rules, fixed, resume)
+        )
+        return PriorFitLogic(fitter, repairs)
+
+    fit_in: Stream[tuple[str, list[Update] | dict[int, int]]] = op.merge(
+        "prior_fit_in", sampled, readings
+    )
+    fits = op.stateful_batch("prior_fit", fit_in, build)
+    batches = op.key_rm("prior_fits", fits)
+    shards = config.feature_shards
+    return PriorsOut(
+        to_shards=op.flat_map(
+            "prior_to_shards",
+            batches,
+            lambda b: [(str(i), fit) for fit in b.fits for i in range(shards)],
+        ),
+        writes=op.map(
+            "prior_writes",
+            batches,
+            lambda b: StepResult(
+                writes=[(prior_suffix(f.family), f.fields()) for f in b.published]
+            ),
+        ),
+    )
+
+
 def features(
     updates: Stream[tuple[str, list[Update]]],
     linked: LinkOut,
@@ -527,21 +668,30 @@ def features(
     *,
     repairs: StoreRepairs | None = None,
     wakes: Stream[tuple[str, Wake]] | None = None,
+    fits: Stream[tuple[str, Fit]] | None = None,
 ) -> Stream[StepResult]:
     """The state shards: counters per key; the writes they flush. With `repairs`, they
-    re-state every key when the store lost data, woken by `wakes`."""
+    re-state every key when the store lost data, woken by `wakes`; with `fits`, fitted
+    families render with the prior fitted for the day."""
     streams: list[Stream[Any]] = [
         updates, linked.increments, linked.without_session, linked.labels, day_ticks
     ]  # fmt: skip
     if wakes is not None:
         streams.append(wakes)
+    if fits is not None:
+        streams.append(fits)
     shard_in: Stream[tuple[str, ShardItem | Wake]] = op.merge("shard_in", *streams)
     per_flush = restate_per_flush(config)
     results = op.stateful_batch(
         "features",
         shard_in,
         lambda resume: ShardLogic(
-            config.features, config.flush_interval_ms, per_flush, resume, repairs
+            config.features,
+            config.flush_interval_ms,
+            per_flush,
+            resume,
+            repairs,
+            fitted=config.priors.families,
         ),
     )
     return op.key_rm("writes", results)
@@ -611,11 +761,24 @@ def build_flow(
     if repairs is not None:
         waker = StoreWakeSource(repairs, config.feature_shards, stop_at_end=finite)
         wakes = op.input("store_checks", flow, waker)
+    fitted = (
+        priors(updates, into.partition_clocks, config, repairs) if config.priors.families else None
+    )
     writes = features(
-        updates, link(accepted, config), day_ticks, config, repairs=repairs, wakes=wakes
+        updates,
+        link(accepted, config),
+        day_ticks,
+        config,
+        repairs=repairs,
+        wakes=wakes,
+        fits=None if fitted is None else fitted.to_shards,
     )
 
-    op.output("redis", writes, redis)
+    op.output(
+        "redis",
+        writes if fitted is None else op.merge("redis_writes", writes, fitted.writes),
+        redis,
+    )
     if with_opensearch and config.opensearch.enabled:
         opensearch.attach(writes, config.opensearch)
     op.output("dlq", into.dead_letters, dlq_sink or DeadLetterSink(config.kafka))

@@ -242,6 +242,23 @@ LINK_STALE = Counter(
     namespace=NAMESPACE,
 )
 
+PRIOR_FAMILIES = ("doc", "qd", "ac")
+PRIOR = Gauge(
+    "prior",
+    "The newest prior sent for a family whose prior is fitted (SMOOTHING_{FAMILY}_PRIOR="
+    "fitted), by parameter (alpha, beta) and the day it is in force from (day, days since "
+    "1970-01-01); the configured one when the fit fell back.",
+    ["family", "parameter"],
+    namespace=NAMESPACE,
+)
+PRIOR_FITS = Counter(
+    "prior_fits",
+    "Priors fitted for a family, by result: fitted, or fallback (too few keys with enough "
+    "impressions, or no spread between them beyond chance: the configured prior is used).",
+    ["family", "result"],
+    namespace=NAMESPACE,
+)
+
 
 def observe_clock(clock_ms: int) -> None:
     CLOCK.set(clock_ms / 1000.0)
@@ -272,6 +289,9 @@ def _declare_label_values() -> None:
         DROPPED.labels(reason=reason)
     for result in ("success", "failure"):
         DEAD_LETTERS.labels(result=result)
+    for family in PRIOR_FAMILIES:
+        for result in ("fitted", "fallback"):
+            PRIOR_FITS.labels(family=family, result=result)
     for trigger in REPAIR_TRIGGERS:
         STORE_REPAIRS.labels(trigger=trigger)
     for sink in SINKS:

@@ -536,6 +536,49 @@ SMOOTHING_DOC_ALPHA, SMOOTHING_DOC_BETA = _prior(FEATURES, "DOC", "document CTRs
 SMOOTHING_QD_ALPHA, SMOOTHING_QD_BETA = _prior(FEATURES, "QD", "query-document CTRs")
 SMOOTHING_AC_ALPHA, SMOOTHING_AC_BETA = _prior(FEATURES, "AC", "autocomplete select rates")
 SMOOTHING_ACQ_ALPHA, SMOOTHING_ACQ_BETA = _prior(FEATURES, "ACQ", "autocomplete-link rates")
+SMOOTHING_DOC_PRIOR, SMOOTHING_QD_PRIOR, SMOOTHING_AC_PRIOR = (
+    _choice(
+        FEATURES,
+        f"SMOOTHING_{family}_PRIOR",
+        "fixed",
+        ("fixed", "fitted"),
+        f"The prior of {what}: `fixed` (the α, β above) or `fitted` each day from the "
+        "family's own keys (docs/contract.md §4.6; the α, β above stay the fallback).",
+    )
+    for family, what in (
+        ("DOC", "document CTRs"),
+        ("QD", "query-document CTRs"),
+        ("AC", "autocomplete select rates"),
+    )
+)
+PRIOR_FIT_SAMPLE = _integer(
+    FEATURES,
+    "PRIOR_FIT_SAMPLE",
+    16,
+    (1, 4_096),
+    "A fitted prior is fitted on one key in this many of its family (a stable hash).",
+)
+PRIOR_FIT_MIN_KEYS = _integer(
+    FEATURES,
+    "PRIOR_FIT_MIN_KEYS",
+    100,
+    (2, 1_000_000_000),
+    "Fewer sampled keys with enough impressions than this: the fixed prior is used.",
+)
+PRIOR_FIT_MIN_IMPRESSIONS = _integer(
+    FEATURES,
+    "PRIOR_FIT_MIN_IMPRESSIONS",
+    20,
+    (1, 1_000_000_000),
+    "A key takes part in a fit with at least this many impressions in the fit's 30 days.",
+)
+PRIOR_FIT_GRACE_SECONDS = _integer(
+    FEATURES,
+    "PRIOR_FIT_GRACE_SECONDS",
+    600,
+    (0, 86_400),
+    "How far past a fit's window every partition must have read before the fit is made.",
+)
 POPULARITY_WEIGHT_CLICK = _number(
     FEATURES, "POPULARITY_WEIGHT_CLICK", 1.0, (0.0, 1e6), "Popularity weight of a click."
 )

@@ -17,7 +17,9 @@ It deliberately re-implements ``q_norm``, ``query_hash``, ``enc`` and the key fo
 the contract text instead of importing ``dataflow``: a shared bug would otherwise be
 invisible. It compares event ids directly (no 64-bit digest), uses ``math.fsum`` for the
 decayed sums, and favours obviousness over speed (20k events take well under a second or
-two).
+two). The one thing it borrows is the numeric maximum-likelihood fit of a fitted prior
+(``dataflow.core.priors.fit_beta``, checked on its own against the likelihood in
+tests/core/test_priors.py); which keys, days and counts go into it are its own (4.6).
 
 Adding a family: write a contribution rule that receives the whole accepted stream and a
 fields rule, and add a ``FamilySpec`` to ``FAMILIES``. The ``acq`` family (contract 4.4) is
@@ -32,10 +34,14 @@ import hashlib
 import math
 import unicodedata
 import urllib.parse
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
+
+from dataflow.core.priors import fit_beta
+from dataflow.core.smoothing import Prior
 
 __all__ = [
     "DAY_MS",
@@ -119,6 +125,11 @@ class ModelParams:
     half_life_ms: int = 604_800_000
     dedup_slot_ms: int = 600_000
     dedup_horizon_ms: int = 86_400_000
+    # Contract 4.6: families whose prior is fitted from their keys, and the fit's knobs.
+    fitted: tuple[str, ...] = ()
+    fit_sample: int = 16
+    fit_min_keys: int = 100
+    fit_min_trials: int = 20
 
     def smoothing(self, family: str) -> tuple[float, float]:
         """``(alpha, beta)`` of a family; a table, so an unknown family fails loudly."""
@@ -554,6 +565,58 @@ FAMILIES: tuple[FamilySpec, ...] = (
 # ------------------------------------------------------------------------------ store
 
 
+# ---------------------------------------------------------------------- fitted priors
+
+_SUCCESS_KIND = {"doc": "click", "qd": "click", "ac": "select"}
+
+
+def in_fit_sample(suffix: str, sample: int) -> bool:
+    """Contract 4.6: a key feeds its family's fit when the high 16 bits of the CRC-32 of its
+    suffix are 0 modulo the sample size."""
+    return sample == 1 or (zlib.crc32(suffix.encode("utf-8")) >> 16) % sample == 0
+
+
+def fit_pairs(
+    family: str,
+    by_key: Mapping[str, Sequence[Contribution]],
+    day: int,
+    prefix: str,
+    params: ModelParams = DEFAULT_PARAMS,
+) -> list[tuple[int, int]]:
+    """``(successes, trials)`` of each sampled key over days ``day-29 .. day-2``."""
+    first, last = day - 29, day - 2
+    pairs = []
+    for key, contribs in by_key.items():
+        if not in_fit_sample(key[len(prefix) + 1 :], params.fit_sample):
+            continue
+        inside = [c for c in contribs if first <= bucket(c.ts) <= last]
+        trials = sum(1 for c in inside if c.kind == "impression")
+        successes = sum(1 for c in inside if c.kind == _SUCCESS_KIND[family])
+        if trials or successes:
+            pairs.append((successes, trials))
+    return pairs
+
+
+def fitted_prior(
+    family: str,
+    by_key: Mapping[str, Sequence[Contribution]],
+    day: int,
+    prefix: str,
+    params: ModelParams = DEFAULT_PARAMS,
+) -> tuple[float, float]:
+    """The prior of ``family`` in force on ``day``: the maximum-likelihood Beta of the sampled
+    keys (the numeric fit is the pipeline's ``fit_beta``, checked on its own in
+    tests/core/test_priors.py), or the configured one when the fit falls back."""
+    alpha, beta = params.smoothing(family)
+    fit_alpha, fit_beta_, _, reason = fit_beta(
+        fit_pairs(family, by_key, day, prefix, params),
+        Prior(alpha, beta),
+        min_keys=params.fit_min_keys,
+        min_trials=params.fit_min_trials,
+    )
+    return (alpha, beta) if reason else (fit_alpha, fit_beta_)
+
+
 def features_at(
     accepted: Sequence[Event],
     clock: int,
@@ -578,13 +641,19 @@ def features_at(
             if contrib.ts > clock:
                 raise ValueError(f"event at ts={contrib.ts} is after the clock {clock}")
             by_key[contrib.key].append(contrib)
+        family_params = params
+        if spec.name in params.fitted:
+            alpha, beta = fitted_prior(spec.name, by_key, bc, prefix, params)
+            family_params = replace(
+                params, **{f"{spec.name}_alpha": alpha, f"{spec.name}_beta": beta}
+            )
         for key, contribs in by_key.items():
             kept = [c for c in contribs if bucket(c.ts) > bc - WINDOW_30D]
             if not kept:
                 continue
             newest = max(c.ts for c in kept)
             as_of = max(newest, day_start)
-            fields = spec.fields(spec.name, kept, as_of, params)
+            fields = spec.fields(spec.name, kept, as_of, family_params)
             fields["as_of"] = as_of
             store[key] = fields
     return store

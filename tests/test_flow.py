@@ -24,9 +24,12 @@ from dataflow.core.aclink import DEFAULT_GRACE_MS
 from dataflow.flow import build_flow
 from tests.fakes import MemoryStore, MemoryStoreSink, kafka_messages
 from tests.reference_model import (
+    FAMILIES,
+    ModelParams,
     diff_acq_lower_bound,
     diff_stores,
     expected_store,
+    fitted_prior,
     max_disorder_ms,
     model_dedup,
     select_families,
@@ -238,6 +241,161 @@ def test_abort_and_resume_from_recovery_gives_the_uninterrupted_result(tmp_path:
     for _ in range(4):
         flow = build_flow(
             config, source=source, redis_sink=MemoryStoreSink(store), dlq_sink=TestingSink(dead)
+        )
+        run_main(
+            flow,
+            epoch_interval=timedelta(seconds=0),
+            recovery_config=RecoveryConfig(str(recovery)),
+        )
+    assert store.hashes == uninterrupted.hashes
+
+
+# --------------------------------------------------------------------------- fitted priors
+
+FITTED_ENV = {
+    "SMOOTHING_DOC_PRIOR": "fitted",
+    "SMOOTHING_QD_PRIOR": "fitted",
+    "SMOOTHING_AC_PRIOR": "fitted",
+    "PRIOR_FIT_SAMPLE": "1",
+    "PRIOR_FIT_MIN_KEYS": "5",
+    "PRIOR_FIT_MIN_IMPRESSIONS": "3",
+}
+FITTED = ModelParams(fitted=("doc", "qd", "ac"), fit_sample=1, fit_min_keys=5, fit_min_trials=3)
+
+
+def rated_stream(seed: int, n: int, days: int, docs: int = 40) -> list[dict[str, Any]]:
+    """Impressions of one doc each, clicked at the doc's own rate (drawn from a Beta), and
+    autocomplete impressions and selects the same way, over `days` days ending now."""
+    rnd = random.Random(seed)
+    ctr = [rnd.betavariate(2, 12) for _ in range(docs)]
+    start = NOW - days * DAY
+    events: list[dict[str, Any]] = []
+    for i in range(n):
+        ts = start + int(days * DAY * i / n)
+        d = rnd.randrange(docs)
+        query = QUERIES[d % 3]
+        if rnd.random() < 0.7:
+            events.append(
+                {
+                    "event_id": f"i{i}",
+                    "type": "search_impression",
+                    "ts": ts,
+                    "query": query,
+                    "doc_ids": [f"doc{d}"],
+                }  # fmt: skip
+            )
+            if rnd.random() < ctr[d]:
+                events.append(
+                    {
+                        "event_id": f"c{i}",
+                        "type": "click",
+                        "ts": ts + 1,
+                        "query": query,
+                        "doc_id": f"doc{d}",
+                    }  # fmt: skip
+                )
+        else:
+            candidate = f"cand{d}"
+            events.append(
+                {
+                    "event_id": f"a{i}",
+                    "type": "ac_impression",
+                    "ts": ts,
+                    "prefix": "ca",
+                    "candidates": [candidate],
+                }  # fmt: skip
+            )
+            if rnd.random() < ctr[d]:
+                events.append(
+                    {
+                        "event_id": f"s{i}",
+                        "type": "ac_select",
+                        "ts": ts + 1,
+                        "prefix": "ca",
+                        "candidate": candidate,
+                    }  # fmt: skip
+                )
+    return events
+
+
+def split_priors(
+    store: dict[str, dict[str, str]],
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """(feature keys, published priors)."""
+    priors = {k: v for k, v in store.items() if k.startswith("feat:prior:")}
+    return {k: v for k, v in store.items() if k not in priors}, priors
+
+
+def test_fitted_priors_are_the_models_and_move_the_rates() -> None:
+    events = rated_stream(3, 6_000, 12)
+    store, dead = run_flow(encode(events), 200, **FITTED_ENV)
+    assert dead == []
+    features, published = split_priors(store.hashes)
+    expected = expected_store(events, params=FITTED)
+    diffs = diff_stores(select_families(features, COUNTED), select_families(expected, COUNTED))
+    assert not diffs, "\n".join(diffs[:20])
+    # Every family fitted (not the fallback), and the rates differ from the fixed prior's.
+    assert {k: v["source"] for k, v in published.items()} == {
+        "feat:prior:doc": "fitted", "feat:prior:qd": "fitted", "feat:prior:ac": "fitted"
+    }  # fmt: skip
+    fixed = expected_store(events)
+    key = next(k for k in expected if k.startswith("feat:doc:"))
+    assert expected[key]["ctr_30d"] != fixed[key]["ctr_30d"]
+    # The published prior is the model's for the day it names.
+    by_key: dict[str, list[Any]] = {}
+    for spec in FAMILIES:
+        if spec.name != "doc":
+            continue
+        for c in spec.contributions(model_dedup(events), "feat", FITTED):
+            by_key.setdefault(c.key, []).append(c)
+    day = int(published["feat:prior:doc"]["day"])
+    alpha, beta = fitted_prior("doc", by_key, day, "feat", FITTED)
+    assert float(published["feat:prior:doc"]["alpha"]) == alpha
+    assert float(published["feat:prior:doc"]["beta"]) == beta
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 3_000),
+    days=st.integers(0, 40),
+    batch_size=st.sampled_from([1, 50, 1000]),
+    flush_ms=st.sampled_from(["0", "1000"]),
+    shuffle=st.booleans(),
+)
+def test_fitted_priors_equal_the_model_in_any_batching_and_order(
+    seed: int, n: int, days: int, batch_size: int, flush_ms: str, shuffle: bool
+) -> None:
+    events = rated_stream(seed, n, days)
+    if shuffle:  # disorder far beyond the fit's grace: fits are made again when it shows
+        random.Random(seed).shuffle(events)
+    store, _ = run_flow(
+        encode(events), batch_size, FEATURE_FLUSH_INTERVAL_MS=flush_ms, **FITTED_ENV
+    )
+    features, _ = split_priors(store.hashes)
+    expected = expected_store(events, params=FITTED)
+    diffs = diff_stores(select_families(features, COUNTED), select_families(expected, COUNTED))
+    assert not diffs, "\n".join(diffs[:20])
+
+
+def test_fitted_priors_through_crashes_give_the_uninterrupted_result(tmp_path: Path) -> None:
+    events = rated_stream(11, 3_000, 20)
+    values = encode(events)
+    uninterrupted, _ = run_flow(values, 100, **FITTED_ENV)
+    assert uninterrupted.hashes["feat:prior:doc"]["source"] == "fitted"
+
+    recovery = tmp_path / "recovery"
+    recovery.mkdir()
+    init_db_dir(recovery, 1)
+    items: list[Any] = list(kafka_messages(values))
+    for cut in (700, 1_900, 2_600):  # crash three times mid-stream, days apart
+        items.insert(cut, TestingSource.ABORT())
+    source = TestingSource(items, batch_size=100)
+    store: MemoryStore = MemoryStore()
+    config = Config.from_env({"OPENSEARCH_URL": "", "FEATURE_SHARDS": "7", **FITTED_ENV})
+    for _ in range(4):
+        flow = build_flow(
+            config, source=source, redis_sink=MemoryStoreSink(store), dlq_sink=TestingSink([])
         )
         run_main(
             flow,

@@ -37,7 +37,7 @@ DAY = 86_400_000
 # Label names with a small, bounded set of values; never a key, an id, a query or a doc.
 LOW_CARDINALITY_LABELS = {
     "step", "type", "topic", "partition", "reason", "sink", "result", "kind", "outcome",
-    "trigger",
+    "trigger", "family", "parameter",
 }  # fmt: skip
 
 

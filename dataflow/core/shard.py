@@ -10,22 +10,37 @@ Pure: the clock is whatever the inputs say it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 
 from dataflow.core import snapshots
 from dataflow.core.counters import KeyState, add, from_bytes, prune, to_bytes
-from dataflow.core.families import LAYOUTS, FeatureParams, Fields, Update, family_of, fields_for
+from dataflow.core.families import (
+    AC,
+    DOC,
+    LAYOUTS,
+    QD,
+    FeatureParams,
+    Fields,
+    Update,
+    family_of,
+    fields_for,
+)
+from dataflow.core.priors import Fit
+from dataflow.core.smoothing import Prior
 from dataflow.core.windows import DAY_MS, RETENTION_DAYS
 
-LAYOUT = 2
-"""Version of the recovery state's layout (`dataflow.core.snapshots`)."""
+LAYOUT = 3
+"""Version of the recovery state's layout (`dataflow.core.snapshots`). Layout 2 (no fitted
+priors) is still read."""
+_PRIOR_FIELD = {DOC: "doc", QD: "qd", AC: "ac"}
 
 Write = tuple[str, Fields | None]
 """(key suffix, fields to HSET) or (key suffix, None) to DEL."""
 
-ShardItem = int | list[Update] | dict[str, str]
-"""A clock reading (epoch ms), a batch of counter updates, or key labels (suffix → text)."""
+ShardItem = int | list[Update] | dict[str, str] | Fit
+"""A clock reading (epoch ms), a batch of counter updates, key labels (suffix → text), or
+the fitted prior of a family for a day (`dataflow.core.priors`)."""
 
 
 @dataclass(slots=True)
@@ -60,6 +75,11 @@ class FeatureShard:
     backfill the re-statements of days that passed meanwhile are never written at all.
     `restate_all` queues every live key the same way without a new day: the repair of a
     store that lost what was written to it (`dataflow.repair`).
+
+    Families in `fitted` render with the prior fitted for the clock's day (`Fit` items,
+    normally received a day ahead). Until it arrives they render with the configured prior,
+    and the family's keys are queued for re-statement when it does; so are they when the
+    prior of the day is fitted again with a different result.
     """
 
     __slots__ = (
@@ -67,9 +87,12 @@ class FeatureShard:
         "created",
         "deleted",
         "dirty",
+        "fitted",
         "keys",
         "labels",
         "params",
+        "priors",
+        "provisional",
         "restate_at",
         "restate_per_flush",
         "restating",
@@ -87,8 +110,16 @@ class FeatureShard:
         labels: dict[str, str] | None = None,
         created: set[str] | None = None,
         restate_per_flush: int | None = None,
+        fitted: frozenset[int] = frozenset(),
+        priors: dict[int, dict[int, Prior]] | None = None,
+        provisional: set[int] | None = None,
     ):
         self.params = params
+        self.fitted = fitted
+        self.priors: dict[int, dict[int, Prior]] = {} if priors is None else priors
+        """Family -> day -> its fitted prior (from the clock's day on)."""
+        self.provisional: set[int] = set() if provisional is None else provisional
+        """Fitted families with keys written on the clock's day before its prior arrived."""
         self.clock = clock
         self.keys: dict[str, KeyState] = {} if keys is None else keys
         self.dirty: set[str] = set() if dirty is None else dirty
@@ -112,16 +143,23 @@ class FeatureShard:
             self.restating[self.restate_at :],
             self.labels,
             self.created,
+            {f: {d: (p.alpha, p.beta) for d, p in days.items()} for f, days in self.priors.items()},
+            self.provisional,
         )
         return snapshots.wrap("features", LAYOUT, state)
 
     @classmethod
     def restore(
-        cls, params: FeatureParams, blob: bytes, restate_per_flush: int | None = None
+        cls,
+        params: FeatureParams,
+        blob: bytes,
+        restate_per_flush: int | None = None,
+        fitted: frozenset[int] = frozenset(),
     ) -> FeatureShard:
-        clock, packed, dirty, deleted, restating, labels, created = snapshots.unwrap(
-            "features", LAYOUT, blob
-        )
+        layout, state = snapshots.unwrap_layouts("features", (LAYOUT, 2), blob)
+        if layout == 2:
+            state = (*state, {}, set())
+        clock, packed, dirty, deleted, restating, labels, created, priors, provisional = state
         keys = {suffix: from_bytes(counts) for suffix, counts in packed.items()}
         return cls(
             params,
@@ -133,6 +171,9 @@ class FeatureShard:
             labels=labels,
             created=created,
             restate_per_flush=restate_per_flush,
+            fitted=fitted,
+            priors={f: {d: Prior(*ab) for d, ab in days.items()} for f, days in priors.items()},
+            provisional=provisional,
         )
 
     def step(self, items: list[ShardItem]) -> StepResult:
@@ -148,7 +189,11 @@ class FeatureShard:
         late_before = (clock // DAY_MS) - RETENTION_DAYS  # a day <= this is late
         dirty = self.dirty
         keys = self.keys
+        fits: list[Fit] = []
         for item in items:
+            if isinstance(item, Fit):
+                fits.append(item)
+                continue
             if isinstance(item, int):
                 if item > clock:
                     clock = item
@@ -192,14 +237,58 @@ class FeatureShard:
                 del self.labels[suffix]
             self.restating = list(keys)
             self.restate_at = 0
+            self.provisional.clear()
+            for days in self.priors.values():
+                for old in [d for d in days if d < day]:
+                    del days[old]
+        if fits:
+            self._take_fits(fits, day)
         return result
+
+    def _take_fits(self, fits: list[Fit], today: int) -> None:
+        """Keep the fitted priors of today and later; re-state a family whose keys were
+        written today with another prior than the one now in force."""
+        restate: set[int] = set()
+        for fit in fits:
+            if fit.day < today or fit.family not in self.fitted:
+                continue
+            days = self.priors.setdefault(fit.family, {})
+            old = days.get(fit.day)
+            days[fit.day] = fit.prior
+            if fit.day == today and (
+                fit.family in self.provisional or (old is not None and old != fit.prior)
+            ):
+                restate.add(fit.family)
+        if restate:
+            self.provisional -= restate
+            queued = self.restating[self.restate_at :]
+            waiting = set(queued)
+            self.restating = queued + [
+                s for s in self.keys if s not in waiting and family_of(s) in restate
+            ]
+            self.restate_at = 0
+
+    def params_for(self, day: int) -> tuple[FeatureParams, frozenset[int]]:
+        """The parameters to render keys with on `day`, and the fitted families whose prior
+        for that day has not arrived (they render with the configured one meanwhile)."""
+        if not self.fitted:
+            return self.params, frozenset()
+        changes: dict[str, Prior] = {}
+        missing: set[int] = set()
+        for family in self.fitted:
+            prior = self.priors.get(family, {}).get(day)
+            if prior is None:
+                missing.add(family)
+            else:
+                changes[_PRIOR_FIELD[family]] = prior
+        return replace(self.params, **changes), frozenset(missing)  # type: ignore[arg-type]
 
     def flush(self, *, everything: bool = False) -> StepResult:
         """The writes for every dirty key (its values now), every deleted key, and the next
         keys queued for re-statement (all of them with `everything`, as at the end of
         input). `new_day` marks a result that re-states keys."""
         day_start = (self.clock // DAY_MS) * DAY_MS
-        params = self.params
+        params, missing = self.params_for(self.clock // DAY_MS)
         keys = self.keys
         dirty = self.dirty
         writes: list[Write] = [(suffix, None) for suffix in self.deleted]
@@ -214,9 +303,10 @@ class FeatureShard:
             self.restating, self.restate_at = [], 0
         for suffix in chain(dirty.difference(turn) if turn else dirty, turn):
             state = keys[suffix]
-            writes.append(
-                (suffix, fields_for(family_of(suffix), state, max(state[0], day_start), params))
-            )
+            family = family_of(suffix)
+            if missing and family in missing:
+                self.provisional.add(family)
+            writes.append((suffix, fields_for(family, state, max(state[0], day_start), params)))
         labels = self.labels
         result = StepResult(writes=writes, new_day=bool(turn), created=self.created)
         if labels:

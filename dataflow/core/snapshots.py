@@ -26,6 +26,13 @@ def wrap(step: str, version: int, state: Any) -> bytes:
 
 def unwrap(step: str, version: int, blob: Any) -> Any:
     """The state inside `blob`, which must be `step`'s state at layout `version`."""
+    return unwrap_layouts(step, (version,), blob)[1]
+
+
+def unwrap_layouts(step: str, versions: tuple[int, ...], blob: Any) -> tuple[int, Any]:
+    """`(layout, state)` of `blob`, which must be `step`'s state at one of `versions` (the
+    current layout first: it is the one an error names)."""
+    version = versions[0]
     found: object = "none (a layout from before versioned recovery state)"
     if isinstance(blob, bytes):
         try:
@@ -34,8 +41,8 @@ def unwrap(step: str, version: int, blob: Any) -> Any:
             envelope = None
         if isinstance(envelope, tuple) and len(envelope) == 4 and envelope[0] == MAGIC:
             _, found_step, found, state = envelope
-            if found_step == step and found == version:
-                return state
+            if found_step == step and found in versions:
+                return found, state
             if found_step != step:
                 found = f"{found} of step {found_step!r}"
     raise RecoveryFormatError(step, found, version)

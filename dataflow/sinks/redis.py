@@ -78,8 +78,9 @@ def coalesce(batches: Iterable[StepResult]) -> tuple[dict[str, Write], set[str],
         ttl.update(batch.created if not batch.new_day else (s for s, _ in batch.writes))
         for write in batch.writes:
             latest[write[0]] = write
-            if not batch.new_day and write[1] is not None:
-                fresh_as_of.append(int(write[1]["as_of"]))
+            fields = write[1]
+            if not batch.new_day and fields is not None and "as_of" in fields:  # not a prior
+                fresh_as_of.append(int(fields["as_of"]))
     return latest, ttl, fresh_as_of
 
 
