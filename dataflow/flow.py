@@ -7,10 +7,12 @@ kafka_in: decode and route where each partition is read (partition clocks in its
  │                    └─► dedup_watermark ─► forgets ─┐                     │
  ├─ events to check ──────────────────────────────────┴─► dedup ─┐          │
  └─ events past the dedup horizon ───────────────────────────────┴─► accepted
-accepted ─┬─► fan_out ─► counter updates ────────────────────────► features ─┬─► redis
-          └─► link_route ─┬─► aclink (join by session) ─► increments ─►      └─► opensearch
-                          ├─► selects without a session ──────────────►
-                          └─► candidate labels ───────────────────────►
+accepted ─┬─► fan_out ─► counter updates ─┬──────────────────────► features ─┬─► redis
+          │                                └─► prior_fit ─► priors ─►  (fitted) └─► opensearch
+          │             partition clocks ─────► prior_fit   └─► P:prior:{family} ─► redis
+          └─► link_route ─┬─► aclink (join by session) ─► increments ─► features
+                          ├─► selects without a session ──────────────► features
+                          └─► candidate labels ───────────────────────► features
 ```
 
 `python -m bytewax.run dataflow.flow` finds `flow` here, built from the environment
