@@ -771,7 +771,7 @@ async def _drive_async(conn: Any, talk: Conversation) -> list[dict[str, Any]]:
     out, count = next(talk)
     while True:
         if out:
-            await conn.send_packed_command(out, check_health=False)
+            await resp.write_async(conn, out)
         try:
             out, count = talk.send(await resp.read_replies_async(conn, count))
         except StopIteration as done:

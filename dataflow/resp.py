@@ -105,6 +105,19 @@ def read_replies(conn: Any, count: int, deadline: float | None = None) -> list[A
     return replies
 
 
+async def write_async(conn: Any, data: bytes) -> None:
+    """Write `data` on a `redis.asyncio` connection: straight to its stream writer when it
+    has one. redis-py wraps every write in `asyncio.wait_for` when the connection has a
+    socket timeout (its default is 5 s), which costs a task and a turn of the event loop
+    per write; the caller bounds the whole call in time instead."""
+    writer = getattr(conn, "_writer", None)
+    if writer is None:  # pragma: no cover - another redis-py layout
+        await conn.send_packed_command(data, check_health=False)
+        return
+    writer.write(data)
+    await writer.drain()
+
+
 async def read_replies_async(conn: Any, count: int) -> list[Any]:
     """`read_replies` on a `redis.asyncio` connection (the caller bounds it in time)."""
     replies: list[Any] = []

@@ -325,6 +325,33 @@ def test_async_read_reassembles_replies_from_pieces() -> None:
     ]
 
 
+def test_async_writes_go_straight_to_the_stream_writer() -> None:
+    """No `send_packed_command` (it wraps each write in `asyncio.wait_for`)."""
+
+    class Writer:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+            self.drained = 0
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        async def drain(self) -> None:
+            self.drained += 1
+
+    class Conn:
+        def __init__(self) -> None:
+            self._writer = Writer()
+
+        async def send_packed_command(self, *_: Any, **__: Any) -> None:
+            raise AssertionError("went through redis-py's send_packed_command")
+
+    conn = Conn()
+    asyncio.run(resp.write_async(conn, b"*1\r\n$4\r\nPING\r\n"))
+    assert conn._writer.written == [b"*1\r\n$4\r\nPING\r\n"]
+    assert conn._writer.drained == 1
+
+
 # --------------------------------------------------------------------------- reader API
 
 
