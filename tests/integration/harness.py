@@ -33,12 +33,25 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from dataflow.sinks.marker import marker_key
 from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
-from tests.reference_model import decode_store
+from tests.reference_model import ModelParams, decode_store
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 DAY_MS = 86_400_000
+
+FITTED_ENV = {
+    "SMOOTHING_DOC_PRIOR": "fitted",
+    "SMOOTHING_QD_PRIOR": "fitted",
+    "SMOOTHING_AC_PRIOR": "fitted",
+    "PRIOR_FIT_SAMPLE": "2",
+    "PRIOR_FIT_MIN_KEYS": "10",
+    "PRIOR_FIT_MIN_IMPRESSIONS": "3",
+}
+"""Fitted priors for the three families, on a sample and thresholds small enough for the
+test streams (`two_phase_stream`) to fit them."""
+FITTED = ModelParams(fitted=("doc", "qd", "ac"), fit_sample=2, fit_min_keys=10, fit_min_trials=3)
+"""The reference model's side of `FITTED_ENV`."""
 
 
 def two_phase_stream(

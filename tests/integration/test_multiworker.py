@@ -24,6 +24,8 @@ from dataflow.flow import build_flow
 from dataflow.kafka.topics import produce
 from tests.fakes import MemoryStore
 from tests.integration.harness import (
+    FITTED,
+    FITTED_ENV,
     PipelineProcess,
     dump,
     free_port,
@@ -60,7 +62,12 @@ def test_one_worker_two_workers_and_two_processes_write_the_same_features(
 
     def env(prefix: str, dlq: str) -> dict[str, str]:
         return pipeline_env(
-            brokers=kafka_brokers, topic=topic, dlq=dlq, redis_url=redis_url, prefix=prefix
+            brokers=kafka_brokers,
+            topic=topic,
+            dlq=dlq,
+            redis_url=redis_url,
+            prefix=prefix,
+            **FITTED_ENV,  # one fit step, wherever it runs, for every worker's shards
         )
 
     runs = {name: (f"{key_prefix}_{name}", topic_factory(1)) for name in ("one", "w2", "cluster")}
@@ -94,9 +101,13 @@ def test_one_worker_two_workers_and_two_processes_write_the_same_features(
     assert len(stores["one"]) > 3_000
     assert stores["w2"] == stores["one"]
     assert stores["cluster"] == stores["one"]
-    diffs = diff_stores(
-        stores["one"], select_families(expected_store(events, prefix="P"), WIRED, prefix="P")
-    )
+    priors = {
+        name: redis_client.hgetall(f"{prefix}:prior:doc") for name, (prefix, _) in runs.items()
+    }
+    assert priors["one"][b"source"] == b"fitted"
+    assert priors["w2"] == priors["cluster"] == priors["one"]
+    expected = expected_store(events, prefix="P", params=FITTED)
+    diffs = diff_stores(stores["one"], select_families(expected, WIRED, prefix="P"))
     assert not diffs, "\n".join(diffs[:20])
     for name, (_, dlq) in runs.items():  # each broken message once: nothing restarted
         letters = read_topic(kafka_brokers, dlq)

@@ -3,7 +3,7 @@
 - SIGKILL the pipeline (`python -m dataflow.run` with recovery) at random points of the
   stream, one of them while a Redis pipeline write is half applied, restart it each time,
   and the final Redis state equals an uninterrupted run's, byte for byte, and the
-  reference model's.
+  reference model's; with fitted priors and COEC on, the published priors too.
 - A duplicate storm (half the events re-sent minutes later) gives identical features.
 - A resume whose snapshotted offsets retention has deleted reads on from the earliest
   retained offset, and logs and counts the messages it never saw.
@@ -33,6 +33,8 @@ from dataflow.flow import build_flow
 from dataflow.kafka.topics import produce
 from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 from tests.integration.harness import (
+    FITTED,
+    FITTED_ENV,
     PipelineProcess,
     dump,
     pipeline_env,
@@ -41,7 +43,13 @@ from tests.integration.harness import (
     snapshot_offsets,
     two_phase_stream,
 )
-from tests.reference_model import diff_stores, expected_store, select_families
+from tests.reference_model import (
+    DEFAULT_PARAMS,
+    ModelParams,
+    diff_stores,
+    expected_store,
+    select_families,
+)
 
 WIRED = ("doc", "qd", "ac", "acq")  # the families the flow writes
 DAY_MS = 86_400_000
@@ -54,8 +62,11 @@ RESUME_LINE = re.compile(
 )
 
 
-def model(events: list[dict[str, Any]], prefix: str) -> dict[str, dict[str, Any]]:
-    return select_families(expected_store(events, prefix=prefix), WIRED, prefix=prefix)
+def model(
+    events: list[dict[str, Any]], prefix: str, params: ModelParams = DEFAULT_PARAMS
+) -> dict[str, dict[str, Any]]:
+    store = expected_store(events, prefix=prefix, params=params)
+    return select_families(store, WIRED, prefix=prefix)
 
 
 def wired(store: dict[str, dict[str, str]], prefix: str) -> dict[str, dict[str, str]]:
@@ -90,7 +101,9 @@ def test_sigkill_at_random_points_then_restart_ends_exactly_like_an_uninterrupte
     common = {"brokers": kafka_brokers, "topic": topic}
     straight_prefix = f"{key_prefix}_straight"
     straight = PipelineProcess(
-        pipeline_env(**common, dlq=straight_dlq, redis_url=redis_url, prefix=straight_prefix),
+        pipeline_env(
+            **common, dlq=straight_dlq, redis_url=redis_url, prefix=straight_prefix, **FITTED_ENV
+        ),
         tmp_path / "straight.log",
     )
 
@@ -106,7 +119,12 @@ def test_sigkill_at_random_points_then_restart_ends_exactly_like_an_uninterrupte
     snapshots: list[dict[str, int]] = []
     with redis_proxy(redis_url) as proxy:
         env = pipeline_env(
-            **common, dlq=dlq, redis_url=proxy.url, prefix=key_prefix, recovery_dir=recovery
+            **common,
+            dlq=dlq,
+            redis_url=proxy.url,
+            prefix=key_prefix,
+            recovery_dir=recovery,
+            **FITTED_ENV,
         )
         for i, target in enumerate(targets):
             proxy.reset()
@@ -152,7 +170,12 @@ def test_sigkill_at_random_points_then_restart_ends_exactly_like_an_uninterrupte
     uninterrupted = wired(dump(redis_client, straight_prefix), straight_prefix)
     assert len(uninterrupted) > 3_000
     renamed = {k.replace(straight_prefix, key_prefix, 1): v for k, v in uninterrupted.items()}
-    expected = model(events, key_prefix)
+    expected = model(events, key_prefix, FITTED)
+    # The published priors: fitted from the keys (not the fallback), the same after the kills.
+    priors = [f"{{}}:prior:{family}" for family in ("doc", "qd", "ac")]
+    published = [redis_client.hgetall(p.format(key_prefix)) for p in priors]
+    assert published == [redis_client.hgetall(p.format(straight_prefix)) for p in priors]
+    assert published[0][b"source"] == b"fitted", f"{published[0]} {context}"
     if recovered != renamed:  # say which side left the model, to tell recovery from the rest
         off_recovered = diff_stores(recovered, expected)
         off_straight = diff_stores(renamed, expected)
