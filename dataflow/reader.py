@@ -47,6 +47,7 @@ from dataflow import resp
 from dataflow.config import redis_options
 from dataflow.core import counters, keys
 from dataflow.core.families import AC, ACQ, DOC, LAYOUTS, QD, FeatureParams, fields_for
+from dataflow.core.priors import prior_suffix
 from dataflow.core.smoothing import Prior
 from dataflow.core.windows import decay_factor
 from dataflow.errors import ReaderError, ReaderTimeout
@@ -226,6 +227,7 @@ class _Layout(Generic[_R]):
     def __init__(self, record: type[_R], family: int, prior_fields: frozenset[str]) -> None:
         hints = get_type_hints(record)
         self.record = record
+        self.family = family
         self.prior_fields = prior_fields
         self.names: tuple[str, ...] = tuple(n for n in cast(Any, record)._fields if n != "found")
         self.kinds: tuple[type[int] | type[float], ...] = tuple(
@@ -380,12 +382,14 @@ def _decode_same_layout(layout: _Layout[_R], rows: Sequence[Any]) -> list[_R] | 
 @dataclass(frozen=True, slots=True)
 class _Part:
     """One family's share of a call: the ids (distinct, in order), how to key them, and
-    the prior their missing fields read as."""
+    the prior their missing fields read as: the family's published prior (`prior_key`,
+    `P:prior:{family}`, when the pipeline fits it; contract §4.6), else `prior`."""
 
     layout: _Layout[Any]
     ids: list[str]
     keys_of: Callable[[Sequence[str]], list[str]]
     prior: Prior
+    prior_key: str | None = None
 
 
 class _Rejected(Exception):
@@ -396,13 +400,31 @@ Conversation = Generator[tuple[bytes, int], list[Any], list[dict[str, Any]]]
 
 
 def _pack(part: _Part) -> bytes:
-    return resp.pack_hgetall(part.keys_of(part.ids))
+    keys_ = part.keys_of(part.ids)
+    return resp.pack_hgetall(keys_ if part.prior_key is None else [part.prior_key, *keys_])
 
 
-def _conversation(parts: Sequence[_Part]) -> Conversation:
+def published_prior(reply: Any, configured: Prior) -> Prior:
+    """The prior in a `P:prior:{family}` reply (`HGETALL`, RESP2 list or RESP3 dict), or
+    `configured` when there is none (the family's prior is not fitted) or it is unusable."""
+    if not reply:
+        return configured
+    fields = reply if isinstance(reply, dict) else dict(zip(reply[0::2], reply[1::2], strict=True))
+    text = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+    try:
+        prior = Prior(float(text["alpha"]), float(text["beta"]))
+    except (KeyError, TypeError, ValueError):
+        return configured
+    if not (prior.alpha >= 0 and prior.beta >= 0 and prior.alpha + prior.beta > 0):
+        return configured
+    return prior
+
+
+def _conversation(parts: Sequence[_Part], seen: dict[int, Prior] | None = None) -> Conversation:
     """One call without its I/O: yields `(bytes to write, replies to read next)`, is sent
     those replies, and returns one `{id: record}` per part. The sync and the async reader
-    drive the same conversation over their own connection.
+    drive the same conversation over their own connection. A part's published prior is
+    read in the same round trip, ahead of its keys, and noted in `seen` by family.
 
     Every part is written before any reply is awaited, so the call is one round trip; the
     first part goes out before the second is built, so Redis starts on it meanwhile.
@@ -411,11 +433,18 @@ def _conversation(parts: Sequence[_Part]) -> Conversation:
     yield _pack(parts[0]), 0
     for index, part in enumerate(parts):
         following = _pack(parts[index + 1]) if index + 1 < len(parts) else b""
-        rows = yield following, len(part.ids)
+        published = part.prior_key is not None
+        rows = yield following, len(part.ids) + published
         error = _first_error(rows)
         if error is not None:
             raise _Rejected(error) from error
-        records = decode_rows(part.layout, rows, part.prior)
+        prior = part.prior
+        if published:
+            prior = published_prior(rows[0], part.prior)
+            rows = rows[1:]
+            if seen is not None:
+                seen[part.layout.family] = prior
+        records = decode_rows(part.layout, rows, prior)
         results.append(dict(zip(part.ids, records, strict=True)))
     return results
 
@@ -470,6 +499,13 @@ class _ReaderBase:
         self.prefix = prefix
         self.params = params or FeatureParams()
         self.deadline_ms = _checked_deadline(deadline_ms)
+        self.published: dict[int, Prior] = {}
+        """The priors last read from `P:prior:{family}` (the configured one where none is
+        published): a query without words has no query-document key to read, and reads as
+        this prior."""
+
+    def _prior_key(self, family: int) -> str:
+        return f"{self.prefix}:{prior_suffix(family)}"
 
     def _budget(self, deadline_ms: float | None) -> float:
         return self.deadline_ms if deadline_ms is None else _checked_deadline(deadline_ms)
@@ -477,7 +513,11 @@ class _ReaderBase:
     def _doc_part(self, doc_ids: Sequence[str]) -> _Part:
         prefix = self.prefix
         return _Part(
-            _DOC, list(dict.fromkeys(doc_ids)), partial(keys.doc_keys, prefix), self.params.doc
+            _DOC,
+            list(dict.fromkeys(doc_ids)),
+            partial(keys.doc_keys, prefix),
+            self.params.doc,
+            self._prior_key(DOC),
         )
 
     def _qd_part(self, query: str, doc_ids: Sequence[str]) -> _Part | None:
@@ -487,10 +527,12 @@ class _ReaderBase:
             return None
         qhash = keys.hash_normalized(normalized)
         keys_of = partial(keys.qd_keys, self.prefix, qhash)
-        return _Part(_QD, list(dict.fromkeys(doc_ids)), keys_of, self.params.qd)
+        return _Part(
+            _QD, list(dict.fromkeys(doc_ids)), keys_of, self.params.qd, self._prior_key(QD)
+        )
 
     def _no_query(self, doc_ids: Sequence[str]) -> dict[str, QueryDocFeatures]:
-        return dict.fromkeys(doc_ids, _QD.missing(self.params.qd))
+        return dict.fromkeys(doc_ids, _QD.missing(self.published.get(QD, self.params.qd)))
 
     def _ac_part(self, typed: str, candidates: Sequence[str]) -> _Part:
         typed_norm = keys.q_norm(typed)
@@ -499,7 +541,9 @@ class _ReaderBase:
         def keys_of(batch: Sequence[str]) -> list[str]:
             return [head + keys.ac_suffix(typed_norm, keys.q_norm(c)) for c in batch]
 
-        return _Part(_AC, list(dict.fromkeys(candidates)), keys_of, self.params.ac)
+        return _Part(
+            _AC, list(dict.fromkeys(candidates)), keys_of, self.params.ac, self._prior_key(AC)
+        )
 
     def _acq_part(self, queries: Sequence[str]) -> _Part:
         prefix = self.prefix
@@ -626,7 +670,7 @@ class FeatureReader(_ReaderBase):
         except (redis.ConnectionError, OSError) as exc:
             raise _unavailable(where, exc) from exc
         try:
-            return _drive_sync(conn, _conversation(parts), deadline)
+            return _drive_sync(conn, _conversation(parts, self.published), deadline)
         except (resp.Expired, redis.TimeoutError, TimeoutError) as exc:
             conn.disconnect()
             raise _timeout(where, count, budget, exc) from exc
@@ -743,7 +787,7 @@ class AsyncFeatureReader(_ReaderBase):
         try:
             async with asyncio.timeout(budget / 1000.0):
                 conn = await pool.get_connection()
-                return await _drive_async(conn, _conversation(parts))
+                return await _drive_async(conn, _conversation(parts, self.published))
         except (TimeoutError, redis.TimeoutError) as exc:
             await _drop(conn)
             raise _timeout(where, count, budget, str(exc) or "deadline passed") from exc

@@ -282,23 +282,49 @@ def test_a_conversation_writes_every_part_before_reading_and_returns_records_by_
     assert parts[1] is not None
     doc_fields = [written_fields(DOC, 1), {}, written_fields(DOC, 2)]
     qd_fields = [{}, written_fields(QD, 3), written_fields(QD, 4)]
-    wire = b"".join(encode_reply(f) for f in doc_fields + qd_fields)
-    conn = FakeConnection(wire)
-    result = rd._drive_sync(conn, rd._conversation(parts), time.monotonic() + 5)  # type: ignore[arg-type]
+    # Each part's published prior comes first: none for doc, a fitted one for qd.
+    fitted = {"alpha": "2.5", "beta": "40.0", "day": "20400", "keys": "900", "source": "fitted"}
+    replies = [{}, *doc_fields, fitted, *qd_fields]
+    conn = FakeConnection(b"".join(encode_reply(f) for f in replies))
+    seen: dict[int, Prior] = {}
+    result = rd._drive_sync(conn, rd._conversation(parts, seen), time.monotonic() + 5)  # type: ignore[arg-type]
     sent = b"".join(conn.sent)
-    assert sent == pack_hgetall([keys.doc_key("p", d) for d in "abc"]) + pack_hgetall(
-        [keys.qd_key("p", "Some Query", d) for d in "abc"]
-    )
+    assert sent == pack_hgetall(
+        ["p:prior:doc", *(keys.doc_key("p", d) for d in "abc")]
+    ) + pack_hgetall(["p:prior:qd", *(keys.qd_key("p", "Some Query", d) for d in "abc")])
     assert list(result[0]) == list(result[1]) == ["a", "b", "c"]
     assert result[0]["a"] == DocFeatures.parse(doc_fields[0], PRIOR)
     assert result[0]["b"] == DocFeatures.parse({}, PRIOR)
     assert result[1]["c"] == QueryDocFeatures.parse(qd_fields[2], Prior())
+    # A missing query-document key reads with the published prior, not the configured one.
+    assert result[1]["a"] == QueryDocFeatures.parse({}, Prior(2.5, 40.0))
+    assert result[1]["a"].ctr_30d == 2.5 / 42.5
+    assert seen == {DOC: PRIOR, QD: Prior(2.5, 40.0)}
     assert conn.reads > 10  # the replies came in pieces and were reassembled
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ([], PRIOR),
+        ([b"alpha", b"3.0", b"beta", b"30.0", b"source", b"fitted"], Prior(3.0, 30.0)),
+        ({"alpha": "0.5", "beta": "9.5"}, Prior(0.5, 9.5)),
+        ([b"alpha", b"nan?", b"beta", b"30.0"], PRIOR),
+        ([b"beta", b"30.0"], PRIOR),
+        ([b"alpha", b"-1", b"beta", b"3"], PRIOR),
+    ],
+)
+def test_a_published_prior_is_used_only_when_it_is_a_prior(reply: Any, expected: Prior) -> None:
+    assert rd.published_prior(reply, PRIOR) == expected
 
 
 def test_an_error_reply_becomes_a_reader_error_after_every_reply_is_read() -> None:
     reader = FeatureReader(None, prefix="p")  # type: ignore[arg-type]
-    wire = encode_reply(written_fields(DOC, 1)) + b"-WRONGTYPE Operation against a key\r\n"
+    wire = (
+        encode_reply({})  # no published prior
+        + encode_reply(written_fields(DOC, 1))
+        + b"-WRONGTYPE Operation against a key\r\n"
+    )
     conn = FakeConnection(wire)
     with pytest.raises(rd._Rejected):
         rd._drive_sync(conn, rd._conversation([reader._doc_part(["x", "y"])]), time.monotonic() + 5)  # type: ignore[arg-type]

@@ -379,3 +379,43 @@ def test_each_call_is_one_round_trip(
                 assert delay <= elapsed < 2 * delay, elapsed
         finally:
             reader.close()
+
+
+def test_missing_keys_read_with_the_published_prior_of_a_fitted_family(
+    redis_client: redis.Redis, redis_url: str, key_prefix: str
+) -> None:
+    """`P:prior:{family}` (contract §4.6) is read in the same round trip; where it exists,
+    missing keys of that family read its rate, the others keep the configured prior."""
+    docs = ["present", "missing"]
+    rnd = random.Random(5)
+    qhash = keys.query_hash("iPhone Case")
+    write(
+        redis_url,
+        key_prefix,
+        [
+            (keys.doc_suffix("present"), fields_of(DOC, rnd)),
+            (keys.qd_suffix(qhash, "present"), fields_of(QD, rnd)),
+        ],
+    )
+    published = {"alpha": "3.0", "beta": "27.0", "day": "20400", "keys": "512"}
+    redis_client.hset(f"{key_prefix}:prior:qd", mapping={**published, "source": "fitted"})
+    sync = FeatureReader.from_url(redis_url, prefix=key_prefix)
+    async_reader = AsyncFeatureReader.from_url(redis_url, prefix=key_prefix)
+
+    async def read_async() -> Any:
+        try:
+            return await async_reader.ranking_features("iPhone Case", docs)
+        finally:
+            await async_reader.aclose()
+
+    try:
+        for both in (sync.ranking_features("iPhone Case", docs), asyncio.run(read_async())):
+            assert both.query_docs["missing"].ctr_30d == 3.0 / 30.0  # the published prior
+            assert both.query_docs["missing"].found is False
+            assert both.docs["missing"].ctr_30d == 1.0 / 21.0  # doc: none published
+            assert both.query_docs["present"].found is True
+        # A query without words has no key to read: the prior this reader last saw.
+        assert sync.query_doc_features("  ", docs)["missing"].ctr_30d == 3.0 / 30.0
+    finally:
+        sync.close()
+        redis_client.delete(f"{key_prefix}:prior:qd")
