@@ -43,6 +43,8 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchkit import full_snapshot_cost, store_stats  # noqa: E402
+
 from dataflow import flow as flow_module  # noqa: E402
 from dataflow import metrics  # noqa: E402
 from dataflow.config import Config  # noqa: E402
@@ -129,83 +131,6 @@ class SnapshotTimer:
         finally:
             for cls, original in originals.items():
                 cls.snapshot = original  # type: ignore[method-assign]
-
-
-def full_snapshot_cost(directory: Path, config: Config) -> dict[str, float]:
-    """One snapshot of every feature shard at the final state: unpickle, pickle, store.
-
-    What an epoch that touches every shard pays (a steady stream touches them all): our
-    `snapshot()` pickle, Bytewax's pickle of those bytes, and one SQLite transaction in WAL
-    mode like Bytewax's (one row per shard).
-    """
-    blobs: list[bytes] = []
-    for path in sorted(directory.glob("part-*.sqlite3")):
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            blobs += [
-                row[0]
-                for row in db.execute(
-                    "SELECT ser_change FROM snaps s WHERE step_id LIKE '%.features' AND "
-                    "ser_change IS NOT NULL AND snap_epoch = (SELECT MAX(snap_epoch) FROM snaps "
-                    "t WHERE t.step_id = s.step_id AND t.state_key = s.state_key)"
-                )
-            ]
-    start = time.perf_counter()
-    shards = [FeatureShard.restore(config.features, pickle.loads(b)) for b in blobs]  # noqa: S301
-    restore_s = time.perf_counter() - start
-    start = time.perf_counter()
-    rows = [pickle.dumps(shard.snapshot()) for shard in shards]
-    pickle_s = time.perf_counter() - start
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        contextlib.closing(sqlite3.connect(Path(tmp) / "store.sqlite3")) as db,
-    ):
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE snaps (k TEXT, epoch INTEGER, v BLOB, PRIMARY KEY (k, epoch))")
-        start = time.perf_counter()
-        with db:
-            db.executemany(
-                "INSERT INTO snaps VALUES (?, 1, ?)", [(str(i), v) for i, v in enumerate(rows)]
-            )
-        store_s = time.perf_counter() - start
-    return {
-        "shards": len(shards),
-        "keys": sum(len(shard) for shard in shards),
-        "bytes": sum(len(r) for r in rows),
-        "restore_seconds": round(restore_s, 3),
-        "pickle_seconds": round(pickle_s, 3),
-        "store_seconds": round(store_s, 3),
-    }
-
-
-def store_stats(directory: Path) -> dict[str, int]:
-    files = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
-    rows = keys = live = free_pages = page_size = max_rows_per_key = 0
-    for path in sorted(directory.glob("part-*.sqlite3")):
-        with contextlib.closing(sqlite3.connect(path)) as db:
-
-            def one(sql: str, db: sqlite3.Connection = db) -> int:
-                return int(db.execute(sql).fetchone()[0])
-
-            rows += one("SELECT COUNT(*) FROM snaps")
-            keys += one("SELECT COUNT(DISTINCT step_id || '/' || state_key) FROM snaps")
-            live += one("SELECT COALESCE(SUM(LENGTH(ser_change)), 0) FROM snaps")
-            max_rows_per_key = max(
-                max_rows_per_key,
-                one(
-                    "SELECT COALESCE(MAX(n), 0) FROM "
-                    "(SELECT COUNT(*) AS n FROM snaps GROUP BY step_id, state_key)"
-                ),
-            )
-            free_pages += one("PRAGMA freelist_count")
-            page_size = one("PRAGMA page_size")
-    return {
-        "files_bytes": files,
-        "rows": rows,
-        "state_keys": keys,
-        "max_rows_per_key": max_rows_per_key,
-        "live_snapshot_bytes": live,
-        "free_bytes": free_pages * page_size,
-    }
 
 
 def run(

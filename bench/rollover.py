@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchkit import READER, percentile  # noqa: E402
+
 from dataflow.config import RedisSettings  # noqa: E402
 from dataflow.core.families import DOC, FeatureParams, expected_units  # noqa: E402
 from dataflow.core.shard import FeatureShard  # noqa: E402
@@ -41,23 +42,6 @@ from dataflow.sinks.redis import RedisWriter, coalesce  # noqa: E402
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DAY_MS = 86_400_000
 SHARDS = 128
-READER = """
-import random, sys, time
-from dataflow.reader import FeatureReader
-reader = FeatureReader.from_url(sys.argv[1], prefix=sys.argv[2], deadline_ms=2000)
-n = int(sys.argv[3]); rnd = random.Random(5)
-while True:
-    ids = [f"d{rnd.randrange(n):09d}" for _ in range(200)]
-    start = time.perf_counter()
-    reader.doc_features(ids)
-    print(f"{time.time():.3f} {(time.perf_counter() - start) * 1000:.3f}", flush=True)
-    time.sleep(0.01)
-"""
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0.0
 
 
 def run(keys: int, rate: int, prefix: str) -> dict[str, Any]:
