@@ -66,6 +66,7 @@ __all__ = [
     "final_clock",
     "max_disorder_ms",
     "model_dedup",
+    "published_prior",
     "q_norm",
     "qd_key",
     "query_hash",
@@ -615,6 +616,39 @@ def fitted_prior(
         min_trials=params.fit_min_trials,
     )
     return (alpha, beta) if reason else (fit_alpha, fit_beta_)
+
+
+def published_prior(
+    events: Iterable[Event],
+    family: str,
+    day: int,
+    *,
+    prefix: str = "feat",
+    params: ModelParams = DEFAULT_PARAMS,
+    partitions: Iterable[int] | None = None,
+) -> dict[str, str]:
+    """`P:prior:{family}` as the pipeline publishes the prior of ``day`` (contract 4.6)."""
+    stream = list(events)
+    accepted = model_dedup(stream, params=params, partitions=partitions)
+    spec = next(s for s in FAMILIES if s.name == family)
+    by_key: dict[str, list[Contribution]] = defaultdict(list)
+    for contrib in spec.contributions(accepted, prefix, params):
+        by_key[contrib.key].append(contrib)
+    alpha, beta = params.smoothing(family)
+    fit_alpha, fit_beta_, keys, reason = fit_beta(
+        fit_pairs(family, by_key, day, prefix, params),
+        Prior(alpha, beta),
+        min_keys=params.fit_min_keys,
+        min_trials=params.fit_min_trials,
+    )
+    return {
+        "alpha": repr(float(fit_alpha)),
+        "beta": repr(float(fit_beta_)),
+        "day": str(day),
+        "keys": str(keys),
+        "source": "fixed" if reason else "fitted",
+        "reason": reason,
+    }
 
 
 def features_at(

@@ -33,7 +33,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from dataflow.sinks.marker import marker_key
 from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
-from tests.reference_model import ModelParams, decode_store
+from tests.reference_model import Event, ModelParams, decode_store, published_prior
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,6 +91,22 @@ def two_phase_stream(
         )
     )
     return [*history, *recent]
+
+
+def assert_published_priors(
+    client: redis.Redis, prefix: str, events: list[Event], params: ModelParams = FITTED
+) -> list[str]:
+    """`P:prior:{family}` of each fitted family equals the reference model's prior for the
+    day it names (fitted or the fallback, whichever the events give); returns the sources."""
+    sources = []
+    for family in params.fitted:
+        stored = decode_store({"k": client.hgetall(f"{prefix}:prior:{family}")})["k"]
+        assert stored, f"{prefix}:prior:{family} was not published"
+        day = int(stored["day"])
+        expected = published_prior(events, family, day, prefix=prefix, params=params)
+        assert stored == expected, f"{prefix}:prior:{family} {stored} != the model's {expected}"
+        sources.append(stored["source"])
+    return sources
 
 
 def dump(client: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:

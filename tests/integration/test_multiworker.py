@@ -27,6 +27,7 @@ from tests.integration.harness import (
     FITTED,
     FITTED_ENV,
     PipelineProcess,
+    assert_published_priors,
     dump,
     free_port,
     pipeline_env,
@@ -104,8 +105,8 @@ def test_one_worker_two_workers_and_two_processes_write_the_same_features(
     priors = {
         name: redis_client.hgetall(f"{prefix}:prior:doc") for name, (prefix, _) in runs.items()
     }
-    assert priors["one"][b"source"] == b"fitted"
     assert priors["w2"] == priors["cluster"] == priors["one"]
+    assert_published_priors(redis_client, runs["one"][0], events)
     expected = expected_store(events, prefix="P", params=FITTED)
     diffs = diff_stores(stores["one"], select_families(expected, WIRED, prefix="P"))
     assert not diffs, "\n".join(diffs[:20])

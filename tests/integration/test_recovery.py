@@ -36,6 +36,7 @@ from tests.integration.harness import (
     FITTED,
     FITTED_ENV,
     PipelineProcess,
+    assert_published_priors,
     dump,
     pipeline_env,
     read_topic,
@@ -171,11 +172,6 @@ def test_sigkill_at_random_points_then_restart_ends_exactly_like_an_uninterrupte
     assert len(uninterrupted) > 3_000
     renamed = {k.replace(straight_prefix, key_prefix, 1): v for k, v in uninterrupted.items()}
     expected = model(events, key_prefix, FITTED)
-    # The published priors: fitted from the keys (not the fallback), the same after the kills.
-    priors = [f"{{}}:prior:{family}" for family in ("doc", "qd", "ac")]
-    published = [redis_client.hgetall(p.format(key_prefix)) for p in priors]
-    assert published == [redis_client.hgetall(p.format(straight_prefix)) for p in priors]
-    assert published[0][b"source"] == b"fitted", f"{published[0]} {context}"
     if recovered != renamed:  # say which side left the model, to tell recovery from the rest
         off_recovered = diff_stores(recovered, expected)
         off_straight = diff_stores(renamed, expected)
@@ -186,6 +182,10 @@ def test_sigkill_at_random_points_then_restart_ends_exactly_like_an_uninterrupte
         )
     diffs = diff_stores(recovered, expected)
     assert not diffs, "\n".join(diffs[:20]) + context
+    # The published priors: the model's (fitted, or the fallback when the stream's keys do
+    # not spread beyond chance), the same after the kills.
+    assert_published_priors(redis_client, straight_prefix, events)
+    assert_published_priors(redis_client, key_prefix, events)
 
     # Dead letters are at-least-once but never lost: each broken message is there, under
     # its own topic:partition:offset key, however many times the restarts re-sent it.
