@@ -1,6 +1,7 @@
 """Throughput and memory of the full pipeline on the real services, against a Python ceiling.
 
     .venv/bin/python bench/pipeline_throughput.py [--events 200000] [--docs 50000]
+                                                  [--processes N] [--set NAME=VALUE ...]
 
 1. Produces N generated events (Zipf docs, sessions, 7 days of event time) to a fresh topic.
 2. The ceiling: a plain confluent-kafka consumer loop that only decodes JSON and counts
@@ -120,7 +121,7 @@ def run_cluster(env: dict[str, str], processes: int) -> float:
     return time.perf_counter() - start
 
 
-def pipeline_env(topic: str, prefix: str) -> dict[str, str]:
+def pipeline_env(topic: str, prefix: str, settings: dict[str, str] | None = None) -> dict[str, str]:
     env = {
         **os.environ,
         "KAFKA_BROKERS": BROKERS,
@@ -132,13 +133,16 @@ def pipeline_env(topic: str, prefix: str) -> dict[str, str]:
         "OPENSEARCH_URL": "",
         "METRICS_ENABLED": "false",
         "LOG_LEVEL": "WARNING",
+        **(settings or {}),
     }
     env.pop("RECOVERY_DIR", None)
     return env
 
 
-def run_pipeline(topic: str, prefix: str) -> tuple[float, float, int, int]:
-    env = pipeline_env(topic, prefix)
+def run_pipeline(
+    topic: str, prefix: str, settings: dict[str, str] | None = None
+) -> tuple[float, float, int, int]:
+    env = pipeline_env(topic, prefix, settings)
     start = time.perf_counter()
     # Start-up alone: the same command on an empty topic.
     empty = f"{topic}-empty"
@@ -167,7 +171,16 @@ def main() -> int:
         help="also run the same topic as a cluster of this many processes, into its own "
         "prefix, and report its events/s and the ratio to one process",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the pipeline (repeatable), e.g. SMOOTHING_QD_PRIOR=fitted to "
+        "measure what a feature costs",
+    )
     args = parser.parse_args()
+    settings = dict(item.split("=", 1) for item in args.set)
 
     token = f"bench{int(time.time())}"
     topic, prefix = f"{token}-events", f"bench_{token}"
@@ -181,13 +194,14 @@ def main() -> int:
 
     client = redis.Redis.from_url(REDIS_URL)
     calls_before = commandstats(client)
-    elapsed, startup, idle_kib, peak_kib = run_pipeline(topic, prefix)
+    elapsed, startup, idle_kib, peak_kib = run_pipeline(topic, prefix, settings)
     calls = commandstats(client) - calls_before
     marker = marker_key(prefix).encode()  # the store marker is no feature key
     live_keys = sum(1 for k in client.scan_iter(match=f"{prefix}:*", count=5000) if k != marker)
     steady = max(elapsed - startup, 1e-9)
 
     result = {
+        "settings": " ".join(args.set) or "defaults",
         "events": produced,
         "partitions": args.partitions,
         "produce_s": round(produce_s, 2),
@@ -208,7 +222,7 @@ def main() -> int:
         ),
     }
     if args.processes > 1:
-        env = pipeline_env(topic, f"{prefix}_x{args.processes}")
+        env = pipeline_env(topic, f"{prefix}_x{args.processes}", settings)
         cluster_s = max(run_cluster(env, args.processes) - startup, 1e-9)
         result[f"pipeline_events_per_s_{args.processes}_processes"] = round(produced / cluster_s)
         result[f"scale_out_{args.processes}_processes"] = round(steady / cluster_s, 2)
