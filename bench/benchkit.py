@@ -253,7 +253,8 @@ class Pipeline:
             self._stop.wait(self.every)
 
     def sample(self) -> dict[str, float]:
-        statuses = [proc_status(p.pid) for p in self.procs if p.poll() is None]
+        # (no poll(): that would reap a process before `wait` reads its rusage)
+        statuses = [proc_status(p.pid) for p in self.procs if p.returncode is None]
         values: dict[str, float] = {}
         if statuses and all(statuses):
             rss = sum(s["VmRSS"] for s in statuses)
@@ -290,9 +291,19 @@ class Pipeline:
         recent = [v["rss"] for t, v in self.samples if t >= newest - quiet_s and "rss" in v]
         return len(recent) >= 2 and max(recent) - min(recent) < tolerance
 
-    def wait(self, timeout: float | None = None) -> float:
-        """Wait for every process to exit (non-zero: SystemExit); wall seconds since start."""
-        codes = [p.wait(timeout) for p in self.procs]
+    def wait(self) -> float:
+        """Wait for every process to exit (non-zero: SystemExit); wall seconds since start.
+        Sets `cpu_s` (user + system CPU seconds of the processes, all their threads) and
+        `max_rss` (the processes' peak resident memories added up) from their rusage."""
+        codes = []
+        self.cpu_s = 0.0
+        self.max_rss = 0
+        for proc in self.procs:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            codes.append(proc.returncode)
+            self.cpu_s += usage.ru_utime + usage.ru_stime
+            self.max_rss += usage.ru_maxrss * 1024
         elapsed = time.perf_counter() - self.started
         self._stop.set()
         self._thread.join()
