@@ -131,10 +131,13 @@ class PrivateRedis:
 def delete_topics(topics: Iterable[str], brokers: str = BROKERS) -> None:
     from confluent_kafka.admin import AdminClient  # noqa: PLC0415
 
-    futures = AdminClient({"bootstrap.servers": brokers}).delete_topics(list(topics))
-    for future in futures.values():
-        with contextlib.suppress(Exception):  # already gone: nothing to clean
-            future.result(30)
+    admin = AdminClient({"bootstrap.servers": brokers})  # held until every reply is in
+    futures = admin.delete_topics(list(topics), operation_timeout=30)
+    for topic, future in futures.items():
+        try:
+            future.result(60)
+        except Exception as exc:  # noqa: BLE001 - a topic left behind is only reported
+            print(f"could not delete topic {topic}: {exc}", file=sys.stderr)
 
 
 # --- the pipeline's processes ------------------------------------------------------------
