@@ -46,7 +46,7 @@ from dataflow.core.aclink import LinkItem, LinkShard
 from dataflow.core.deadletter import DeadLetter
 from dataflow.core.dedup import DedupEntry, Forget, Watermark
 from dataflow.core.events import Event
-from dataflow.core.families import FAMILY_NAMES, FeatureParams, Update, updates_for
+from dataflow.core.families import AC, DOC, FAMILY_NAMES, QD, FeatureParams, Update, updates_for
 from dataflow.core.intake import Intake, IntakeResult
 from dataflow.core.priors import Fit, FitRules, PriorFitter, in_sample, prior_suffix
 from dataflow.core.shard import FeatureShard, ShardItem, StepResult
@@ -630,7 +630,7 @@ def priors(
     rules = config.priors
     sampled = op.flat_map_batch("prior_sample", updates, PriorSample(rules))
     readings = op.key_on("prior_clock_readings", clocks, lambda _: PRIORS_KEY)
-    fixed = {0: config.features.doc, 1: config.features.qd, 2: config.features.ac}
+    fixed = {DOC: config.features.doc, QD: config.features.qd, AC: config.features.ac}
 
     def build(resume: bytes | None) -> PriorFitLogic:
         fitter = (
