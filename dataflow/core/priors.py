@@ -55,6 +55,11 @@ TOLERANCE: Final = 1e-10
 """Converged when the log-likelihood's gradient in (log α, log β) is this small per key."""
 MAX_WEIGHT: Final = 1e6
 """α + β above this (keys that all share one rate) is no fit: the prior would never move."""
+MIN_PARAMETER: Final = 1e-4
+"""α or β below this (the likelihood running off to a rate of 0 or 1) is no fit either."""
+MAX_LOG_STEP: Final = 2.0
+"""The longest Newton step in log α or log β: a factor e² per iteration, so that a step
+from a flat surface cannot overflow or underflow."""
 LAYOUT: Final = 1
 
 
@@ -226,18 +231,23 @@ def fit_beta(
                 break
             damping = max(2.0 * damping, 1e-9 * (abs(huu) + abs(hvv) + 1.0))
         du, dv = -(q * gu - huv * gv) / det, -(p * gv - huv * gu) / det
-        scale = 1.0
+        if not (math.isfinite(du) and math.isfinite(dv)):
+            break
+        scale = min(1.0, MAX_LOG_STEP / max(abs(du), abs(dv), 1e-300))
         for _ in range(60):
             na, nb = a * math.exp(scale * du), b * math.exp(scale * dv)
-            value = model.value(na, nb)
-            if value >= current:
-                break
+            if na > 0.0 and nb > 0.0:
+                value = model.value(na, nb)
+                if value >= current:
+                    break
             scale /= 2.0
         else:
             break  # no step rises: at the maximum, to rounding
         a, b, current = na, nb, value
-        if a + b > MAX_WEIGHT or not (math.isfinite(a) and math.isfinite(b)):
+        if a + b > MAX_WEIGHT:
             return fixed.alpha, fixed.beta, keys, "no spread beyond chance between keys"
+    if min(a, b) < MIN_PARAMETER:
+        return fixed.alpha, fixed.beta, keys, "the fit runs off to a rate of 0 or 1"
     return a, b, keys, ""
 
 

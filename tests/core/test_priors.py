@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from dataflow.core.families import AC, DOC, QD, FeatureParams
 from dataflow.core.priors import (
+    MAX_WEIGHT,
+    MIN_PARAMETER,
     Fit,
     FitRules,
     PriorFitter,
@@ -106,6 +108,36 @@ def test_degenerate_data_falls_back_to_the_configured_prior_and_says_why() -> No
     alpha, beta, _, reason = fit_beta(chance, FIXED, min_keys=100, min_trials=20)
     assert reason == "no spread beyond chance between keys"
     assert (alpha, beta) == (1.0, 20.0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.integers(1, 5_000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
+        min_size=2,
+        max_size=40,
+    )
+)
+def test_any_handful_of_keys_gives_a_bounded_prior_or_the_fixed_one(
+    pairs: list[tuple[int, int]],
+) -> None:
+    # Few keys, rates of 0 and 1, one huge key among tiny ones: the likelihood can be flat or
+    # run off to an edge, and the fit must neither raise nor publish nonsense.
+    alpha, beta, keys, reason = fit_beta(pairs, FIXED, min_keys=2, min_trials=1)
+    assert keys == len(pairs)
+    if reason:
+        assert (alpha, beta) == (FIXED.alpha, FIXED.beta)
+    else:
+        assert min(alpha, beta) >= MIN_PARAMETER
+        assert alpha + beta <= MAX_WEIGHT
+
+
+def test_a_flat_likelihood_takes_bounded_steps() -> None:
+    # Two keys whose Newton step once overflowed `exp` at the first iteration.
+    for pairs in ([(3, 25), (19, 21)], [(1, 1), (12, 100)]):
+        alpha, beta, _, reason = fit_beta(pairs, FIXED, min_keys=2, min_trials=1)
+        assert math.isfinite(alpha) and math.isfinite(beta)
+        assert reason or min(alpha, beta) >= MIN_PARAMETER
 
 
 def test_clicks_beyond_impressions_count_as_the_impressions() -> None:
