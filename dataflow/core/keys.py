@@ -6,10 +6,12 @@ reader (`reader`) both call it, and `tests/core/test_keys.py` pins the exact byt
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Final
 from urllib.parse import quote, unquote
 
 __all__ = [
@@ -27,6 +29,30 @@ __all__ = [
 ]
 
 
+_RECENT_MAX: Final = 1 << 14
+
+
+def _recent(fn: Callable[[str], str]) -> Callable[[str], str]:
+    """`fn` with its results for the last inputs kept (up to `_RECENT_MAX`, forgotten all at
+    once when full). The key builders see the same ids, queries and candidates again and
+    again (popular documents, frequent queries), and a dict lookup costs a fraction of
+    normalising, hashing or checking the text anew. Pure functions only."""
+    results: dict[str, str] = {}
+
+    @functools.wraps(fn)
+    def recent(text: str) -> str:
+        result = results.get(text)
+        if result is None:
+            result = fn(text)
+            if len(results) >= _RECENT_MAX:
+                results.clear()
+            results[text] = result
+        return result
+
+    return recent
+
+
+@_recent
 def q_norm(text: str) -> str:
     """NFKC, casefold, and collapse every run of whitespace to one space (trimmed)."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
@@ -37,6 +63,7 @@ def query_hash(query: str) -> str:
     return hash_normalized(q_norm(query))
 
 
+@_recent
 def hash_normalized(normalized_query: str) -> str:
     """`query_hash` for a query that is already normalised (the hot path normalises once)."""
     return hashlib.blake2b(normalized_query.encode("utf-8"), digest_size=8).hexdigest()
@@ -45,6 +72,7 @@ def hash_normalized(normalized_query: str) -> str:
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
+@_recent
 def enc(component: str) -> str:
     """Percent-encode a key component so `:` (and anything else) can never split a key."""
     # Most ids are plain ASCII that `quote` would return unchanged: skip its per-byte work.
