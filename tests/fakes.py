@@ -68,7 +68,9 @@ class FakeConnection:
         self.client.attempts += 1
         self.client.sent.extend(data)
         if self.client.errors:
-            raise self.client.errors.pop(0)
+            error = self.client.errors.pop(0)
+            if error is not None:  # None: this attempt goes through
+                raise error
 
     def read_response(self) -> int:
         return 1
@@ -89,7 +91,7 @@ class FakePool:
 
 
 class FakeRedis:
-    def __init__(self, errors: Iterable[Exception] = ()) -> None:
+    def __init__(self, errors: Iterable[Exception | None] = ()) -> None:
         self.errors = list(errors)
         self.attempts = 0
         self.disconnects = 0

@@ -195,3 +195,70 @@ def test_a_command_error_is_not_an_outage() -> None:
 def test_the_backoff_stays_capped_however_many_attempts() -> None:
     backoff = Backoff(base=0.05, cap=5.0)
     assert all(2.5 <= backoff.delay(attempt) <= 5.0 for attempt in (10, 1_100, 100_000))
+
+
+# --- chunks in flight ---------------------------------------------------------------------
+
+
+def chunked_writer(client: FakeRedis, clock: Clock) -> RedisWriter:
+    settings = RedisSettings(prefix="P", pipeline_keys=2)
+    state = SinkState("redis", clock=clock)
+    backoff = Backoff(base=0.05, cap=5.0, sleep=clock.sleep)
+    return RedisWriter(client, settings, backoff, state=state, clock=clock)  # type: ignore[arg-type]
+
+
+FIVE: list[Write] = [(f"doc:{i}", {"as_of": str(i)}) for i in range(5)]
+
+
+def test_chunks_go_out_ahead_of_their_replies_in_order_on_one_connection() -> None:
+    client = FakeRedis()
+    with Delta("search_features_sink_writes_total", sink="redis", result="success") as ok:
+        chunked_writer(client, Clock()).write(list(FIVE), ttl=set())
+    assert [c[1] for data in client.sent for c in commands(data)] == [
+        f"P:doc:{i}".encode() for i in range(5)
+    ]
+    assert client.attempts == 3 and client.disconnects == 0
+    assert ok.value == 5
+
+
+def test_a_connection_lost_with_chunks_in_flight_resends_every_unacknowledged_chunk() -> None:
+    # The second chunk's send fails: the first chunk's replies were never read either, so
+    # both go again, one at a time, with the third; absolute writes make the repeat harmless.
+    client = FakeRedis([None, redis.ConnectionError("reset")])
+    clock = Clock()
+    writer = chunked_writer(client, clock)
+    with Delta("search_features_sink_writes_total", sink="redis", result="retry") as retried:
+        writer.write(list(FIVE), ttl=set())
+    sent = [[c[1] for c in commands(data)] for data in client.sent]
+    assert sent[-3:] == [[b"P:doc:0", b"P:doc:1"], [b"P:doc:2", b"P:doc:3"], [b"P:doc:4"]]
+    assert retried.value == 5 and client.disconnects == 1
+    assert writer.recoveries == 1  # Redis answered again: the store marker gets checked
+    assert sample("search_features_sink_up", sink="redis") == 1.0
+
+
+def test_an_error_reply_with_chunks_in_flight_is_not_an_outage() -> None:
+    client = FakeRedis([None, redis.ResponseError("OOM")])
+    clock = Clock()
+    with pytest.raises(SinkError, match="OOM"):
+        chunked_writer(client, clock).write(list(FIVE), ttl=set())
+    assert client.attempts == 2 and not clock.sleeps
+
+
+def test_a_refused_connection_before_chunks_go_out_is_an_outage_ridden_out() -> None:
+    client = FakeRedis()
+    refusals = [redis.ConnectionError("refused")] * 3
+    get_connection = client.connection_pool.get_connection
+
+    def refusing() -> Any:
+        if refusals:
+            raise refusals.pop()
+        return get_connection()
+
+    client.connection_pool.get_connection = refusing  # type: ignore[method-assign]
+    clock = Clock()
+    writer = chunked_writer(client, clock)
+    writer.write(list(FIVE), ttl=set())
+    assert [c[1] for data in client.sent for c in commands(data)][-5:] == [
+        f"P:doc:{i}".encode() for i in range(5)
+    ]
+    assert len(clock.sleeps) == 2 and writer.recoveries == 1
