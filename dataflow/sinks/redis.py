@@ -4,7 +4,9 @@ Within a batch, writes to the same key coalesce (the latest wins); each key beco
 `HSET` of every field, or `DEL` once its 30 days are empty. A key's TTL is set by `EXPIRE`
 when the key is created and refreshed when it is re-stated after a new day, so in the
 steady state a written key costs one command. The commands of a chunk are packed as RESP
-into one buffer and their replies read straight off the hiredis reader (`dataflow.resp`).
+into one buffer and their replies read straight off the hiredis reader (`dataflow.resp`);
+the next chunk is sent before the replies to the one before are read, so Redis executes
+one chunk while the next is packed.
 Nothing is dropped, nothing is incremented.
 
 Redis away (connection refused, timeouts, loading after a restart): the chunk is sent again,
