@@ -105,6 +105,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SERVICES = ("redis", "kafka")
+"""Stack services whose CPU a run reports (their pids in `.stack/run/`)."""
+
+
+def service_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by each stack service running from this tree's `make up`."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name in SERVICES:
+        try:
+            pid = (ROOT / ".stack" / "run" / f"{name}.pid").read_text().strip()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return out
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cores_used(before: dict[str, float], wall_s: float, pipeline_cpu_s: float) -> dict[str, float]:
+    """CPU of a run in cores (CPU seconds per wall second): the pipeline and each service."""
+    after = service_cpu_s()
+    cores = {"pipeline": pipeline_cpu_s / wall_s}
+    cores.update({name: (after[name] - before[name]) / wall_s for name in after if name in before})
+    return {name: round(value, 2) for name, value in cores.items()}
+
+
 def run_cluster(env: dict[str, str], processes: int) -> float:
     """The same run as `processes` processes of one cluster (`-i/-a`); wall seconds."""
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
@@ -141,7 +172,7 @@ def pipeline_env(topic: str, prefix: str, settings: dict[str, str] | None = None
 
 def run_pipeline(
     topic: str, prefix: str, settings: dict[str, str] | None = None
-) -> tuple[float, float, int, int]:
+) -> tuple[float, float, int, int, dict[str, float]]:
     env = pipeline_env(topic, prefix, settings)
     start = time.perf_counter()
     # Start-up alone: the same command on an empty topic.
@@ -152,11 +183,13 @@ def run_pipeline(
     )
     startup = time.perf_counter() - start
     idle_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cpu_before, services_before = children_cpu_s(), service_cpu_s()
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "dataflow.run"], env=env, check=True)
     elapsed = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return elapsed, startup, idle_kib, max(peak_kib, idle_kib)
+    cores = cores_used(services_before, elapsed, children_cpu_s() - cpu_before)
+    return elapsed, startup, idle_kib, max(peak_kib, idle_kib), cores
 
 
 def main() -> int:
@@ -194,7 +227,7 @@ def main() -> int:
 
     client = redis.Redis.from_url(REDIS_URL)
     calls_before = commandstats(client)
-    elapsed, startup, idle_kib, peak_kib = run_pipeline(topic, prefix, settings)
+    elapsed, startup, idle_kib, peak_kib, cores = run_pipeline(topic, prefix, settings)
     calls = commandstats(client) - calls_before
     marker = marker_key(prefix).encode()  # the store marker is no feature key
     live_keys = sum(1 for k in client.scan_iter(match=f"{prefix}:*", count=5000) if k != marker)
@@ -221,11 +254,19 @@ def main() -> int:
             (peak_kib - idle_kib) / 1024 / max(live_keys, 1) * 100_000, 1
         ),
     }
+    # Cores busy during the run (start-up included): on a small machine the pipeline, Redis
+    # and Kafka share them, which bounds what more processes can add.
+    result.update({f"cores_{name}": value for name, value in cores.items()})
     if args.processes > 1:
-        env = pipeline_env(topic, f"{prefix}_x{args.processes}", settings)
-        cluster_s = max(run_cluster(env, args.processes) - startup, 1e-9)
-        result[f"pipeline_events_per_s_{args.processes}_processes"] = round(produced / cluster_s)
-        result[f"scale_out_{args.processes}_processes"] = round(steady / cluster_s, 2)
+        n = args.processes
+        env = pipeline_env(topic, f"{prefix}_x{n}", settings)
+        cpu_before, services_before = children_cpu_s(), service_cpu_s()
+        wall_s = run_cluster(env, n)
+        cluster_cores = cores_used(services_before, wall_s, children_cpu_s() - cpu_before)
+        cluster_s = max(wall_s - startup, 1e-9)
+        result[f"pipeline_events_per_s_{n}_processes"] = round(produced / cluster_s)
+        result[f"scale_out_{n}_processes"] = round(steady / cluster_s, 2)
+        result.update({f"cores_{name}_{n}_processes": v for name, v in cluster_cores.items()})
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
