@@ -16,10 +16,17 @@
    (checked before measuring): the previous reader (a redis-py pipeline of `HGETALL` parsed
    per key); a server-side Lua script (one `EVALSHA_RO` that runs `HMGET` of the record's
    fields on every key and returns the whole batch as one JSON text, `LUA_ROWS`); and a
-   pipeline of `HMGET` (values only, no field names) plus one `EXISTS` of every key.
+   pipeline of `HMGET` (values only, no field names) plus one `EXISTS` of every key. And
+   the floor under any Python client of this key layout: the same 200 `HGETALL`s on a bare
+   socket, the replies parsed by hiredis into bytes and nothing more (no records), and one
+   fixed batch of them with the replies read as raw bytes up to their known length (Redis
+   and the kernel alone).
 3. Repeats that `--runs` times and prints, per path, the median over runs of p50 and p99
    (and the spread of p50), plus what else the machine was doing (load, CPU steal) and the
-   garbage collections that ran during the timed calls.
+   garbage collections that ran during the timed calls. Then Redis's own share: the
+   execution time of one 200-document read by the sync reader, from `INFO commandstats`
+   (the `HGETALL` microseconds of 500 reads; parsing requests and writing replies are not
+   in it).
 
 `--with-writer` measures while another process rewrites the same keys at full speed (the
 sink's `RedisWriter` in a loop, bounded in time and stopped when the measurement ends).
@@ -36,6 +43,7 @@ import os
 import platform
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -231,6 +239,13 @@ class Paths:
         self.raw_client = redis.Redis.from_url(url, protocol=2)  # the comparisons' connection
         self.lua_sha = self.raw_client.script_load(LUA_ROWS)
         self.params = FeatureParams()
+        address = self.raw_client.connection_pool.connection_kwargs
+        self.sock = socket.create_connection((address["host"], address["port"]))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fixed: tuple[bytes, int] | None = None
+        if address.get("db"):
+            self.sock.sendall(pack_command("SELECT", str(address["db"])))
+            self.sock.recv(64)
 
     def doc_batch(self, n: int = 200) -> list[str]:
         unknown = round(n * self.missing)
@@ -318,6 +333,53 @@ class Paths:
         out = [next(records) if row[0] is not None else missing for row in rows]
         return dict(zip(unique, out, strict=True))
 
+    def floor(self, doc_ids: list[str]) -> list[Any]:
+        """The same `HGETALL`s on a bare socket, the replies parsed by hiredis and nothing
+        more: what Redis, the kernel and the reply parser cost, with no records built."""
+        key_list = keys.doc_keys(self.prefix, list(dict.fromkeys(doc_ids)))
+        self.sock.sendall(resp.pack_hgetall(key_list))
+        reader = hiredis.Reader()
+        replies: list[Any] = []
+        while len(replies) < len(key_list):
+            reader.feed(self.sock.recv(1 << 20))
+            while (reply := reader.gets()) is not False:
+                replies.append(reply)
+        return replies
+
+    def floor_unparsed(self) -> int:
+        """One fixed batch of 200 documents on a bare socket, the replies read as bytes up
+        to their known length, not parsed: Redis and the kernel alone."""
+        if self.fixed is None:
+            batch = keys.doc_keys(self.prefix, list(dict.fromkeys(self.doc_batch())))
+            data = resp.pack_hgetall(batch)
+            self.sock.sendall(data)
+            reader, got, size = hiredis.Reader(), 0, 0
+            while got < len(batch):
+                chunk = self.sock.recv(1 << 20)
+                reader.feed(chunk)
+                size += len(chunk)
+                while reader.gets() is not False:
+                    got += 1
+            self.fixed = (data, size)
+        data, size = self.fixed
+        self.sock.sendall(data)
+        left = size
+        while left:
+            left -= len(self.sock.recv(min(left, 1 << 20)))
+        return size
+
+    def redis_ms_per_read(self, reads: int = 500) -> float:
+        """Redis's execution time of one 200-document read by the sync reader."""
+
+        def hgetall_usec() -> float:
+            stats = self.raw_client.info("commandstats").get("cmdstat_hgetall", {})
+            return float(stats.get("usec", 0))
+
+        before = hgetall_usec()
+        for _ in range(reads):
+            self.sync.doc_features(self.doc_batch())
+        return (hgetall_usec() - before) / reads / 1000.0
+
     def check(self) -> None:
         """Every 200-document path returns the same records (before anything is timed)."""
         batch = self.doc_batch()
@@ -326,6 +388,7 @@ class Paths:
         assert self.lua(batch) == want, "lua"
         assert self.hmget(batch) == want, "hmget"
         assert asyncio.run(self._async_docs(batch)) == want, "async"
+        assert len(self.floor(batch)) == len(want), "floor"
 
     async def _async_docs(self, batch: list[str]) -> dict[str, DocFeatures]:
         reader = AsyncFeatureReader.from_url(self.url, prefix=self.prefix, deadline_ms=1000)
@@ -342,6 +405,8 @@ class Paths:
             ("previous (pipeline of HGETALL)", "doc", 200, lambda: self.previous(self.doc_batch())),
             ("lua: EVALSHA_RO, HMGET->JSON", "doc", 200, lambda: self.lua(self.doc_batch())),
             ("pipeline of HMGET + EXISTS", "doc", 200, lambda: self.hmget(self.doc_batch())),
+            ("floor: socket + hiredis only", "doc", 200, lambda: self.floor(self.doc_batch())),
+            ("floor: socket, bytes unparsed", "doc", 200, self.floor_unparsed),
             ("sync", "doc", 200, lambda: s.doc_features(self.doc_batch())),
             ("sync", "qd", 200, lambda: s.query_doc_features(query, self.doc_batch())),
             ("sync", "ac", 50, lambda: s.autocomplete_features(*self.ac_batch())),
@@ -504,6 +569,7 @@ def main() -> int:
                 values.sort()
                 stats.append((statistics.median(values), quantile(values, 0.99)))
             per_run.append(stats)
+        redis_ms = paths.redis_ms_per_read()
         steal1, total1 = cpu_steal()
         load1 = os.getloadavg()
         written = None
@@ -550,6 +616,9 @@ def main() -> int:
                 "p99_runs": p99s,
             }
         )
+    print(
+        f"Redis executing one 200-document read (sync reader, INFO commandstats): {redis_ms:.2f} ms"
+    )
     if written:
         print(f"competing writer: {written}")
     results = ROOT / "bench" / "results"
@@ -557,7 +626,13 @@ def main() -> int:
     name = "reader_latency_writer.json" if args.with_writer else "reader_latency.json"
     (results / name).write_text(
         json.dumps(
-            {"header": header, "gc": gc_watch.summary(), "args": vars(args), "rows": result_rows},
+            {
+                "header": header,
+                "gc": gc_watch.summary(),
+                "args": vars(args),
+                "rows": result_rows,
+                "redis_ms_per_200_docs": redis_ms,
+            },
             indent=2,
         )
     )
