@@ -774,6 +774,19 @@ BYTEWAX_DATAFLOW_API_PORT = _integer(
     "Port of `/metrics` (Bytewax's setting, checked to be free before the run).",
 )
 
+# Python's default (700) runs a young collection every 700 container allocations, and with
+# them full collections whose cost grows with the live state: every set, list and dict of
+# the state shards is walked element by element. Measured: docs/benchmarks.md ("Garbage
+# collection").
+GC_YOUNG_THRESHOLD = _integer(
+    RUN,
+    "GC_YOUNG_THRESHOLD",
+    50_000,
+    (100, 10_000_000),
+    "Allocations between young garbage collections (Python's default: 700); older "
+    "generations at 20× and 100× that.",
+)
+
 DEMO_EVENTS = _integer(
     DEMO, "DEMO_EVENTS", 20_000, (0, 100_000_000), "Generated events the demo produces per run."
 )

@@ -1,10 +1,11 @@
 """`dataflow.run`'s start-up checks."""
 
+import gc
 import socket
 
 import pytest
 
-from dataflow.run import main, port_problem
+from dataflow.run import main, port_problem, tune_gc
 
 
 def test_a_listening_port_is_reported_and_a_free_one_is_not() -> None:
@@ -41,3 +42,22 @@ def test_redis_max_retries_is_deprecated_with_a_warning_at_start(
     err = capsys.readouterr().err
     assert "REDIS_MAX_RETRIES is deprecated and ignored" in err
     assert "REDIS_OUTAGE_EXIT_SECONDS" in err
+
+
+def test_the_collector_runs_rarely_and_skips_what_was_alive_at_start() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc(50_000)
+        assert gc.get_threshold() == (50_000, 20, 100)
+        assert gc.get_freeze_count() > 1_000  # modules, functions, classes of the start-up
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_a_bad_gc_threshold_fails_at_start_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GC_YOUNG_THRESHOLD", "10")
+    assert main([]) == 2
+    assert "GC_YOUNG_THRESHOLD" in capsys.readouterr().err
