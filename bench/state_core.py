@@ -2,7 +2,7 @@
 memory per key, snapshot and restore, and the day rollover.
 
     .venv/bin/python bench/state_core.py [--keys 1000000] [--family doc|mixed]
-                                         [--shards 128] [--batch 1000]
+                                         [--shards 128] [--batch 1000] [--gc-threshold N]
 
 Drives `FeatureShard`s directly (no Kafka, Redis or Bytewax), so the figures are the core's
 alone, comparable across key counts: only the number of distinct doc and query-doc ids
@@ -17,7 +17,8 @@ changes. Phases, each timed:
 3. snapshot: every shard's `snapshot()` (bytes), total size; restore: `FeatureShard.restore`.
 4. rollover: a clock reading of the next day re-states every key; then flush.
 
-Prints one table, writes bench/results/state_core-<keys>.json.
+Garbage collection as the pipeline runs it (`--gc-threshold`, default `GC_YOUNG_THRESHOLD`'s;
+0 for Python's own). Prints one table, writes bench/results/state_core-<keys>.json.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dataflow import settings  # noqa: E402
 from dataflow.core.families import DOC, QD, FeatureParams, Update, expected_units  # noqa: E402
 from dataflow.core.shard import FeatureShard  # noqa: E402
+from dataflow.run import tune_gc  # noqa: E402
 
 DAY_MS = 86_400_000
 T0 = 20_400 * DAY_MS
@@ -94,7 +97,16 @@ def main() -> int:
     parser.add_argument("--family", choices=["doc", "mixed"], default="doc")
     parser.add_argument("--shards", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=int(settings.GC_YOUNG_THRESHOLD.default),
+        help="the garbage collection the pipeline runs with (GC_YOUNG_THRESHOLD, "
+        "`dataflow.run.tune_gc`); 0: Python's default",
+    )
     args = parser.parse_args()
+    if args.gc_threshold:
+        tune_gc(args.gc_threshold)
     rnd = random.Random(7)
     params = FeatureParams()
     mixed = args.family == "mixed"
