@@ -68,9 +68,7 @@ class FakeConnection:
         self.client.attempts += 1
         self.client.sent.extend(data)
         if self.client.errors:
-            error = self.client.errors.pop(0)
-            if error is not None:  # None: this attempt goes through
-                raise error
+            raise self.client.errors.pop(0)
 
     def read_response(self) -> int:
         return 1
@@ -91,7 +89,7 @@ class FakePool:
 
 
 class FakeRedis:
-    def __init__(self, errors: Iterable[Exception | None] = ()) -> None:
+    def __init__(self, errors: Iterable[Exception] = ()) -> None:
         self.errors = list(errors)
         self.attempts = 0
         self.disconnects = 0

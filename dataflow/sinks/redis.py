@@ -4,9 +4,7 @@ Within a batch, writes to the same key coalesce (the latest wins); each key beco
 `HSET` of every field, or `DEL` once its 30 days are empty. A key's TTL is set by `EXPIRE`
 when the key is created and refreshed when it is re-stated after a new day, so in the
 steady state a written key costs one command. The commands of a chunk are packed as RESP
-into one buffer and their replies read straight off the hiredis reader (`dataflow.resp`);
-the next chunk is sent before the replies to the one before are read, so Redis executes
-one chunk while the next is packed.
+into one buffer and their replies read straight off the hiredis reader (`dataflow.resp`).
 Nothing is dropped, nothing is incremented.
 
 Redis away (connection refused, timeouts, loading after a restart): the chunk is sent again,
@@ -34,7 +32,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Container, Iterable
 from typing import Any
 
@@ -173,58 +170,8 @@ class RedisWriter:
     def write(self, writes: list[Write], ttl: Container[str] = EVERY_KEY) -> None:
         """Write `writes` (absolute values); the keys whose suffix is in `ttl` also get
         their TTL set."""
-        chunks = [writes[start : start + self.chunk] for start in range(0, len(writes), self.chunk)]
-        failed = False
-        if len(chunks) > 1 and not self.state.down:
-            chunks, failed = self._write_overlapped(chunks, ttl)
-        for chunk in chunks:
-            self._write_chunk(chunk, ttl, failed=failed)
-            failed = False
-
-    def _write_overlapped(
-        self, chunks: list[list[Write]], ttl: Container[str]
-    ) -> tuple[list[list[Write]], bool]:
-        """Send each chunk before reading the replies to the one before it, so that Redis
-        executes a chunk while the next one is packed. Returns the chunks not acknowledged
-        in full (Redis unreachable), which `write` sends again one at a time with retries,
-        and whether it was unreachable; an error reply is `SinkError`, as in `_write_chunk`.
-        Every write is absolute, so a chunk applied in part and sent again ends the same."""
-        pool: Any = self.client.connection_pool  # redis-py's connection API is untyped
-        try:
-            conn = pool.get_connection()
-        except _RETRYABLE as exc:
-            return self._unreachable(chunks, exc), True
-        in_flight: deque[tuple[list[Write], int]] = deque()
-        acknowledged = 0
-        try:
-            for chunk in chunks:
-                data, replies = self._pack(chunk, ttl)
-                conn.send_packed_command([data])
-                in_flight.append((chunk, replies))
-                if len(in_flight) > 1:
-                    _acknowledge(conn, *in_flight.popleft())
-                    acknowledged += 1
-            while in_flight:
-                _acknowledge(conn, *in_flight.popleft())
-                acknowledged += 1
-        except _RETRYABLE as exc:
-            conn.disconnect()  # replies may be left unread on it
-            return self._unreachable(chunks[acknowledged:], exc), True
-        except redis.ResponseError as exc:
-            conn.disconnect()
-            metrics.SINK_WRITES.labels(sink=SINK, result="failure").inc(len(chunks[acknowledged]))
-            raise SinkError(f"Redis rejected a feature write: {exc}") from exc
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-        return [], False
-
-    def _unreachable(self, left: list[list[Write]], exc: Exception) -> list[list[Write]]:
-        metrics.SINK_WRITES.labels(sink=SINK, result="retry").inc(sum(map(len, left)))
-        self.state.failed(exc)
-        return left
+        for start in range(0, len(writes), self.chunk):
+            self._write_chunk(writes[start : start + self.chunk], ttl)
 
     def _pack(self, writes: list[Write], ttl: Container[str]) -> tuple[bytes, int]:
         """The chunk as one RESP buffer, and how many replies it asks for. Keys are
@@ -246,16 +193,17 @@ class RedisWriter:
         conn = pool.get_connection()
         try:
             conn.send_packed_command([data])
-            _check_replies(conn, replies)
+            errors = [r for r in resp.read_replies(conn, replies) if isinstance(r, Exception)]
         except BaseException:
             # Replies may be left unread on it: never hand this connection out again.
             conn.disconnect()
             raise
         finally:
             pool.release(conn)
+        if errors:
+            raise redis.ResponseError(f"{len(errors)} of {replies} commands failed: {errors[0]}")
 
-    def _write_chunk(self, writes: list[Write], ttl: Container[str], failed: bool = False) -> None:
-        """Send one chunk until Redis takes it (`failed`: an attempt already failed)."""
+    def _write_chunk(self, writes: list[Write], ttl: Container[str]) -> None:
         data, replies = self._pack(writes, ttl)
         attempt = 0
         failing_since: float | None = None
@@ -290,22 +238,9 @@ class RedisWriter:
                 raise SinkError(f"Redis rejected a feature write: {exc}") from exc
             metrics.SINK_WRITES.labels(sink=SINK, result="success").inc(len(writes))
             self.state.succeeded()
-            if attempt or failed:
+            if attempt:
                 self.recoveries += 1
             return
-
-
-def _check_replies(conn: Any, replies: int) -> None:
-    """Read `replies` replies off `conn`; `redis.ResponseError` if any is an error."""
-    errors = [r for r in resp.read_replies(conn, replies) if isinstance(r, Exception)]
-    if errors:
-        raise redis.ResponseError(f"{len(errors)} of {replies} commands failed: {errors[0]}")
-
-
-def _acknowledge(conn: Any, chunk: list[Write], replies: int) -> None:
-    """The replies to a chunk sent ahead: all read and all fine, or an exception."""
-    _check_replies(conn, replies)
-    metrics.SINK_WRITES.labels(sink=SINK, result="success").inc(len(chunk))
 
 
 class _RedisPartition(StatelessSinkPartition[StepResult]):
