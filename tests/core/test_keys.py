@@ -93,3 +93,18 @@ def test_a_slash_in_a_batch_of_plain_ids_is_still_encoded() -> None:
     assert keys.enc_many(["/"]) == ["%2F"]
     assert keys.enc_many([]) == []
     assert keys.enc_many([""]) == [""]
+
+
+@given(st.lists(st.text(max_size=12), min_size=1, max_size=40))
+def test_remembered_results_are_the_functions_own(texts: list[str]) -> None:
+    # Asked twice (the second time from memory) and against the undecorated function.
+    for fn in (keys.enc, keys.q_norm, keys.hash_normalized):
+        plain = fn.__wrapped__  # type: ignore[attr-defined]
+        assert [fn(t) for t in texts] == [plain(t) for t in texts]
+        assert [fn(t) for t in texts] == [plain(t) for t in texts]
+
+
+def test_results_stay_right_after_the_memory_fills_and_is_cleared() -> None:
+    many = [f"id-{i}:x" for i in range(keys._RECENT_MAX + 10)]
+    assert [keys.enc(t) for t in many] == [f"id-{i}%3Ax" for i in range(len(many))]
+    assert keys.enc("a:b") == "a%3Ab"  # after the memory filled and was cleared
