@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchkit import commandstats, free_port  # noqa: E402
 
 from dataflow.config import Config  # noqa: E402
 from dataflow.kafka.topics import ensure_topics, produce  # noqa: E402
@@ -92,17 +93,6 @@ def ceiling(topic: str, partitions: int, expected: int) -> float:
     consumer.close()
     assert seen == expected, (seen, expected)
     return elapsed
-
-
-def commandstats(client: redis.Redis) -> int:
-    stats = client.info("commandstats")
-    return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 SERVICES = ("redis", "kafka")
