@@ -17,12 +17,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 # Every dependency ships manylinux wheels for CPython 3.12 (bytewax 0.21.1 has none for
-# 3.13, hence 3.12), so no compiler is needed.
-COPY pyproject.toml README.md ./
+# 3.13, hence 3.12). The package's own compiled core (dataflow/core/_native.c, built by
+# setup.py) needs a C compiler here; the slim image already has Python's headers, and the
+# runtime stage gets the built module inside the virtualenv, not the compiler.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY dataflow ./dataflow
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --upgrade pip \
-    && /opt/venv/bin/pip install .
+    && /opt/venv/bin/pip install . \
+    && /opt/venv/bin/python -c "import dataflow.core._native"
 
 # ---- runtime -------------------------------------------------------------------------
 FROM python:3.12-slim

@@ -12,7 +12,7 @@ STACK  := stack/stack.sh
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py dataflow/core/_native.c
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 11) <= v < (3, 13) else "need Python 3.11 or 3.12 (bytewax 0.21.1 has no 3.13 wheels); set PYTHON=python3.12")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -37,8 +37,8 @@ unit: venv  ## the tests that need no services and no external binaries
 	$(PY) -m pytest -m "not integration and not external"
 
 lint: venv  ## ruff (lint and format) and mypy --strict
-	$(PY) -m ruff check dataflow tests bench
-	$(PY) -m ruff format --check dataflow tests bench
+	$(PY) -m ruff check dataflow tests bench setup.py
+	$(PY) -m ruff format --check dataflow tests bench setup.py
 	$(PY) -m mypy
 
 run: venv up  ## demo: stack up, demo events in, pipeline run, features out

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dataflow import settings as s
+from dataflow.core import native
 from dataflow.core.families import AC, DOC, FAMILY_NAMES, QD, FeatureParams
 from dataflow.core.priors import FitRules
 from dataflow.core.smoothing import Prior
@@ -262,6 +263,8 @@ class Config:
     dedup_shards: int = s.DEDUP_SHARDS.value
     log_level: str = s.LOG_LEVEL.value
     log_format: str = s.LOG_FORMAT.value
+    native_core: bool = s.NATIVE_CORE.value
+    """Whether the flow runs the compiled state core (`dataflow.core.native`)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -353,12 +356,25 @@ class Config:
             dedup_shards=s.DEDUP_SHARDS.read(e),
             log_level=s.LOG_LEVEL.read(e),
             log_format=s.LOG_FORMAT.read(e),
+            native_core=_native_core(e),
         )
 
     def describe(self) -> dict[str, Any]:
         """Every setting as plain data, secrets masked: what the start-up log line shows."""
         described: dict[str, Any] = _describe(self)
         return described
+
+
+def _native_core(env: Mapping[str, str]) -> bool:
+    wanted = s.NATIVE_CORE.read(env)
+    if wanted and native.BUILT is None:
+        raise ConfigError(
+            "NATIVE_CORE",
+            "is true but this installation has no compiled core (dataflow.core._native): "
+            "reinstall the package where a C compiler and Python's headers are present "
+            "(pip install .), or set NATIVE_CORE=false to run the pure-Python core",
+        )
+    return wanted
 
 
 def _prior(env: Mapping[str, str], alpha: Setting[float], beta: Setting[float]) -> Prior:

@@ -41,7 +41,7 @@ from confluent_kafka import OFFSET_BEGINNING
 
 from dataflow import metrics
 from dataflow.config import Config
-from dataflow.core import aclink, snapshots
+from dataflow.core import aclink, native, snapshots
 from dataflow.core.aclink import LinkItem, LinkShard
 from dataflow.core.deadletter import DeadLetter
 from dataflow.core.dedup import DedupEntry, Forget, Watermark
@@ -745,6 +745,7 @@ def build_flow(
     """Wire the dataflow. Sinks default to the real ones built from `config`; the OpenSearch
     sink is added when `OPENSEARCH_URL` is set and `with_opensearch` is true. A `source`
     given here is taken to end (tests): the `store_checks` input then ends too."""
+    native.use(config.native_core)
     flow = Dataflow(flow_id)
     lag = None
     finite = source is not None or config.kafka.stop_at_end  # a given source is a test's

@@ -10,7 +10,7 @@ connection's hiredis reader. The connections, pools, timeouts and errors stay re
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
 try:  # redis-py's marker for "no complete reply buffered yet" (hiredis parser)
@@ -48,6 +48,29 @@ def pack_hset(key: str, fields: Mapping[str, str]) -> str:
 
 _FIELD_HEADS: dict[str, str] = {}
 """`$len\r\nname\r\n` of each field name seen (a few dozen names in all)."""
+
+
+def pack_writes(
+    prefix: str,
+    writes: Sequence[tuple[str, Mapping[str, str] | None]],
+    ttl: Container[str],
+    seconds: int,
+) -> tuple[bytes, int]:
+    """A chunk of feature writes as one RESP buffer, and how many replies it asks for:
+    `HSET <prefix>:<suffix> field value …` per (suffix, fields), followed by
+    `EXPIRE key seconds` when the suffix is in `ttl`, and `DEL key` per (suffix, None).
+    Keys are percent-encoded and values are numbers: the text is ASCII. (The compiled core
+    packs the same bytes: `dataflow.core.native`.)"""
+    text: list[str] = []
+    for suffix, fields in writes:
+        key = f"{prefix}:{suffix}"
+        if fields is None:
+            text.append(pack_del(key))
+        else:
+            text.append(pack_hset(key, fields))
+            if suffix in ttl:
+                text.append(pack_expire(key, seconds))
+    return "".join(text).encode("ascii"), len(text)
 
 
 def pack_expire(key: str, seconds: int) -> str:

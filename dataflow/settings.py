@@ -625,6 +625,13 @@ ACQ_LINK_GRACE_SECONDS = _integer(
     (0, 86_400),
     "How late a search or click may reach the autocomplete-link join and still link.",
 )
+NATIVE_CORE = _flag(
+    FEATURES,
+    "NATIVE_CORE",
+    True,
+    "Apply updates, render keys and pack Redis writes in the compiled core (the same bytes "
+    "as the pure-Python one, several times faster); false runs the pure-Python core.",
+)
 
 LINK_SHARDS = _integer(
     STATE, "LINK_SHARDS", 64, (1, 65_536), "Session shards of the autocomplete-link join."
@@ -786,7 +793,6 @@ GC_YOUNG_THRESHOLD = _integer(
     "Allocations between young garbage collections (Python's default: 700); older "
     "generations at 20× and 100× that.",
 )
-
 DEMO_EVENTS = _integer(
     DEMO, "DEMO_EVENTS", 20_000, (0, 100_000_000), "Generated events the demo produces per run."
 )

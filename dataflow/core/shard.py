@@ -11,9 +11,10 @@ Pure: the clock is whatever the inputs say it is.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import chain
 
-from dataflow.core import snapshots
+from dataflow.core import native, snapshots
 from dataflow.core.counters import KeyState, add, from_bytes, prune, to_bytes
 from dataflow.core.families import (
     AC,
@@ -202,6 +203,20 @@ class FeatureShard:
             if isinstance(item, dict):
                 self.labels.update(item)
                 continue
+            compiled = native.core
+            if compiled is not None:
+                clock, late_before, late = compiled.apply(
+                    item,
+                    keys,
+                    dirty,
+                    self.created,
+                    self.deleted,
+                    native.LAYOUT_TABLE,
+                    clock,
+                    late_before,
+                )
+                result.late_updates += late
+                continue
             for family, suffix, ts, counts in item:
                 if ts > clock:
                     clock = ts
@@ -301,12 +316,27 @@ class FeatureShard:
         self.restate_at = end
         if end == len(restating):
             self.restating, self.restate_at = [], 0
-        for suffix in chain(dirty.difference(turn) if turn else dirty, turn):
-            state = keys[suffix]
-            family = family_of(suffix)
-            if missing and family in missing:
-                self.provisional.add(family)
-            writes.append((suffix, fields_for(family, state, max(state[0], day_start), params)))
+        suffixes = chain(dirty.difference(turn) if turn else dirty, turn)
+        if missing:
+            suffixes = list(suffixes)  # type: ignore[assignment]
+            self.provisional.update(f for f in map(family_of, suffixes) if f in missing)
+        compiled = native.core
+        if compiled is not None:
+            render = partial(fields_for, params=params)  # for a key the compiled sums overflow
+            compiled.render(
+                keys,
+                suffixes,
+                day_start,
+                native.LAYOUT_TABLE,
+                native.params_table(params),
+                render,
+                writes,
+            )
+        else:
+            for suffix in suffixes:
+                state = keys[suffix]
+                as_of = max(state[0], day_start)
+                writes.append((suffix, fields_for(family_of(suffix), state, as_of, params)))
         labels = self.labels
         result = StepResult(writes=writes, new_day=bool(turn), created=self.created)
         if labels:

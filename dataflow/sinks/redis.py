@@ -40,6 +40,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflow import metrics, resp
 from dataflow.config import RedisSettings
+from dataflow.core import native
 from dataflow.core.shard import StepResult, Write
 from dataflow.errors import SinkError
 from dataflow.repair import StoreRepairs
@@ -174,19 +175,12 @@ class RedisWriter:
             self._write_chunk(writes[start : start + self.chunk], ttl)
 
     def _pack(self, writes: list[Write], ttl: Container[str]) -> tuple[bytes, int]:
-        """The chunk as one RESP buffer, and how many replies it asks for. Keys are
-        percent-encoded and values are numbers: the text is ASCII."""
-        prefix, seconds = self.prefix, self.ttl
-        text: list[str] = []
-        for suffix, fields in writes:
-            key = f"{prefix}:{suffix}"
-            if fields is None:
-                text.append(resp.pack_del(key))
-            else:
-                text.append(resp.pack_hset(key, fields))
-                if suffix in ttl:
-                    text.append(resp.pack_expire(key, seconds))
-        return "".join(text).encode("ascii"), len(text)
+        """The chunk as one RESP buffer, and how many replies it asks for."""
+        compiled = native.core
+        if compiled is not None:
+            packed: tuple[bytes, int] = compiled.pack_writes(self.prefix, writes, ttl, self.ttl)
+            return packed
+        return resp.pack_writes(self.prefix, writes, ttl, self.ttl)
 
     def _send(self, data: bytes, replies: int) -> None:
         pool: Any = self.client.connection_pool  # redis-py's connection API is untyped

@@ -333,7 +333,12 @@ def test_build_context_has_what_the_dockerfile_copies_and_nothing_heavy() -> Non
     for keyword, args in build:
         if keyword in ("COPY", "ADD") and not args.startswith("--from"):
             sources += shlex.split(args)[:-1]
-    assert {"pyproject.toml", "README.md", "dataflow"} <= set(sources)
+    assert {"pyproject.toml", "setup.py", "README.md", "dataflow"} <= set(sources)
+    assert build_context_includes("dataflow/core/_native.c")
+    assert not build_context_includes("dataflow/core/_native.cpython-312-x86_64-linux-gnu.so")
+    runs = " ".join(args for kw, args in build if kw == "RUN")
+    # The compiled core is built in the image, by a compiler the build stage installs.
+    assert "gcc" in runs and "import dataflow.core._native" in runs
     for src in sources:
         assert (ROOT / src).exists(), src
         assert build_context_includes(src), f"{src} is excluded by .dockerignore"

@@ -1,0 +1,780 @@
+/* The per-key hot paths of the state core, compiled: applying counter updates, rendering a
+ * key's fields and packing the Redis writes.
+ *
+ * Each function here has a pure-Python reference in the package, and gives the same result
+ * to the byte (tests/core/test_native.py holds them to it with Hypothesis):
+ *
+ *   apply          FeatureShard.step's loop over one batch of updates (counters.add)
+ *   add            counters.add
+ *   render         FeatureShard.flush's loop over the keys to write (families.fields_for)
+ *   fields_for     families.fields_for
+ *   pack_writes    sinks.redis.RedisWriter's RESP packing of a chunk of writes
+ *
+ * The arithmetic is the reference's, step for step: int64 counts (checked, never wrapping),
+ * IEEE doubles combined in the same order, libm's exp2 (which CPython's math.exp2 calls),
+ * round-half-even, and floats formatted by CPython's own repr (PyOS_double_to_string 'r').
+ * A key whose window sums do not fit an int64 is handed to the Python reference instead.
+ *
+ * The constants below are contract constants (dataflow.core.windows); CONSTANTS exposes them
+ * so that a test can check them against the Python ones.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define DAY_MS 86400000LL
+#define HALF_LIFE_MS (7LL * DAY_MS)
+#define WEIGHT_SCALE 4294967296.0 /* 2^32 */
+#define EXPECTED_SCALE 4294967296.0
+#define WINDOW_7D 7
+#define WINDOW_30D 30
+#define RETENTION_DAYS 30
+#define MAX_COUNTS 8
+#define MAX_DECAYED 4
+#define N_FAMILIES 4
+#define N_PARAMS 12
+
+enum { DOC = 0, QD = 1, AC = 2, ACQ = 3 };
+
+static PyObject *array_type; /* array.array */
+static PyObject *typecode_q; /* "q" */
+
+/* ---- time ------------------------------------------------------------------------------ */
+
+static inline int64_t floor_div(int64_t a, int64_t b) {
+    int64_t q = a / b;
+    if ((a % b != 0) && ((a < 0) != (b < 0))) q -= 1;
+    return q;
+}
+
+/* windows.forward_weight: round(exp2(offset / HALF_LIFE_MS) * 2^32), half to even. */
+static inline int64_t forward_weight(int64_t ts) {
+    int64_t offset = ts - floor_div(ts, DAY_MS) * DAY_MS;
+    double w = nearbyint(exp2((double)offset / (double)HALF_LIFE_MS) * WEIGHT_SCALE);
+    return (int64_t)w;
+}
+
+/* ---- layouts --------------------------------------------------------------------------- */
+
+typedef struct {
+    int counts;
+    int n_decayed;
+    int decayed[MAX_DECAYED];
+    int width;
+} Layout;
+
+/* `layouts`: one (counts, decayed indexes) pair per family, as families.LAYOUTS holds. */
+static int parse_layouts(PyObject *layouts, Layout *out) {
+    if (!PyTuple_Check(layouts) || PyTuple_GET_SIZE(layouts) != N_FAMILIES) {
+        PyErr_SetString(PyExc_TypeError, "layouts: a tuple of 4 (counts, decayed) pairs");
+        return -1;
+    }
+    for (int f = 0; f < N_FAMILIES; f++) {
+        PyObject *pair = PyTuple_GET_ITEM(layouts, f);
+        PyObject *decayed;
+        int counts;
+        if (!PyArg_ParseTuple(pair, "iO!", &counts, &PyTuple_Type, &decayed)) return -1;
+        Py_ssize_t m = PyTuple_GET_SIZE(decayed);
+        if (counts < 1 || counts > MAX_COUNTS || m > MAX_DECAYED) {
+            PyErr_SetString(PyExc_ValueError, "layouts: too many counts or decayed sums");
+            return -1;
+        }
+        out[f].counts = counts;
+        out[f].n_decayed = (int)m;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            long i = PyLong_AsLong(PyTuple_GET_ITEM(decayed, j));
+            if (i == -1 && PyErr_Occurred()) return -1;
+            if (i < 0 || i >= counts) {
+                PyErr_SetString(PyExc_ValueError, "layouts: a decayed index out of range");
+                return -1;
+            }
+            out[f].decayed[j] = (int)i;
+        }
+        out[f].width = 1 + counts + (int)m;
+    }
+    return 0;
+}
+
+/* ---- counters.add ---------------------------------------------------------------------- */
+
+static int overflow(void) {
+    PyErr_SetString(PyExc_OverflowError, "a counter does not fit an int64");
+    return -1;
+}
+
+/* The counts of one update, read into `counts` (as many as the layout has). */
+static int read_counts(PyObject *seq, const Layout *layout, int64_t *counts) {
+    PyObject *fast = PySequence_Fast(seq, "counts must be a sequence");
+    if (fast == NULL) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != layout->counts) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "counts do not match the family's layout");
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (int i = 0; i < layout->counts; i++) {
+        long long n = PyLong_AsLongLong(items[i]);
+        if (n == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        counts[i] = n;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+/* `[day, counts..., counts[i] * weight for i in decayed]` into `record`. */
+static int fill_record(const Layout *layout, int64_t ts, const int64_t *counts, int64_t *record) {
+    record[0] = floor_div(ts, DAY_MS);
+    for (int i = 0; i < layout->counts; i++) record[1 + i] = counts[i];
+    if (layout->n_decayed) {
+        int64_t weight = forward_weight(ts);
+        for (int j = 0; j < layout->n_decayed; j++) {
+            if (__builtin_mul_overflow(counts[layout->decayed[j]], weight,
+                                       &record[1 + layout->counts + j]))
+                return overflow();
+        }
+    }
+    return 0;
+}
+
+static PyObject *new_array(const int64_t *items, Py_ssize_t n) {
+    PyObject *blob = PyBytes_FromStringAndSize((const char *)items, n * (Py_ssize_t)sizeof(int64_t));
+    if (blob == NULL) return NULL;
+    PyObject *state = PyObject_CallFunctionObjArgs(array_type, typecode_q, blob, NULL);
+    Py_DECREF(blob);
+    return state;
+}
+
+static int get_state_buffer(PyObject *state, Py_buffer *view) {
+    if (PyObject_GetBuffer(state, view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return -1;
+    if (view->itemsize != 8 || view->format == NULL || strcmp(view->format, "q") != 0) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_TypeError, "a key state must be an array('q')");
+        return -1;
+    }
+    return 0;
+}
+
+/* counters.add on an existing state (in place), or a new one when `state` is NULL.
+ * Returns a new reference to the state. */
+static PyObject *add_counts(PyObject *state, const Layout *layout, int64_t ts,
+                            const int64_t *counts) {
+    int64_t record[1 + MAX_COUNTS + MAX_DECAYED];
+    if (state == NULL) {
+        int64_t fresh[2 + MAX_COUNTS + MAX_DECAYED];
+        fresh[0] = ts;
+        if (fill_record(layout, ts, counts, fresh + 1) < 0) return NULL;
+        return new_array(fresh, 1 + layout->width);
+    }
+    Py_buffer view;
+    if (get_state_buffer(state, &view) < 0) return NULL;
+    int64_t *s = (int64_t *)view.buf;
+    Py_ssize_t len = view.len / 8;
+    int width = layout->width;
+    int64_t day = floor_div(ts, DAY_MS);
+    if (len < 1) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "an empty key state");
+        return NULL;
+    }
+    if (ts > s[0]) s[0] = ts;
+    Py_ssize_t pos = len - width;
+    while (pos >= 1 && s[pos] > day) pos -= width;
+    if (pos >= 1 && s[pos] == day) {
+        int64_t *at = s + pos + 1;
+        for (int i = 0; i < layout->counts; i++) {
+            if (counts[i] && __builtin_add_overflow(at[i], counts[i], &at[i])) {
+                PyBuffer_Release(&view);
+                overflow();
+                return NULL;
+            }
+        }
+        int64_t weight = 0;
+        int64_t *sums = at + layout->counts;
+        for (int j = 0; j < layout->n_decayed; j++) {
+            int64_t n = counts[layout->decayed[j]], added;
+            if (!n) continue;
+            if (!weight) weight = forward_weight(ts);
+            if (__builtin_mul_overflow(n, weight, &added) ||
+                __builtin_add_overflow(sums[j], added, &sums[j])) {
+                PyBuffer_Release(&view);
+                overflow();
+                return NULL;
+            }
+        }
+        PyBuffer_Release(&view);
+        Py_INCREF(state);
+        return state;
+    }
+    PyBuffer_Release(&view);
+    if (fill_record(layout, ts, counts, record) < 0) return NULL;
+    PyObject *inserted = new_array(record, width);
+    if (inserted == NULL) return NULL;
+    Py_ssize_t insert_at = pos >= 1 ? pos + width : 1;
+    int rc = PySequence_SetSlice(state, insert_at, insert_at, inserted);
+    Py_DECREF(inserted);
+    if (rc < 0) return NULL;
+    Py_INCREF(state);
+    return state;
+}
+
+static int64_t as_int64(PyObject *o, int *error) {
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) *error = 1;
+    return v;
+}
+
+/* add(state | None, layouts, family, ts, counts) -> state */
+static PyObject *py_add(PyObject *self, PyObject *args) {
+    PyObject *state, *layouts, *counts_obj;
+    int family;
+    long long ts;
+    if (!PyArg_ParseTuple(args, "OOiLO", &state, &layouts, &family, &ts, &counts_obj)) return NULL;
+    Layout table[N_FAMILIES];
+    if (parse_layouts(layouts, table) < 0) return NULL;
+    if (family < 0 || family >= N_FAMILIES) {
+        PyErr_SetString(PyExc_ValueError, "no such family");
+        return NULL;
+    }
+    int64_t counts[MAX_COUNTS];
+    if (read_counts(counts_obj, &table[family], counts) < 0) return NULL;
+    return add_counts(state == Py_None ? NULL : state, &table[family], ts, counts);
+}
+
+/* apply(updates, keys, dirty, created, deleted, layouts, clock, late_before)
+ *   -> (clock, late_before, late)
+ *
+ * FeatureShard.step's loop over one batch of (family, suffix, ts, counts) updates: moves
+ * the clock, counts the late ones, adds the rest and marks their keys dirty (and new keys
+ * created, no longer deleted). */
+static PyObject *py_apply(PyObject *self, PyObject *args) {
+    PyObject *updates, *keys, *dirty, *created, *deleted, *layouts;
+    long long clock, late_before;
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!OLL", &updates, &PyDict_Type, &keys, &PySet_Type,
+                          &dirty, &PySet_Type, &created, &PySet_Type, &deleted, &layouts, &clock,
+                          &late_before))
+        return NULL;
+    Layout table[N_FAMILIES];
+    if (parse_layouts(layouts, table) < 0) return NULL;
+    PyObject *fast = PySequence_Fast(updates, "updates must be a sequence");
+    if (fast == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    long long late = 0;
+    int64_t counts[MAX_COUNTS];
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *u = items[k];
+        if (!PyTuple_Check(u) || PyTuple_GET_SIZE(u) != 4) {
+            PyErr_SetString(PyExc_TypeError, "an update is (family, suffix, ts, counts)");
+            goto fail;
+        }
+        int error = 0;
+        int64_t family = as_int64(PyTuple_GET_ITEM(u, 0), &error);
+        PyObject *suffix = PyTuple_GET_ITEM(u, 1);
+        int64_t ts = as_int64(PyTuple_GET_ITEM(u, 2), &error);
+        if (error) goto fail;
+        if (family < 0 || family >= N_FAMILIES) {
+            PyErr_SetString(PyExc_ValueError, "no such family");
+            goto fail;
+        }
+        if (ts > clock) {
+            clock = ts;
+            late_before = floor_div(clock, DAY_MS) - RETENTION_DAYS;
+        }
+        if (floor_div(ts, DAY_MS) <= late_before) {
+            late++;
+            continue;
+        }
+        const Layout *layout = &table[family];
+        if (read_counts(PyTuple_GET_ITEM(u, 3), layout, counts) < 0) goto fail;
+        PyObject *state = PyDict_GetItemWithError(keys, suffix); /* borrowed */
+        if (state == NULL) {
+            if (PyErr_Occurred()) goto fail;
+            PyObject *fresh = add_counts(NULL, layout, ts, counts);
+            if (fresh == NULL) goto fail;
+            int rc = PyDict_SetItem(keys, suffix, fresh);
+            Py_DECREF(fresh);
+            if (rc < 0 || PySet_Discard(deleted, suffix) < 0 || PySet_Add(created, suffix) < 0)
+                goto fail;
+        } else {
+            PyObject *same = add_counts(state, layout, ts, counts);
+            if (same == NULL) goto fail;
+            Py_DECREF(same);
+        }
+        if (PySet_Add(dirty, suffix) < 0) goto fail;
+    }
+    Py_DECREF(fast);
+    return Py_BuildValue("LLL", clock, late_before, late);
+fail:
+    Py_DECREF(fast);
+    return NULL;
+}
+
+/* ---- families.fields_for --------------------------------------------------------------- */
+
+typedef struct {
+    double alpha[N_FAMILIES], beta[N_FAMILIES];
+    double weight_click, weight_impression, weight_long_click, coec_prior;
+} Params;
+
+/* `cparams`: families.native_params(params), 12 floats. */
+static int parse_params(PyObject *cparams, Params *p) {
+    if (!PyTuple_Check(cparams) || PyTuple_GET_SIZE(cparams) != N_PARAMS) {
+        PyErr_SetString(PyExc_TypeError, "params: a tuple of 12 floats");
+        return -1;
+    }
+    double v[N_PARAMS];
+    for (int i = 0; i < N_PARAMS; i++) {
+        v[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(cparams, i));
+        if (v[i] == -1.0 && PyErr_Occurred()) return -1;
+    }
+    for (int f = 0; f < N_FAMILIES; f++) {
+        p->alpha[f] = v[2 * f];
+        p->beta[f] = v[2 * f + 1];
+    }
+    p->weight_click = v[8];
+    p->weight_impression = v[9];
+    p->weight_long_click = v[10];
+    p->coec_prior = v[11];
+    return 0;
+}
+
+/* Field names, in the order families.fields_for inserts them. */
+enum {
+    F_IMPRESSIONS_7D, F_CLICKS_7D, F_IMPRESSIONS_30D, F_CLICKS_30D, F_LONG_CLICKS_30D,
+    F_CTR_7D, F_CTR_30D, F_IMPRESSIONS_DECAY, F_CLICKS_DECAY, F_CTR_DECAY, F_AS_OF,
+    F_POPULARITY_7D, F_POPULARITY_30D, F_EXPECTED_CLICKS_30D, F_COEC_30D,
+    F_SELECTS_7D, F_SELECTS_30D, F_SELECT_RATE_7D, F_SELECT_RATE_30D,
+    F_SEARCHED_7D, F_CLICKED_7D, F_SEARCHED_30D, F_CLICKED_30D, F_SEARCH_RATE_30D,
+    F_CLICK_RATE_30D, N_FIELDS
+};
+static const char *FIELD_NAMES[N_FIELDS] = {
+    "impressions_7d", "clicks_7d", "impressions_30d", "clicks_30d", "long_clicks_30d",
+    "ctr_7d", "ctr_30d", "impressions_decay", "clicks_decay", "ctr_decay", "as_of",
+    "popularity_7d", "popularity_30d", "expected_clicks_30d", "coec_30d",
+    "selects_7d", "selects_30d", "select_rate_7d", "select_rate_30d",
+    "searched_7d", "clicked_7d", "searched_30d", "clicked_30d", "search_rate_30d",
+    "click_rate_30d",
+};
+static PyObject *field_names[N_FIELDS];
+
+static int put_int(PyObject *out, int field, int64_t value) {
+    char text[24];
+    int n = snprintf(text, sizeof text, "%lld", (long long)value);
+    PyObject *s = PyUnicode_FromStringAndSize(text, n);
+    if (s == NULL) return -1;
+    int rc = PyDict_SetItem(out, field_names[field], s);
+    Py_DECREF(s);
+    return rc;
+}
+
+/* repr(value), as CPython's float.__repr__ writes it. */
+static int put_float(PyObject *out, int field, double value) {
+    char *text = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) return -1;
+    PyObject *s = PyUnicode_FromString(text);
+    PyMem_Free(text);
+    if (s == NULL) return -1;
+    int rc = PyDict_SetItem(out, field_names[field], s);
+    Py_DECREF(s);
+    return rc;
+}
+
+/* Prior.rate: (successes + alpha) / (trials + alpha + beta). */
+static inline double rate(const Params *p, int family, double successes, double trials) {
+    return (successes + p->alpha[family]) / (trials + p->alpha[family] + p->beta[family]);
+}
+
+/* counters.totals; 0, or 1 when a window sum does not fit an int64 (the caller hands the key
+ * to the reference). */
+static int window_sums(const int64_t *s, Py_ssize_t len, const Layout *layout, int64_t as_of_day,
+                       int64_t as_of_ms, int64_t *last_7d, int64_t *last_30d, double *decayed) {
+    int n = layout->counts, m = layout->n_decayed, width = layout->width;
+    for (int i = 0; i < n; i++) last_7d[i] = last_30d[i] = 0;
+    for (int j = 0; j < m; j++) decayed[j] = 0.0;
+    int64_t first_30d = as_of_day - WINDOW_30D, first_7d = as_of_day - WINDOW_7D;
+    for (Py_ssize_t pos = 1; pos + width <= len; pos += width) {
+        int64_t day = s[pos];
+        if (day <= first_30d || day > as_of_day) continue;
+        const int64_t *c = s + pos + 1;
+        for (int i = 0; i < n; i++) {
+            if (__builtin_add_overflow(last_30d[i], c[i], &last_30d[i])) return 1;
+            if (day > first_7d && __builtin_add_overflow(last_7d[i], c[i], &last_7d[i]))
+                return 1;
+        }
+        if (m) {
+            double factor = exp2((double)(-(as_of_ms - day * DAY_MS)) / (double)HALF_LIFE_MS) /
+                            WEIGHT_SCALE;
+            for (int j = 0; j < m; j++) {
+                int64_t w = c[n + j];
+                if (w) decayed[j] += (double)w * factor;
+            }
+        }
+    }
+    return 0;
+}
+
+static inline int family_of(PyObject *suffix) {
+    if (!PyUnicode_Check(suffix) || PyUnicode_GET_LENGTH(suffix) < 3) return -1;
+    int kind = PyUnicode_KIND(suffix);
+    const void *data = PyUnicode_DATA(suffix);
+    Py_UCS4 a = PyUnicode_READ(kind, data, 0), b = PyUnicode_READ(kind, data, 1),
+            c = PyUnicode_READ(kind, data, 2);
+    if (a == 'd' && b == 'o' && c == 'c') return DOC;
+    if (a == 'q' && b == 'd' && c == ':') return QD;
+    if (a == 'a' && b == 'c') {
+        if (c == ':') return AC;
+        if (c == 'q') return ACQ;
+    }
+    return -1;
+}
+
+/* The fields of one key, or NULL with no error set when its sums overflow an int64. */
+static PyObject *render_key(int family, PyObject *state, int64_t as_of, const Layout *table,
+                            const Params *p) {
+    Py_buffer view;
+    if (get_state_buffer(state, &view) < 0) return NULL;
+    const Layout *layout = &table[family];
+    int64_t w7[MAX_COUNTS], w30[MAX_COUNTS];
+    double d[MAX_DECAYED];
+    int overflowed = window_sums((const int64_t *)view.buf, view.len / 8, layout,
+                                 floor_div(as_of, DAY_MS), as_of, w7, w30, d);
+    PyBuffer_Release(&view);
+    if (overflowed) return NULL;
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    int bad = 0;
+    if (family == DOC || family == QD) {
+        if (layout->counts != 4 || layout->n_decayed != 2) goto layout_error;
+        double expected30 = (double)w30[3] / EXPECTED_SCALE;
+        bad |= put_int(out, F_IMPRESSIONS_7D, w7[0]);
+        bad |= put_int(out, F_CLICKS_7D, w7[1]);
+        bad |= put_int(out, F_IMPRESSIONS_30D, w30[0]);
+        bad |= put_int(out, F_CLICKS_30D, w30[1]);
+        bad |= put_int(out, F_LONG_CLICKS_30D, w30[2]);
+        bad |= put_float(out, F_CTR_7D, rate(p, family, (double)w7[1], (double)w7[0]));
+        bad |= put_float(out, F_CTR_30D, rate(p, family, (double)w30[1], (double)w30[0]));
+        bad |= put_float(out, F_IMPRESSIONS_DECAY, d[0]);
+        bad |= put_float(out, F_CLICKS_DECAY, d[1]);
+        bad |= put_float(out, F_CTR_DECAY, rate(p, family, d[1], d[0]));
+        bad |= put_int(out, F_AS_OF, as_of);
+        if (family == DOC) {
+            bad |= put_float(out, F_POPULARITY_7D,
+                             p->weight_click * (double)w7[1] +
+                                 p->weight_impression * (double)w7[0] +
+                                 p->weight_long_click * (double)w7[2]);
+            bad |= put_float(out, F_POPULARITY_30D,
+                             p->weight_click * (double)w30[1] +
+                                 p->weight_impression * (double)w30[0] +
+                                 p->weight_long_click * (double)w30[2]);
+        }
+        bad |= put_float(out, F_EXPECTED_CLICKS_30D, expected30);
+        bad |= put_float(out, F_COEC_30D,
+                         ((double)w30[1] + p->coec_prior) / (expected30 + p->coec_prior));
+    } else if (family == AC) {
+        if (layout->counts != 2) goto layout_error;
+        bad |= put_int(out, F_IMPRESSIONS_7D, w7[0]);
+        bad |= put_int(out, F_SELECTS_7D, w7[1]);
+        bad |= put_int(out, F_IMPRESSIONS_30D, w30[0]);
+        bad |= put_int(out, F_SELECTS_30D, w30[1]);
+        bad |= put_float(out, F_SELECT_RATE_7D, rate(p, AC, (double)w7[1], (double)w7[0]));
+        bad |= put_float(out, F_SELECT_RATE_30D, rate(p, AC, (double)w30[1], (double)w30[0]));
+        bad |= put_int(out, F_AS_OF, as_of);
+    } else {
+        if (layout->counts != 3) goto layout_error;
+        bad |= put_int(out, F_SELECTS_7D, w7[0]);
+        bad |= put_int(out, F_SEARCHED_7D, w7[1]);
+        bad |= put_int(out, F_CLICKED_7D, w7[2]);
+        bad |= put_int(out, F_SELECTS_30D, w30[0]);
+        bad |= put_int(out, F_SEARCHED_30D, w30[1]);
+        bad |= put_int(out, F_CLICKED_30D, w30[2]);
+        bad |= put_float(out, F_SEARCH_RATE_30D, rate(p, ACQ, (double)w30[1], (double)w30[0]));
+        bad |= put_float(out, F_CLICK_RATE_30D, rate(p, ACQ, (double)w30[2], (double)w30[0]));
+        bad |= put_int(out, F_AS_OF, as_of);
+    }
+    if (bad) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+layout_error:
+    Py_DECREF(out);
+    PyErr_SetString(PyExc_ValueError, "layouts do not match the families' fields");
+    return NULL;
+}
+
+/* The fields of one key, through the reference when the compiled sums cannot hold them. */
+static PyObject *render_or_fallback(int family, PyObject *state, int64_t as_of,
+                                    const Layout *table, const Params *p, PyObject *fallback) {
+    PyObject *fields = render_key(family, state, as_of, table, p);
+    if (fields != NULL || PyErr_Occurred()) return fields;
+    return PyObject_CallFunction(fallback, "iOL", family, state, (long long)as_of);
+}
+
+/* fields_for(family, state, as_of, layouts, cparams, fallback) -> dict */
+static PyObject *py_fields_for(PyObject *self, PyObject *args) {
+    int family;
+    PyObject *state, *layouts, *cparams, *fallback;
+    long long as_of;
+    if (!PyArg_ParseTuple(args, "iOLOOO", &family, &state, &as_of, &layouts, &cparams, &fallback))
+        return NULL;
+    Layout table[N_FAMILIES];
+    Params p;
+    if (parse_layouts(layouts, table) < 0 || parse_params(cparams, &p) < 0) return NULL;
+    if (family < 0 || family >= N_FAMILIES) {
+        PyErr_SetString(PyExc_ValueError, "no such family");
+        return NULL;
+    }
+    return render_or_fallback(family, state, as_of, table, &p, fallback);
+}
+
+/* render(keys, suffixes, day_start, layouts, cparams, fallback, writes) -> None
+ *
+ * FeatureShard.flush's loop: appends (suffix, fields) to `writes` for every suffix, each
+ * rendered at max(its newest event, day_start). */
+static PyObject *py_render(PyObject *self, PyObject *args) {
+    PyObject *keys, *suffixes, *layouts, *cparams, *fallback, *writes;
+    long long day_start;
+    if (!PyArg_ParseTuple(args, "O!OLOOOO!", &PyDict_Type, &keys, &suffixes, &day_start, &layouts,
+                          &cparams, &fallback, &PyList_Type, &writes))
+        return NULL;
+    Layout table[N_FAMILIES];
+    Params p;
+    if (parse_layouts(layouts, table) < 0 || parse_params(cparams, &p) < 0) return NULL;
+    PyObject *it = PyObject_GetIter(suffixes);
+    if (it == NULL) return NULL;
+    PyObject *suffix;
+    while ((suffix = PyIter_Next(it)) != NULL) {
+        PyObject *state = PyDict_GetItemWithError(keys, suffix); /* borrowed */
+        int family = family_of(suffix);
+        if (state == NULL || family < 0) {
+            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, suffix);
+            Py_DECREF(suffix);
+            Py_DECREF(it);
+            return NULL;
+        }
+        Py_buffer view;
+        if (get_state_buffer(state, &view) < 0) {
+            Py_DECREF(suffix);
+            Py_DECREF(it);
+            return NULL;
+        }
+        int64_t newest = ((const int64_t *)view.buf)[0];
+        PyBuffer_Release(&view);
+        int64_t as_of = newest > day_start ? newest : day_start;
+        PyObject *fields = render_or_fallback(family, state, as_of, table, &p, fallback);
+        PyObject *write = fields == NULL ? NULL : PyTuple_Pack(2, suffix, fields);
+        Py_XDECREF(fields);
+        Py_DECREF(suffix);
+        if (write == NULL || PyList_Append(writes, write) < 0) {
+            Py_XDECREF(write);
+            Py_DECREF(it);
+            return NULL;
+        }
+        Py_DECREF(write);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- sinks.redis: RESP of a chunk of writes -------------------------------------------- */
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+} Buffer;
+
+static int grow(Buffer *b, size_t more) {
+    if (b->len + more <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + more) cap *= 2;
+    char *data = PyMem_Realloc(b->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int put(Buffer *b, const char *text, size_t n) {
+    if (grow(b, n) < 0) return -1;
+    memcpy(b->data + b->len, text, n);
+    b->len += n;
+    return 0;
+}
+
+/* `$<len>\r\n<bytes>\r\n`, with `head` and `tail` around the key text (prefix ":" suffix). */
+static int put_bulk(Buffer *b, const char *a, Py_ssize_t na, const char *c, Py_ssize_t nc) {
+    char head[32];
+    int nh = snprintf(head, sizeof head, "$%zd\r\n", (Py_ssize_t)(na + nc));
+    if (grow(b, (size_t)nh + (size_t)na + (size_t)nc + 2) < 0) return -1;
+    memcpy(b->data + b->len, head, (size_t)nh);
+    b->len += (size_t)nh;
+    memcpy(b->data + b->len, a, (size_t)na);
+    b->len += (size_t)na;
+    if (nc) {
+        memcpy(b->data + b->len, c, (size_t)nc);
+        b->len += (size_t)nc;
+    }
+    memcpy(b->data + b->len, "\r\n", 2);
+    b->len += 2;
+    return 0;
+}
+
+static const char *utf8(PyObject *s, Py_ssize_t *n) {
+    if (!PyUnicode_Check(s)) {
+        PyErr_Format(PyExc_TypeError, "expected str, got %.100s", Py_TYPE(s)->tp_name);
+        return NULL;
+    }
+    return PyUnicode_AsUTF8AndSize(s, n);
+}
+
+/* pack_writes(prefix, writes, ttl, seconds) -> (bytes, replies)
+ *
+ * `HSET <prefix>:<suffix> field value ...` per (suffix, fields), then `EXPIRE key seconds`
+ * when the suffix is in `ttl`; `DEL key` per (suffix, None). */
+static PyObject *py_pack_writes(PyObject *self, PyObject *args) {
+    PyObject *prefix, *writes, *ttl;
+    long long seconds;
+    if (!PyArg_ParseTuple(args, "UOOL", &prefix, &writes, &ttl, &seconds)) return NULL;
+    Py_ssize_t nprefix;
+    const char *prefix_text = PyUnicode_AsUTF8AndSize(prefix, &nprefix);
+    if (prefix_text == NULL) return NULL;
+    char ttl_text[24];
+    int nttl = snprintf(ttl_text, sizeof ttl_text, "%lld", seconds);
+    PyObject *fast = PySequence_Fast(writes, "writes must be a sequence");
+    if (fast == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    Buffer b = {NULL, 0, 0};
+    /* the key is `prefix:` then the suffix: keep `prefix:` in one piece */
+    char *head = PyMem_Malloc((size_t)nprefix + 1);
+    if (head == NULL) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    memcpy(head, prefix_text, (size_t)nprefix);
+    head[nprefix] = ':';
+    long long replies = 0;
+    int is_set = PyAnySet_Check(ttl);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *w = items[k];
+        if (!PyTuple_Check(w) || PyTuple_GET_SIZE(w) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a write is (suffix, fields or None)");
+            goto fail;
+        }
+        PyObject *suffix = PyTuple_GET_ITEM(w, 0), *fields = PyTuple_GET_ITEM(w, 1);
+        Py_ssize_t nsuffix;
+        const char *suffix_text = utf8(suffix, &nsuffix);
+        if (suffix_text == NULL) goto fail;
+        char line[48];
+        if (fields == Py_None) {
+            if (put(&b, "*2\r\n$3\r\nDEL\r\n", 13) < 0 ||
+                put_bulk(&b, head, nprefix + 1, suffix_text, nsuffix) < 0)
+                goto fail;
+            replies++;
+            continue;
+        }
+        if (!PyDict_Check(fields)) {
+            PyErr_SetString(PyExc_TypeError, "fields must be a dict");
+            goto fail;
+        }
+        int nl = snprintf(line, sizeof line, "*%zd\r\n$4\r\nHSET\r\n",
+                          (Py_ssize_t)(2 + 2 * PyDict_GET_SIZE(fields)));
+        if (put(&b, line, (size_t)nl) < 0 || put_bulk(&b, head, nprefix + 1, suffix_text, nsuffix) < 0)
+            goto fail;
+        Py_ssize_t pos = 0;
+        PyObject *name, *value;
+        while (PyDict_Next(fields, &pos, &name, &value)) {
+            Py_ssize_t nn, nv;
+            const char *name_text = utf8(name, &nn);
+            if (name_text == NULL) goto fail;
+            const char *value_text = utf8(value, &nv);
+            if (value_text == NULL) goto fail;
+            if (put_bulk(&b, name_text, nn, NULL, 0) < 0 || put_bulk(&b, value_text, nv, NULL, 0) < 0)
+                goto fail;
+        }
+        replies++;
+        int in_ttl = is_set ? PySet_Contains(ttl, suffix) : PySequence_Contains(ttl, suffix);
+        if (in_ttl < 0) goto fail;
+        if (in_ttl) {
+            if (put(&b, "*3\r\n$6\r\nEXPIRE\r\n", 16) < 0 ||
+                put_bulk(&b, head, nprefix + 1, suffix_text, nsuffix) < 0 ||
+                put_bulk(&b, ttl_text, nttl, NULL, 0) < 0)
+                goto fail;
+            replies++;
+        }
+    }
+    Py_DECREF(fast);
+    PyMem_Free(head);
+    PyObject *data = PyBytes_FromStringAndSize(b.data ? b.data : "", (Py_ssize_t)b.len);
+    PyMem_Free(b.data);
+    if (data == NULL) return NULL;
+    PyObject *result = Py_BuildValue("NL", data, replies);
+    return result;
+fail:
+    Py_DECREF(fast);
+    PyMem_Free(head);
+    PyMem_Free(b.data);
+    return NULL;
+}
+
+/* ---- module ---------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"add", py_add, METH_VARARGS,
+     "add(state | None, layouts, family, ts, counts) -> state: counters.add."},
+    {"apply", py_apply, METH_VARARGS,
+     "apply(updates, keys, dirty, created, deleted, layouts, clock, late_before) -> "
+     "(clock, late_before, late): FeatureShard.step's loop over one batch of updates."},
+    {"fields_for", py_fields_for, METH_VARARGS,
+     "fields_for(family, state, as_of, layouts, cparams, fallback) -> dict: "
+     "families.fields_for."},
+    {"render", py_render, METH_VARARGS,
+     "render(keys, suffixes, day_start, layouts, cparams, fallback, writes): appends "
+     "(suffix, fields) per suffix, as FeatureShard.flush does."},
+    {"pack_writes", py_pack_writes, METH_VARARGS,
+     "pack_writes(prefix, writes, ttl, seconds) -> (bytes, replies): the RESP of a chunk."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "dataflow.core._native",
+    "Compiled per-key hot paths of the state core (pure-Python references in the package).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    PyObject *array_module = PyImport_ImportModule("array");
+    if (array_module == NULL) goto fail;
+    array_type = PyObject_GetAttrString(array_module, "array");
+    Py_DECREF(array_module);
+    if (array_type == NULL) goto fail;
+    typecode_q = PyUnicode_InternFromString("q");
+    if (typecode_q == NULL) goto fail;
+    for (int i = 0; i < N_FIELDS; i++) {
+        field_names[i] = PyUnicode_InternFromString(FIELD_NAMES[i]);
+        if (field_names[i] == NULL) goto fail;
+    }
+    PyObject *constants = Py_BuildValue(
+        "{s:L,s:L,s:d,s:d,s:i,s:i,s:i}", "DAY_MS", DAY_MS, "HALF_LIFE_MS", HALF_LIFE_MS,
+        "WEIGHT_SCALE", WEIGHT_SCALE, "EXPECTED_SCALE", EXPECTED_SCALE, "WINDOW_7D", WINDOW_7D,
+        "WINDOW_30D", WINDOW_30D, "RETENTION_DAYS", RETENTION_DAYS);
+    if (constants == NULL || PyModule_AddObject(m, "CONSTANTS", constants) < 0) {
+        Py_XDECREF(constants);
+        goto fail;
+    }
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

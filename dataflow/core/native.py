@@ -1,0 +1,75 @@
+"""The compiled state core: the per-key hot paths in C (`dataflow/core/_native.c`).
+
+Three loops run once per counter update or per written key, and in CPython each costs
+microseconds of per-object work; compiled, each is a few hundred nanoseconds:
+
+- applying a batch of counter updates to a shard's keys (`FeatureShard.step`, whose Python
+  loop and `counters.add` are the reference);
+- rendering the keys to write as their Redis fields (`FeatureShard.flush`, reference
+  `families.fields_for`);
+- packing a chunk of writes as RESP (`sinks.redis`, reference `resp.pack_writes`).
+
+The Python implementations stay the reference: the compiled ones give the same states, the
+same field text and the same bytes (tests/core/test_native.py holds them to it with
+Hypothesis), so the choice changes speed only. A key whose window sums do not fit an int64
+is rendered by the reference.
+
+`NATIVE_CORE` chooses (`use`); with it on, a package built without its extension fails at
+start naming the variable instead of running slower unnoticed. `pip install .` builds the
+extension (setup.py); it needs a C compiler and Python's headers.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from dataflow.core.families import LAYOUTS, FeatureParams
+
+
+def _load() -> ModuleType | None:
+    try:
+        from dataflow.core import _native  # noqa: PLC0415 - optional: built by setup.py
+    except ImportError:  # pragma: no cover - a package installed without its extension
+        return None
+    return _native
+
+
+BUILT: ModuleType | None = _load()
+"""The extension, when the package was installed with it."""
+
+core: ModuleType | None = BUILT
+"""The compiled core in use, or None for the pure-Python one (`use`)."""
+
+LAYOUT_TABLE = tuple((layout.counts, layout.decayed) for layout in LAYOUTS)
+"""`families.LAYOUTS` as the compiled core takes it: (counts, decayed indexes) per family."""
+
+
+class NotBuilt(RuntimeError):
+    """The compiled core was asked for, and the package was installed without it."""
+
+
+def use(enabled: bool) -> None:
+    """Run the compiled core (True) or the pure-Python one (False)."""
+    global core  # noqa: PLW0603 - one switch for the process, set at start
+    if enabled and BUILT is None:
+        raise NotBuilt("the compiled core (dataflow.core._native) is not built")
+    core = BUILT if enabled else None
+
+
+def params_table(params: FeatureParams) -> tuple[float, ...]:
+    """`params` as the compiled renderer takes them: α and β of doc, qd, ac and acq, the
+    three popularity weights and the COEC prior, as floats."""
+    return (
+        float(params.doc.alpha),
+        float(params.doc.beta),
+        float(params.qd.alpha),
+        float(params.qd.beta),
+        float(params.ac.alpha),
+        float(params.ac.beta),
+        float(params.acq.alpha),
+        float(params.acq.beta),
+        float(params.weight_click),
+        float(params.weight_impression),
+        float(params.weight_long_click),
+        float(params.coec_prior),
+    )

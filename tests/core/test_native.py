@@ -1,0 +1,316 @@
+"""The compiled state core against its pure-Python reference: the same states, the same
+field text and the same RESP bytes, on any input (dataflow.core.native)."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataflow import resp
+from dataflow.config import Config
+from dataflow.core import counters, native, windows
+from dataflow.core.families import (
+    AC,
+    ACQ,
+    DOC,
+    EXPECTED_SCALE,
+    LAYOUTS,
+    QD,
+    FeatureParams,
+    Update,
+    expected_units,
+    fields_for,
+)
+from dataflow.core.shard import FeatureShard, ShardItem
+from dataflow.core.smoothing import Prior
+from dataflow.errors import ConfigError
+from dataflow.sinks.redis import EVERY_KEY
+
+BUILT = native.BUILT
+DAY = windows.DAY_MS
+BASE = 20_000 * DAY
+
+
+def test_the_extension_is_built() -> None:
+    """`pip install .` builds it (setup.py); a silent fall-back would only run slower."""
+    assert BUILT is not None
+    assert native.core is BUILT
+
+
+def test_its_constants_are_the_contracts() -> None:
+    assert BUILT is not None
+    contract = {
+        "DAY_MS": windows.DAY_MS,
+        "HALF_LIFE_MS": windows.HALF_LIFE_MS,
+        "WEIGHT_SCALE": windows.WEIGHT_SCALE,
+        "EXPECTED_SCALE": float(EXPECTED_SCALE),
+        "WINDOW_7D": windows.WINDOW_7D,
+        "WINDOW_30D": windows.WINDOW_30D,
+        "RETENTION_DAYS": windows.RETENTION_DAYS,
+    }
+    assert contract == BUILT.CONSTANTS
+
+
+@contextmanager
+def pure_python() -> Iterator[None]:
+    native.use(False)
+    try:
+        yield
+    finally:
+        native.use(True)
+
+
+# --- updates -----------------------------------------------------------------------------
+
+SUFFIXES = {
+    DOC: ["doc:a", "doc:b", "doc:%C3%A9"],
+    QD: ["qd:1:a", "qd:2:a"],
+    AC: ["ac:se:search", "ac:s:sea"],
+    ACQ: ["acq:1:x"],
+}
+
+
+def counts_of(family: int) -> st.SearchStrategy[tuple[int, ...]]:
+    n = LAYOUTS[family].counts
+    small = st.integers(min_value=0, max_value=3)
+    big = st.sampled_from([0, 1, expected_units(0.3), 2**40, 2**62])
+    return st.tuples(*[st.one_of(small, big) for _ in range(n)])
+
+
+@st.composite
+def an_update(draw: st.DrawFn) -> Update:
+    family = draw(st.sampled_from([DOC, QD, AC, ACQ]))
+    suffix = draw(st.sampled_from(SUFFIXES[family]))
+    # ~45 days around BASE, any millisecond: days out of order, late ones, day edges.
+    ts = BASE + draw(
+        st.one_of(
+            st.integers(min_value=-5 * DAY, max_value=40 * DAY),
+            st.sampled_from([0, DAY - 1, DAY, 31 * DAY, 31 * DAY - 1]),
+        )
+    )
+    return family, suffix, ts, draw(counts_of(family))
+
+
+items_strategy = st.lists(
+    st.one_of(
+        st.lists(an_update(), max_size=12),
+        st.integers(min_value=BASE - DAY, max_value=BASE + 45 * DAY),  # clock readings
+    ),
+    max_size=10,
+)
+
+
+def run_shard(items: list[ShardItem], params: FeatureParams) -> tuple[object, ...]:
+    """Step and flush: everything the shard shows (states as bytes)."""
+    shard = FeatureShard(params)
+    outcome: list[object] = []
+    for item in items:
+        try:
+            result = shard.step([item])
+        except OverflowError:
+            return ("overflow",)  # the flow stops: what is left half-applied does not count
+        outcome.append(result.late_updates)
+        outcome.append(sorted(shard.dirty))
+        outcome.append(sorted(shard.created))
+        flushed = shard.flush()
+        outcome.append([(s, None if f is None else list(f.items())) for s, f in flushed.writes])
+    outcome.append(shard.clock)
+    outcome.append({s: counters.to_bytes(v) for s, v in shard.keys.items()})
+    return tuple(outcome)
+
+
+priors_strategy = st.builds(
+    Prior,
+    st.floats(min_value=1e-4, max_value=1e4),
+    st.floats(min_value=1e-4, max_value=1e4),
+)
+params_strategy = st.builds(
+    FeatureParams,
+    doc=priors_strategy,
+    qd=priors_strategy,
+    ac=priors_strategy,
+    acq=priors_strategy,
+    weight_click=st.floats(min_value=0, max_value=10),
+    weight_impression=st.floats(min_value=0, max_value=1),
+    weight_long_click=st.floats(min_value=0, max_value=10),
+    coec_prior=st.floats(min_value=1e-3, max_value=1e3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(items_strategy, params_strategy)
+def test_a_shard_steps_and_flushes_the_same_compiled_or_not(
+    items: list[ShardItem], params: FeatureParams
+) -> None:
+    compiled = run_shard(items, params)
+    with pure_python():
+        reference = run_shard(items, params)
+    assert compiled == reference
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(an_update(), min_size=1, max_size=30))
+def test_add_gives_the_references_state_byte_for_byte(updates: list[Update]) -> None:
+    assert BUILT is not None
+    compiled: dict[str, array[int]] = {}
+    reference: dict[str, array[int]] = {}
+    for family, suffix, ts, counts in updates:
+        layout = LAYOUTS[family]
+        try:
+            expected = counters.add(reference.get(suffix), layout, ts, counts)
+        except OverflowError:
+            with pytest.raises(OverflowError):
+                BUILT.add(compiled.get(suffix), native.LAYOUT_TABLE, family, ts, counts)
+            return
+        reference[suffix] = expected
+        compiled[suffix] = BUILT.add(compiled.get(suffix), native.LAYOUT_TABLE, family, ts, counts)
+        assert compiled[suffix].tobytes() == reference[suffix].tobytes()
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(an_update(), min_size=1, max_size=30),
+    st.integers(min_value=BASE, max_value=BASE + 70 * DAY),
+    params_strategy,
+)
+def test_fields_are_the_references_text_in_the_references_order(
+    updates: list[Update], as_of: int, params: FeatureParams
+) -> None:
+    assert BUILT is not None
+    states: dict[str, array[int]] = {}
+    for family, suffix, ts, counts in updates:
+        try:
+            states[suffix] = counters.add(states.get(suffix), LAYOUTS[family], ts, counts)
+        except OverflowError:
+            break
+    family_by_suffix = {suffix: family for family, suffix, _, _ in updates}
+    table = native.params_table(params)
+    for suffix, state in states.items():
+        family = family_by_suffix[suffix]
+        expected = fields_for(family, state, as_of, params)
+        got = BUILT.fields_for(
+            family,
+            state,
+            as_of,
+            native.LAYOUT_TABLE,
+            table,
+            partial(fields_for, params=params),
+        )
+        assert list(got.items()) == list(expected.items())
+
+
+def test_a_key_whose_sums_overflow_an_int64_is_rendered_by_the_reference() -> None:
+    assert BUILT is not None
+    # Expected clicks (not decayed) of 2^62 units a day: 2^64 in 30 days.
+    state = counters.add(None, LAYOUTS[DOC], BASE, (1, 0, 0, 2**62))
+    for day in (1, 2, 3):
+        counters.add(state, LAYOUTS[DOC], BASE + day * DAY, (1, 0, 0, 2**62))
+    as_of = BASE + 4 * DAY
+    params = FeatureParams()
+    expected = fields_for(DOC, state, as_of, params)
+    assert float(expected["expected_clicks_30d"]) == 2.0**32  # 2^64 units: past an int64
+    calls: list[int] = []
+
+    def reference(family: int, state: array[int], as_of: int) -> dict[str, str]:
+        calls.append(family)
+        return fields_for(family, state, as_of, params)
+
+    table = native.params_table(params)
+    got = BUILT.fields_for(DOC, state, as_of, native.LAYOUT_TABLE, table, reference)
+    assert got == expected
+    assert calls == [DOC]
+
+
+def test_special_floats_are_written_as_python_writes_them() -> None:
+    """repr's shortest round-trip text, 'inf' and 'nan' included."""
+    assert BUILT is not None
+    state = counters.add(None, LAYOUTS[AC], BASE, (3, 1))
+    for prior in (Prior(1e-300, 1e-300), Prior(0.1, 0.2), Prior(1e300, 1e300)):
+        params = FeatureParams(ac=prior)
+        got = BUILT.fields_for(
+            AC, state, BASE, native.LAYOUT_TABLE, native.params_table(params), fields_for
+        )
+        assert got == fields_for(AC, state, BASE, params)
+    assert fields_for(AC, state, BASE, FeatureParams(ac=Prior(0.1, 0.2)))["select_rate_7d"] == repr(
+        (1 + 0.1) / (3 + 0.1 + 0.2)
+    )
+
+
+# --- packing -----------------------------------------------------------------------------
+
+ascii_text = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=20)
+writes_strategy = st.lists(
+    st.tuples(
+        ascii_text,
+        st.one_of(st.none(), st.dictionaries(ascii_text, ascii_text, min_size=1, max_size=5)),
+    ),
+    max_size=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ascii_text,
+    writes_strategy,
+    st.one_of(st.just(EVERY_KEY), st.sets(ascii_text)),
+    st.integers(min_value=1, max_value=10**9),
+)
+def test_packed_writes_are_the_references_bytes(
+    prefix: str, writes: list[tuple[str, dict[str, str] | None]], ttl: object, seconds: int
+) -> None:
+    assert BUILT is not None
+    if isinstance(ttl, set) and writes:
+        ttl.add(writes[0][0])  # at least one key with its TTL
+    expected = resp.pack_writes(prefix, writes, ttl, seconds)  # type: ignore[arg-type]
+    assert BUILT.pack_writes(prefix, writes, ttl, seconds) == expected
+
+
+def test_a_write_that_is_not_text_is_refused_not_mangled() -> None:
+    assert BUILT is not None
+    with pytest.raises(TypeError):
+        BUILT.pack_writes("feat", [("doc:a", {"clicks_7d": 3})], EVERY_KEY, 60)
+    with pytest.raises(TypeError):
+        BUILT.pack_writes("feat", [("doc:a",)], EVERY_KEY, 60)
+
+
+# --- the switch --------------------------------------------------------------------------
+
+
+def test_native_core_false_runs_the_pure_python_core() -> None:
+    from bytewax.testing import TestingSink, TestingSource  # noqa: PLC0415
+
+    from dataflow.flow import build_flow  # noqa: PLC0415 - imports Bytewax
+
+    out: list[object] = []
+    build_flow(
+        Config(native_core=False),
+        source=TestingSource([]),
+        redis_sink=TestingSink(out),
+        dlq_sink=TestingSink(out),
+        with_opensearch=False,
+    )
+    try:
+        assert native.core is None
+    finally:
+        native.use(True)
+
+
+def test_native_core_true_without_the_extension_fails_at_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(native, "BUILT", None)
+    with pytest.raises(ConfigError, match="NATIVE_CORE") as caught:
+        Config.from_env({"NATIVE_CORE": "true"})
+    assert "pip install ." in str(caught.value)
+    assert Config.from_env({"NATIVE_CORE": "false"}).native_core is False
+    with pytest.raises(native.NotBuilt):
+        native.use(True)
