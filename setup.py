@@ -11,7 +11,9 @@ setup(
     ext_modules=[
         Extension(
             "dataflow.core._native",
-            sources=["dataflow/core/_native.c"],
+            sources=["dataflow/core/_native.c"],  # includes ryu/d2s.c
+            include_dirs=["dataflow/core"],
+            depends=["dataflow/core/ryu/d2s.c"],
             extra_compile_args=["-O2", "-ffp-contract=off", "-fno-fast-math"],
         )
     ]

@@ -24,6 +24,9 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Shortest round-trip digits of a double (Ryu, vendored in ryu/): `d2d`, `d2d_small_int`. */
+#include "ryu/d2s.c"
+
 #define DAY_MS 86400000LL
 #define HALF_LIFE_MS (7LL * DAY_MS)
 #define WEIGHT_SCALE 4294967296.0 /* 2^32 */
@@ -54,6 +57,21 @@ static inline int64_t forward_weight(int64_t ts) {
     int64_t offset = ts - floor_div(ts, DAY_MS) * DAY_MS;
     double w = nearbyint(exp2((double)offset / (double)HALF_LIFE_MS) * WEIGHT_SCALE);
     return (int64_t)w;
+}
+
+/* Decimal text of `value` into `out` (at least 21 bytes); returns its length. */
+static int format_int(int64_t value, char *out) {
+    char digits[24];
+    int n = 0;
+    uint64_t v = value < 0 ? (uint64_t)0 - (uint64_t)value : (uint64_t)value;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    int len = 0;
+    if (value < 0) out[len++] = '-';
+    while (n) out[len++] = digits[--n];
+    return len;
 }
 
 /* ---- layouts --------------------------------------------------------------------------- */
@@ -364,20 +382,98 @@ static PyObject *field_names[N_FIELDS];
 
 static int put_int(PyObject *out, int field, int64_t value) {
     char text[24];
-    int n = snprintf(text, sizeof text, "%lld", (long long)value);
-    PyObject *s = PyUnicode_FromStringAndSize(text, n);
+    PyObject *s = PyUnicode_FromStringAndSize(text, format_int(value, text));
     if (s == NULL) return -1;
     int rc = PyDict_SetItem(out, field_names[field], s);
     Py_DECREF(s);
     return rc;
 }
 
+/* repr(value) into `out` (at least 32 bytes), as CPython's float.__repr__ writes it: the
+ * shortest digits that read back as `value` (Ryu's, the same digits as CPython's dtoa mode 0),
+ * in fixed notation with at least one decimal when the decimal point falls within
+ * [-4, 16] digits of them, else as d[.ddd]e±XX. inf and nan are handed to CPython.
+ * Returns the length, or -1 for CPython's own formatter. */
+static int format_repr(double value, char *out) {
+    uint64_t bits = double_to_bits(value);
+    int negative = (int)(bits >> 63);
+    uint64_t mantissa = bits & ((1ull << DOUBLE_MANTISSA_BITS) - 1);
+    uint32_t exponent = (uint32_t)((bits >> DOUBLE_MANTISSA_BITS) & 0x7ffu);
+    if (exponent == 0x7ffu) return -1; /* inf, nan */
+    int len = 0;
+    if (negative) out[len++] = '-';
+    if (exponent == 0 && mantissa == 0) {
+        memcpy(out + len, "0.0", 3);
+        return len + 3;
+    }
+    floating_decimal_64 v;
+    if (d2d_small_int(mantissa, exponent, &v)) {
+        for (;;) { /* small integers: move trailing zeros into the exponent */
+            uint64_t q = div10(v.mantissa);
+            if ((uint32_t)v.mantissa - 10 * (uint32_t)q != 0) break;
+            v.mantissa = q;
+            ++v.exponent;
+        }
+    } else {
+        v = d2d(mantissa, exponent);
+    }
+    char digits[20];
+    int n = 0;
+    for (uint64_t m = v.mantissa; m; m /= 10) digits[n++] = (char)('0' + m % 10);
+    for (int i = 0; i < n / 2; i++) { /* most significant first */
+        char t = digits[i];
+        digits[i] = digits[n - 1 - i];
+        digits[n - 1 - i] = t;
+    }
+    int point = n + v.exponent; /* value = 0.digits × 10^point */
+    if (point > -4 && point <= 16) {
+        if (point <= 0) {
+            out[len++] = '0';
+            out[len++] = '.';
+            for (int i = 0; i < -point; i++) out[len++] = '0';
+            memcpy(out + len, digits, (size_t)n);
+            return len + n;
+        }
+        if (point >= n) {
+            memcpy(out + len, digits, (size_t)n);
+            len += n;
+            for (int i = n; i < point; i++) out[len++] = '0';
+            memcpy(out + len, ".0", 2);
+            return len + 2;
+        }
+        memcpy(out + len, digits, (size_t)point);
+        len += point;
+        out[len++] = '.';
+        memcpy(out + len, digits + point, (size_t)(n - point));
+        return len + (n - point);
+    }
+    out[len++] = digits[0];
+    if (n > 1) {
+        out[len++] = '.';
+        memcpy(out + len, digits + 1, (size_t)(n - 1));
+        len += n - 1;
+    }
+    int e = point - 1;
+    out[len++] = 'e';
+    out[len++] = e < 0 ? '-' : '+';
+    if (e < 0) e = -e;
+    if (e < 10) out[len++] = '0';
+    return len + format_int(e, out + len);
+}
+
 /* repr(value), as CPython's float.__repr__ writes it. */
 static int put_float(PyObject *out, int field, double value) {
-    char *text = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (text == NULL) return -1;
-    PyObject *s = PyUnicode_FromString(text);
-    PyMem_Free(text);
+    char buffer[32];
+    int n = format_repr(value, buffer);
+    PyObject *s;
+    if (n >= 0) {
+        s = PyUnicode_FromStringAndSize(buffer, n);
+    } else {
+        char *text = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+        if (text == NULL) return -1;
+        s = PyUnicode_FromString(text);
+        PyMem_Free(text);
+    }
     if (s == NULL) return -1;
     int rc = PyDict_SetItem(out, field_names[field], s);
     Py_DECREF(s);
@@ -613,7 +709,10 @@ static int put(Buffer *b, const char *text, size_t n) {
 /* `$<len>\r\n<bytes>\r\n`, with `head` and `tail` around the key text (prefix ":" suffix). */
 static int put_bulk(Buffer *b, const char *a, Py_ssize_t na, const char *c, Py_ssize_t nc) {
     char head[32];
-    int nh = snprintf(head, sizeof head, "$%zd\r\n", (Py_ssize_t)(na + nc));
+    head[0] = '$';
+    int nh = 1 + format_int((int64_t)(na + nc), head + 1);
+    head[nh++] = '\r';
+    head[nh++] = '\n';
     if (grow(b, (size_t)nh + (size_t)na + (size_t)nc + 2) < 0) return -1;
     memcpy(b->data + b->len, head, (size_t)nh);
     b->len += (size_t)nh;
@@ -648,7 +747,7 @@ static PyObject *py_pack_writes(PyObject *self, PyObject *args) {
     const char *prefix_text = PyUnicode_AsUTF8AndSize(prefix, &nprefix);
     if (prefix_text == NULL) return NULL;
     char ttl_text[24];
-    int nttl = snprintf(ttl_text, sizeof ttl_text, "%lld", seconds);
+    int nttl = format_int(seconds, ttl_text);
     PyObject *fast = PySequence_Fast(writes, "writes must be a sequence");
     if (fast == NULL) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
@@ -686,8 +785,10 @@ static PyObject *py_pack_writes(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "fields must be a dict");
             goto fail;
         }
-        int nl = snprintf(line, sizeof line, "*%zd\r\n$4\r\nHSET\r\n",
-                          (Py_ssize_t)(2 + 2 * PyDict_GET_SIZE(fields)));
+        line[0] = '*';
+        int nl = 1 + format_int((int64_t)(2 + 2 * PyDict_GET_SIZE(fields)), line + 1);
+        memcpy(line + nl, "\r\n$4\r\nHSET\r\n", 12);
+        nl += 12;
         if (put(&b, line, (size_t)nl) < 0 || put_bulk(&b, head, nprefix + 1, suffix_text, nsuffix) < 0)
             goto fail;
         Py_ssize_t pos = 0;
@@ -726,6 +827,16 @@ fail:
     return NULL;
 }
 
+/* float_repr(value) -> str: repr(value), by the compiled formatter. */
+static PyObject *py_float_repr(PyObject *self, PyObject *arg) {
+    double value = PyFloat_AsDouble(arg);
+    if (value == -1.0 && PyErr_Occurred()) return NULL;
+    char buffer[32];
+    int n = format_repr(value, buffer);
+    if (n < 0) return PyObject_Repr(arg);
+    return PyUnicode_FromStringAndSize(buffer, n);
+}
+
 /* ---- module ---------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -740,6 +851,8 @@ static PyMethodDef methods[] = {
     {"render", py_render, METH_VARARGS,
      "render(keys, suffixes, day_start, layouts, cparams, fallback, writes): appends "
      "(suffix, fields) per suffix, as FeatureShard.flush does."},
+    {"float_repr", py_float_repr, METH_O,
+     "float_repr(value) -> str: repr(value), by the formatter the renderer uses."},
     {"pack_writes", py_pack_writes, METH_VARARGS,
      "pack_writes(prefix, writes, ttl, seconds) -> (bytes, replies): the RESP of a chunk."},
     {NULL, NULL, 0, NULL},

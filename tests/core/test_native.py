@@ -3,6 +3,7 @@ field text and the same RESP bytes, on any input (dataflow.core.native)."""
 
 from __future__ import annotations
 
+import struct
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -314,3 +315,54 @@ def test_native_core_true_without_the_extension_fails_at_start_naming_it(
     assert Config.from_env({"NATIVE_CORE": "false"}).native_core is False
     with pytest.raises(native.NotBuilt):
         native.use(True)
+
+
+# --- float text --------------------------------------------------------------------------
+
+EDGES = [
+    0.0,
+    -0.0,
+    1.0,
+    0.1,
+    1 / 3,
+    0.30000000000000004,
+    1e-4,  # the last fixed-notation power below 1
+    1e-5,  # the first in exponent notation
+    9.999999999999999e-5,
+    1e15,
+    1e16,  # exponent notation from here
+    9999999999999998.0,
+    2.0**53,
+    2.0**53 + 2,
+    1e22,
+    1e23,
+    5e-324,  # the smallest subnormal
+    2.2250738585072014e-308,  # the smallest normal
+    1.7976931348623157e308,
+    -1.5e-7,
+    123456.789,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+]
+
+
+@pytest.mark.parametrize("value", EDGES, ids=repr)
+def test_floats_are_written_as_repr_writes_them_at_the_edges(value: float) -> None:
+    assert BUILT is not None
+    assert BUILT.float_repr(value) == repr(value)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True))
+def test_any_float_is_written_as_repr_writes_it(value: float) -> None:
+    assert BUILT is not None
+    assert BUILT.float_repr(value) == repr(value)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.integers(min_value=0, max_value=2**64 - 1))
+def test_any_bit_pattern_is_written_as_repr_writes_it(bits: int) -> None:
+    assert BUILT is not None
+    value = struct.unpack("<d", struct.pack("<Q", bits))[0]
+    assert BUILT.float_repr(value) == repr(value)
