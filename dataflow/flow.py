@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import bytewax.operators as op
@@ -41,12 +42,22 @@ from confluent_kafka import OFFSET_BEGINNING
 
 from dataflow import metrics
 from dataflow.config import Config
-from dataflow.core import aclink, native, snapshots
+from dataflow.core import aclink, keys, native, snapshots
 from dataflow.core.aclink import LinkItem, LinkShard
 from dataflow.core.deadletter import DeadLetter
 from dataflow.core.dedup import DedupEntry, Forget, Watermark
-from dataflow.core.events import Event
-from dataflow.core.families import AC, DOC, FAMILY_NAMES, QD, FeatureParams, Update, updates_for
+from dataflow.core.events import Event, SearchImpression
+from dataflow.core.families import (
+    AC,
+    DOC,
+    FAMILY_NAMES,
+    QD,
+    FeatureParams,
+    Update,
+    impressions_by_position,
+    qhash_or_none,
+    updates_for,
+)
 from dataflow.core.intake import Intake, IntakeResult
 from dataflow.core.priors import Fit, FitRules, PriorFitter, in_sample, prior_suffix
 from dataflow.core.shard import FeatureShard, ShardItem, StepResult
@@ -421,6 +432,18 @@ class FanOut:
 
     def __call__(self, batches: list[tuple[str, list[Event]]]) -> list[tuple[str, list[Update]]]:
         params = self.params
+        compiled = native.core
+        if compiled is not None:  # the same updates, in the same order (tests/core/test_native)
+            grouped: list[tuple[str, list[Update]]] = compiled.fan_out(
+                (e for _key, events in batches for e in events),
+                self.shards,
+                SearchImpression,
+                impressions_by_position(params.reference_ctr),
+                qhash_or_none,
+                keys.enc,
+                partial(updates_for, params=params),
+            )
+            return grouped
         return by_feature_shard(
             (u for _key, events in batches for e in events for u in updates_for(e, params)),
             self.shards,

@@ -9,6 +9,9 @@
  *   render         FeatureShard.flush's loop over the keys to write (families.fields_for)
  *   fields_for     families.fields_for
  *   pack_writes    sinks.redis.RedisWriter's RESP packing of a chunk of writes
+ *   fan_out        flow.FanOut (families.updates_for of each event, flow.by_feature_shard)
+ *   shard_of       flow.shard_of
+ *   float_repr     repr(float), as the renderer writes floats
  *
  * The arithmetic is the reference's, step for step: int64 counts (checked, never wrapping),
  * IEEE doubles combined in the same order, libm's exp2 (which CPython's math.exp2 calls),
@@ -417,7 +420,7 @@ static int format_repr(double value, char *out) {
     } else {
         v = d2d(mantissa, exponent);
     }
-    char digits[20];
+    char digits[20] = {0};
     int n = 0;
     for (uint64_t m = v.mantissa; m; m /= 10) digits[n++] = (char)('0' + m % 10);
     for (int i = 0; i < n / 2; i++) { /* most significant first */
@@ -827,6 +830,243 @@ fail:
     return NULL;
 }
 
+/* ---- flow.FanOut: events to counter updates, grouped by state shard --------------------- */
+
+static uint32_t crc_table[256];
+
+static void crc_init(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[n] = c;
+    }
+}
+
+/* zlib.crc32 (CRC-32, IEEE 802.3). */
+static uint32_t crc32_of(const char *data, Py_ssize_t n) {
+    uint32_t c = 0xFFFFFFFFu;
+    for (Py_ssize_t i = 0; i < n; i++) c = crc_table[(c ^ (uint8_t)data[i]) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+/* Whether keys.enc leaves `text` as it is: every character in [A-Za-z0-9_.~-]. */
+static int unreserved(PyObject *text) {
+    if (!PyUnicode_IS_ASCII(text)) return 0;
+    const unsigned char *c = PyUnicode_1BYTE_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char ch = c[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '_' || ch == '.' || ch == '~' || ch == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+/* `a + b + c` for ASCII strings (key suffixes are ASCII: percent-encoded ids, hex hashes). */
+static PyObject *concat3(const char *a, Py_ssize_t na, PyObject *b, const char *c, Py_ssize_t nc,
+                         PyObject *d) {
+    if (!PyUnicode_IS_ASCII(b) || (d != NULL && !PyUnicode_IS_ASCII(d))) {
+        PyErr_SetString(PyExc_ValueError, "a key part is not ASCII");
+        return NULL;
+    }
+    Py_ssize_t nb = PyUnicode_GET_LENGTH(b), nd = d == NULL ? 0 : PyUnicode_GET_LENGTH(d);
+    PyObject *out = PyUnicode_New(na + nb + nc + nd, 127);
+    if (out == NULL) return NULL;
+    char *at = (char *)PyUnicode_1BYTE_DATA(out);
+    memcpy(at, a, (size_t)na);
+    memcpy(at + na, PyUnicode_1BYTE_DATA(b), (size_t)nb);
+    memcpy(at + na + nb, c, (size_t)nc);
+    if (d != NULL) memcpy(at + na + nb + nc, PyUnicode_1BYTE_DATA(d), (size_t)nd);
+    return out;
+}
+
+typedef struct {
+    Py_ssize_t shards;
+    PyObject **lists;   /* per shard, NULL until it has an update */
+    Py_ssize_t *order;  /* shards in order of their first update */
+    Py_ssize_t used;
+} Groups;
+
+/* Append `update` (a new reference, stolen) to the list of its key's shard. */
+static int group(Groups *g, PyObject *update, PyObject *suffix) {
+    if (update == NULL) return -1;
+    Py_ssize_t n;
+    const char *text = PyUnicode_AsUTF8AndSize(suffix, &n);
+    if (text == NULL) {
+        Py_DECREF(update);
+        return -1;
+    }
+    Py_ssize_t idx = (Py_ssize_t)(crc32_of(text, n) % (uint32_t)g->shards);
+    if (g->lists[idx] == NULL) {
+        g->lists[idx] = PyList_New(0);
+        if (g->lists[idx] == NULL) {
+            Py_DECREF(update);
+            return -1;
+        }
+        g->order[g->used++] = idx;
+    }
+    int rc = PyList_Append(g->lists[idx], update);
+    Py_DECREF(update);
+    return rc;
+}
+
+/* One search impression: each distinct doc once, at the position of its first occurrence,
+ * a doc update and (with a query) a query-doc update (families.updates_for). */
+static int impression_updates(Groups *g, PyObject *event, PyObject *by_position, PyObject *qhash_of,
+                              PyObject *enc, PyObject *doc_family, PyObject *qd_family) {
+    PyObject *ts = PyObject_GetAttrString(event, "ts");
+    PyObject *query = ts == NULL ? NULL : PyObject_GetAttrString(event, "query");
+    PyObject *doc_ids = query == NULL ? NULL : PyObject_GetAttrString(event, "doc_ids");
+    PyObject *qhash = NULL, *seen = NULL;
+    int rc = -1;
+    if (doc_ids == NULL) goto done;
+    if (!PyTuple_Check(doc_ids) || !PyTuple_Check(by_position) || !PyTuple_GET_SIZE(by_position)) {
+        PyErr_SetString(PyExc_TypeError, "doc_ids and by_position must be tuples");
+        goto done;
+    }
+    qhash = PyObject_CallOneArg(qhash_of, query);
+    if (qhash == NULL) goto done;
+    if (qhash != Py_None && !PyUnicode_Check(qhash)) {
+        PyErr_SetString(PyExc_TypeError, "a query hash must be str or None");
+        goto done;
+    }
+    seen = PySet_New(NULL);
+    if (seen == NULL) goto done;
+    Py_ssize_t last = PyTuple_GET_SIZE(by_position) - 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(doc_ids); i++) {
+        PyObject *doc_id = PyTuple_GET_ITEM(doc_ids, i);
+        int known = PySet_Contains(seen, doc_id);
+        if (known < 0) goto done;
+        if (known) continue;
+        if (PySet_Add(seen, doc_id) < 0) goto done;
+        PyObject *counts = PyTuple_GET_ITEM(by_position, i < last ? i : last);
+        PyObject *component;
+        if (PyUnicode_Check(doc_id) && unreserved(doc_id)) {
+            component = Py_NewRef(doc_id);
+        } else {
+            component = PyObject_CallOneArg(enc, doc_id);
+            if (component == NULL) goto done;
+            if (!PyUnicode_Check(component)) {
+                Py_DECREF(component);
+                PyErr_SetString(PyExc_TypeError, "enc must return str");
+                goto done;
+            }
+        }
+        PyObject *suffix = concat3("doc:", 4, component, "", 0, NULL);
+        if (suffix == NULL) {
+            Py_DECREF(component);
+            goto done;
+        }
+        int bad = group(g, PyTuple_Pack(4, doc_family, suffix, ts, counts), suffix);
+        Py_DECREF(suffix);
+        if (!bad && qhash != Py_None) {
+            suffix = concat3("qd:", 3, qhash, ":", 1, component);
+            bad = suffix == NULL ? -1 : group(g, PyTuple_Pack(4, qd_family, suffix, ts, counts), suffix);
+            Py_XDECREF(suffix);
+        }
+        Py_DECREF(component);
+        if (bad) goto done;
+    }
+    rc = 0;
+done:
+    Py_XDECREF(ts);
+    Py_XDECREF(query);
+    Py_XDECREF(doc_ids);
+    Py_XDECREF(qhash);
+    Py_XDECREF(seen);
+    return rc;
+}
+
+/* fan_out(events, shards, impression_type, by_position, qhash_of, enc, updates_for)
+ *   -> [(str(shard), [update, ...]), ...]
+ *
+ * flow.FanOut: the counter updates of every event (search impressions here, the other
+ * types through `updates_for(event)`), grouped by the state shard of their key
+ * (flow.shard_of: CRC-32 of the suffix modulo `shards`), shards in order of their first
+ * update and updates in event order within each. */
+static PyObject *py_fan_out(PyObject *self, PyObject *args) {
+    PyObject *events, *impression_type, *by_position, *qhash_of, *enc, *updates_for;
+    Py_ssize_t shards;
+    if (!PyArg_ParseTuple(args, "OnOOOOO", &events, &shards, &impression_type, &by_position,
+                          &qhash_of, &enc, &updates_for))
+        return NULL;
+    if (shards < 1 || shards > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "shards out of range");
+        return NULL;
+    }
+    Groups g = {shards, PyMem_Calloc((size_t)shards, sizeof(PyObject *)),
+                PyMem_Calloc((size_t)shards, sizeof(Py_ssize_t)), 0};
+    PyObject *doc_family = PyLong_FromLong(DOC), *qd_family = PyLong_FromLong(QD);
+    PyObject *it = PyObject_GetIter(events), *out = NULL, *event;
+    if (g.lists == NULL || g.order == NULL || it == NULL || doc_family == NULL ||
+        qd_family == NULL) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    while ((event = PyIter_Next(it)) != NULL) {
+        int bad;
+        if (Py_TYPE(event) == (PyTypeObject *)impression_type) {
+            bad = impression_updates(&g, event, by_position, qhash_of, enc, doc_family, qd_family);
+        } else {
+            PyObject *updates = PyObject_CallOneArg(updates_for, event);
+            PyObject *fast = updates == NULL ? NULL : PySequence_Fast(updates, "updates");
+            bad = fast == NULL;
+            for (Py_ssize_t k = 0; !bad && k < PySequence_Fast_GET_SIZE(fast); k++) {
+                PyObject *u = PySequence_Fast_GET_ITEM(fast, k);
+                if (!PyTuple_Check(u) || PyTuple_GET_SIZE(u) != 4) {
+                    PyErr_SetString(PyExc_TypeError, "an update is (family, suffix, ts, counts)");
+                    bad = 1;
+                    break;
+                }
+                bad = group(&g, Py_NewRef(u), PyTuple_GET_ITEM(u, 1)) < 0;
+            }
+            Py_XDECREF(fast);
+            Py_XDECREF(updates);
+        }
+        Py_DECREF(event);
+        if (bad) goto done;
+    }
+    if (PyErr_Occurred()) goto done;
+    out = PyList_New(g.used);
+    if (out == NULL) goto done;
+    for (Py_ssize_t k = 0; k < g.used; k++) {
+        Py_ssize_t idx = g.order[k];
+        PyObject *name = PyUnicode_FromFormat("%zd", idx);
+        PyObject *pair = name == NULL ? NULL : PyTuple_Pack(2, name, g.lists[idx]);
+        Py_XDECREF(name);
+        if (pair == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, k, pair);
+    }
+done:
+    if (g.lists != NULL)
+        for (Py_ssize_t k = 0; k < g.used; k++) Py_XDECREF(g.lists[g.order[k]]);
+    PyMem_Free(g.lists);
+    PyMem_Free(g.order);
+    Py_XDECREF(doc_family);
+    Py_XDECREF(qd_family);
+    Py_XDECREF(it);
+    return out;
+}
+
+/* shard_of(suffix, shards) -> int: flow.shard_of. */
+static PyObject *py_shard_of(PyObject *self, PyObject *args) {
+    PyObject *suffix;
+    Py_ssize_t shards;
+    if (!PyArg_ParseTuple(args, "Un", &suffix, &shards)) return NULL;
+    if (shards < 1) {
+        PyErr_SetString(PyExc_ValueError, "shards out of range");
+        return NULL;
+    }
+    Py_ssize_t n;
+    const char *text = PyUnicode_AsUTF8AndSize(suffix, &n);
+    if (text == NULL) return NULL;
+    return PyLong_FromUnsignedLong(crc32_of(text, n) % (uint32_t)shards);
+}
+
 /* float_repr(value) -> str: repr(value), by the compiled formatter. */
 static PyObject *py_float_repr(PyObject *self, PyObject *arg) {
     double value = PyFloat_AsDouble(arg);
@@ -853,6 +1093,10 @@ static PyMethodDef methods[] = {
      "(suffix, fields) per suffix, as FeatureShard.flush does."},
     {"float_repr", py_float_repr, METH_O,
      "float_repr(value) -> str: repr(value), by the formatter the renderer uses."},
+    {"fan_out", py_fan_out, METH_VARARGS,
+     "fan_out(events, shards, impression_type, by_position, qhash_of, enc, updates_for) -> "
+     "[(str(shard), updates)]: flow.FanOut."},
+    {"shard_of", py_shard_of, METH_VARARGS, "shard_of(suffix, shards) -> int: flow.shard_of."},
     {"pack_writes", py_pack_writes, METH_VARARGS,
      "pack_writes(prefix, writes, ttl, seconds) -> (bytes, replies): the RESP of a chunk."},
     {NULL, NULL, 0, NULL},
@@ -867,6 +1111,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+    crc_init();
     PyObject *array_module = PyImport_ImportModule("array");
     if (array_module == NULL) goto fail;
     array_type = PyObject_GetAttrString(array_module, "array");

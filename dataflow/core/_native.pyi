@@ -46,3 +46,13 @@ def pack_writes(
     seconds: int,
 ) -> tuple[bytes, int]: ...
 def float_repr(value: float) -> str: ...
+def fan_out(
+    events: Iterable[object],
+    shards: int,
+    impression_type: type,
+    by_position: tuple[tuple[int, ...], ...],
+    qhash_of: Callable[[str], str | None],
+    enc: Callable[[str], str],
+    updates_for: Callable[[object], list[_Update]],
+) -> list[tuple[str, list[_Update]]]: ...
+def shard_of(suffix: str, shards: int) -> int: ...

@@ -103,7 +103,7 @@ def updates_for(event: Event, params: FeatureParams) -> list[Update]:
     """The counter updates one accepted event makes (contract §4 counting rules)."""
     ts = event.ts
     if isinstance(event, SearchImpression):
-        qhash = _qhash(event.query)
+        qhash = qhash_or_none(event.query)
         out: list[Update] = []
         by_position = impressions_by_position(params.reference_ctr)
         last = len(by_position) - 1
@@ -139,14 +139,16 @@ def updates_for(event: Event, params: FeatureParams) -> list[Update]:
     raise TypeError(f"not an event: {event!r}")  # unreachable for decoded events
 
 
-def _qhash(query: str) -> str | None:
+def qhash_or_none(query: str) -> str | None:
+    """The query hash of a raw query, or None for a query that normalises to nothing (no
+    query-document update then)."""
     normalized = keys.q_norm(query) if query else ""
     return keys.hash_normalized(normalized) if normalized else None
 
 
 def _doc_and_qd(query: str, doc_id: str, ts: int, counts: tuple[int, ...]) -> list[Update]:
     out: list[Update] = [(DOC, keys.doc_suffix(doc_id), ts, counts)]
-    qhash = _qhash(query)
+    qhash = qhash_or_none(query)
     if qhash is not None:
         out.append((QD, keys.qd_suffix(qhash, doc_id), ts, counts))
     return out

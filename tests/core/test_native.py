@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from dataflow import resp
 from dataflow.config import Config
 from dataflow.core import counters, native, windows
+from dataflow.core.events import AcImpression, AcSelect, Click, Dwell, Event, SearchImpression
 from dataflow.core.families import (
     AC,
     ACQ,
+    DEFAULT_REFERENCE_CTR,
     DOC,
     EXPECTED_SCALE,
     LAYOUTS,
@@ -31,6 +33,7 @@ from dataflow.core.families import (
 from dataflow.core.shard import FeatureShard, ShardItem
 from dataflow.core.smoothing import Prior
 from dataflow.errors import ConfigError
+from dataflow.flow import FanOut, shard_of
 from dataflow.sinks.redis import EVERY_KEY
 
 BUILT = native.BUILT
@@ -366,3 +369,58 @@ def test_any_bit_pattern_is_written_as_repr_writes_it(bits: int) -> None:
     assert BUILT is not None
     value = struct.unpack("<d", struct.pack("<Q", bits))[0]
     assert BUILT.float_repr(value) == repr(value)
+
+
+# --- fan-out -----------------------------------------------------------------------------
+
+ids = st.one_of(
+    st.sampled_from(["d1", "d2", "D-3.x_~", "a b", "x:y", "é", "𝔘", "%41", ""]),
+    st.text(max_size=6),
+)
+queries = st.one_of(
+    st.sampled_from(["", "  ", "Shoes", "shoes ", "ＳＨＯＥＳ", "a:b"]), st.text(max_size=6)
+)
+times = st.integers(min_value=BASE, max_value=BASE + 3 * DAY)
+
+
+@st.composite
+def an_event(draw: st.DrawFn) -> Event:
+    kind = draw(st.sampled_from(["impression", "click", "dwell", "ac_impression", "ac_select"]))
+    common = ("e", draw(times), None)
+    if kind == "impression":
+        doc_ids = tuple(draw(st.lists(ids, max_size=14)))  # past the reference CTR curve
+        return SearchImpression(*common, draw(queries), doc_ids)
+    if kind == "click":
+        return Click(*common, draw(queries), draw(ids), draw(st.none() | st.integers(1, 20)))
+    if kind == "dwell":
+        return Dwell(*common, draw(queries), draw(ids), draw(st.integers(0, 60_000)))
+    if kind == "ac_impression":
+        return AcImpression(*common, draw(queries), tuple(draw(st.lists(queries, max_size=5))))
+    return AcSelect(*common, draw(queries), draw(queries))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.lists(an_event(), max_size=8), max_size=4),
+    st.sampled_from([1, 7, 128, 65_536]),
+    st.sampled_from([DEFAULT_REFERENCE_CTR, (0.5,), (0.3, 0.2)]),
+)
+def test_fan_out_gives_the_references_updates_in_its_order(
+    batches: list[list[Event]], shards: int, reference_ctr: tuple[float, ...]
+) -> None:
+    fan_out = FanOut(FeatureParams(reference_ctr=reference_ctr), shards)
+    keyed = [(str(i), events) for i, events in enumerate(batches)]
+    compiled = fan_out(keyed)
+    with pure_python():
+        reference = fan_out(keyed)
+    assert compiled == reference
+    assert [type(u[1]) for _, ups in compiled for u in ups] == [str] * sum(
+        len(ups) for _, ups in compiled
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.sampled_from([1, 3, 128, 65_536, 2**24]))
+def test_shard_of_is_the_flows(suffix: str, shards: int) -> None:
+    assert BUILT is not None
+    assert BUILT.shard_of(suffix, shards) == shard_of(suffix, shards)
