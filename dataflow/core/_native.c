@@ -11,6 +11,7 @@
  *   pack_writes    sinks.redis.RedisWriter's RESP packing of a chunk of writes
  *   fan_out        flow.FanOut (families.updates_for of each event, flow.by_feature_shard)
  *   shard_of       flow.shard_of
+ *   event_from     events.decode's event, for a valid event of the common shape
  *   float_repr     repr(float), as the renderer writes floats
  *
  * The arithmetic is the reference's, step for step: int64 counts (checked, never wrapping),
@@ -1067,6 +1068,194 @@ static PyObject *py_shard_of(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(crc32_of(text, n) % (uint32_t)shards);
 }
 
+/* ---- events.decode: the common case of a valid event -------------------------------------- */
+
+enum {
+    K_TYPE, K_EVENT_ID, K_TS, K_SESSION_ID, K_QUERY, K_DOC_IDS, K_ORIGIN, K_CLOCK, K_DOC_ID,
+    K_POSITION, K_DWELL_MS, K_PREFIX, K_CANDIDATES, K_CANDIDATE, N_NAMES
+};
+static const char *NAMES[N_NAMES] = {
+    "type", "event_id", "ts", "session_id", "query", "doc_ids", "origin", "clock", "doc_id",
+    "position", "dwell_ms", "prefix", "candidates", "candidate",
+};
+static PyObject *names[N_NAMES];
+static const char *TYPE_NAMES[5] = {"search_impression", "click", "dwell", "ac_impression",
+                                    "ac_select"};
+static PyObject *empty_text, *empty_args;
+
+/* The limits of events.py (contract §5); CONSTANTS exposes them for a test. */
+#define MAX_EVENT_ID_CHARS 128
+#define MAX_SESSION_ID_CHARS 128
+#define MAX_TEXT_CHARS 1024
+#define MAX_DOC_ID_BYTES 256
+#define MAX_DOC_IDS 1000
+#define MAX_CANDIDATES 50
+
+/* Each check answers 1 (as events.py accepts it), 0 (let events.py decide: a rejection or an
+ * unusual case) or -1 (an error). */
+
+static int small_int(PyObject *value, long long minimum, long long *out) {
+    if (!PyLong_CheckExact(value)) return 0; /* bool and float are not int */
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (v < minimum) return 0;
+    *out = v;
+    return 1;
+}
+
+static int text_of(PyObject *value, Py_ssize_t max_chars, int required) {
+    if (value == NULL) return !required;
+    return PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) <= max_chars;
+}
+
+/* events._doc_id for ASCII ids (others go to events.py): 1..256 bytes, no control character. */
+static int doc_id_ok(PyObject *value) {
+    if (!PyUnicode_CheckExact(value) || !PyUnicode_IS_ASCII(value)) return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+    if (n < 1 || n > MAX_DOC_ID_BYTES) return 0;
+    const unsigned char *c = PyUnicode_1BYTE_DATA(value);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (c[i] < 0x20 || c[i] == 0x7f) return 0;
+    return 1;
+}
+
+static PyObject *field(PyObject *obj, int name) { /* borrowed, NULL when missing or null */
+    PyObject *value = PyDict_GetItemWithError(obj, names[name]);
+    return value == Py_None ? NULL : value;
+}
+
+/* A new instance of a frozen dataclass with its fields set, as its __init__ would. */
+static PyObject *instance(PyObject *cls, const int *fields, PyObject **values, int n) {
+    PyObject *event = PyBaseObject_Type.tp_new((PyTypeObject *)cls, empty_args, NULL);
+    if (event == NULL) return NULL;
+    for (int i = 0; i < n; i++) {
+        if (PyObject_GenericSetAttr(event, names[fields[i]], values[i]) < 0) {
+            Py_DECREF(event);
+            return NULL;
+        }
+    }
+    return event;
+}
+
+/* event_from(obj, origin, clock, latest_ts, types) -> Event | None
+ *
+ * The event events.decode builds from a decoded JSON object, when it is a valid event of
+ * the common shape (ASCII doc ids, ts at most `latest_ts`); None when events.py must decide
+ * (every rejection, and the unusual cases), which it does with its own messages. */
+static PyObject *py_event_from(PyObject *self, PyObject *args) {
+    PyObject *obj, *types, *origin_in, *clock_in, *latest_in;
+    long long origin, clock, latest;
+    if (!PyArg_ParseTuple(args, "OOOOO!", &obj, &origin_in, &clock_in, &latest_in, &PyTuple_Type,
+                          &types))
+        return NULL;
+    if (!PyDict_CheckExact(obj) || PyTuple_GET_SIZE(types) != 5) Py_RETURN_NONE;
+    /* numbers past an int64 (never in practice) are events.py's to handle */
+    if (!small_int(origin_in, LLONG_MIN, &origin) || !small_int(clock_in, LLONG_MIN, &clock) ||
+        !small_int(latest_in, LLONG_MIN, &latest))
+        Py_RETURN_NONE;
+    PyObject *kind = field(obj, K_TYPE);
+    if (kind == NULL || !PyUnicode_CheckExact(kind)) goto decline;
+    int t = -1;
+    for (int i = 0; i < 5; i++)
+        if (PyUnicode_CompareWithASCIIString(kind, TYPE_NAMES[i]) == 0) t = i;
+    if (t < 0) goto decline;
+    /* _common */
+    PyObject *event_id = field(obj, K_EVENT_ID);
+    if (event_id == NULL || !PyUnicode_CheckExact(event_id) || PyUnicode_GET_LENGTH(event_id) < 1 ||
+        PyUnicode_GET_LENGTH(event_id) > MAX_EVENT_ID_CHARS)
+        goto decline;
+    PyObject *ts_obj = PyDict_GetItemWithError(obj, names[K_TS]);
+    long long ts;
+    if (ts_obj == NULL || !small_int(ts_obj, 0, &ts) || ts > latest) goto decline;
+    PyObject *session_id = field(obj, K_SESSION_ID);
+    if (session_id != NULL && !text_of(session_id, MAX_SESSION_ID_CHARS, 1)) goto decline;
+    PyObject *values[8] = {event_id, ts_obj, session_id ? session_id : Py_None};
+    int fields[8] = {K_EVENT_ID, K_TS, K_SESSION_ID};
+    PyObject *made = NULL, *owned = NULL; /* owned: a new object among values */
+    PyObject *origin_obj = PyLong_FromLongLong(origin);
+    PyObject *clock_obj = PyLong_FromLongLong(clock > ts ? clock : ts);
+    if (origin_obj == NULL || clock_obj == NULL) goto fail;
+    if (t == 0 || t == 1 || t == 2) { /* search_impression, click, dwell: query */
+        PyObject *query = field(obj, K_QUERY);
+        if (!text_of(query, MAX_TEXT_CHARS, 0)) goto decline_owned;
+        values[3] = query ? query : empty_text;
+        fields[3] = K_QUERY;
+    }
+    if (t == 0) {
+        PyObject *raw = PyDict_GetItemWithError(obj, names[K_DOC_IDS]);
+        if (raw == NULL || !PyList_CheckExact(raw) || PyList_GET_SIZE(raw) < 1 ||
+            PyList_GET_SIZE(raw) > MAX_DOC_IDS)
+            goto decline_owned;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(raw); i++)
+            if (!doc_id_ok(PyList_GET_ITEM(raw, i))) goto decline_owned;
+        owned = PyList_AsTuple(raw);
+        if (owned == NULL) goto fail;
+        values[4] = owned;
+        fields[4] = K_DOC_IDS;
+    } else if (t == 1 || t == 2) {
+        PyObject *doc_id = PyDict_GetItemWithError(obj, names[K_DOC_ID]);
+        if (doc_id == NULL || !doc_id_ok(doc_id)) goto decline_owned;
+        values[4] = doc_id;
+        fields[4] = K_DOC_ID;
+        long long number;
+        if (t == 1) {
+            PyObject *position = field(obj, K_POSITION);
+            if (position != NULL && !small_int(position, 1, &number)) goto decline_owned;
+            values[5] = position ? position : Py_None;
+            fields[5] = K_POSITION;
+        } else {
+            PyObject *dwell = PyDict_GetItemWithError(obj, names[K_DWELL_MS]);
+            if (dwell == NULL || !small_int(dwell, 0, &number)) goto decline_owned;
+            values[5] = dwell;
+            fields[5] = K_DWELL_MS;
+        }
+    } else { /* ac_impression, ac_select: prefix */
+        PyObject *prefix = field(obj, K_PREFIX);
+        if (prefix == NULL || !text_of(prefix, MAX_TEXT_CHARS, 1)) goto decline_owned;
+        values[3] = prefix;
+        fields[3] = K_PREFIX;
+        if (t == 3) {
+            PyObject *raw = PyDict_GetItemWithError(obj, names[K_CANDIDATES]);
+            if (raw == NULL || !PyList_CheckExact(raw) || PyList_GET_SIZE(raw) < 1 ||
+                PyList_GET_SIZE(raw) > MAX_CANDIDATES)
+                goto decline_owned;
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(raw); i++)
+                if (!text_of(PyList_GET_ITEM(raw, i), MAX_TEXT_CHARS, 1)) goto decline_owned;
+            owned = PyList_AsTuple(raw);
+            if (owned == NULL) goto fail;
+            values[4] = owned;
+            fields[4] = K_CANDIDATES;
+        } else {
+            PyObject *candidate = field(obj, K_CANDIDATE);
+            if (candidate == NULL || !text_of(candidate, MAX_TEXT_CHARS, 1)) goto decline_owned;
+            values[4] = candidate;
+            fields[4] = K_CANDIDATE;
+        }
+    }
+    int n = (t == 1 || t == 2) ? 6 : 5;
+    values[n] = origin_obj;
+    fields[n] = K_ORIGIN;
+    values[n + 1] = clock_obj;
+    fields[n + 1] = K_CLOCK;
+    made = instance(PyTuple_GET_ITEM(types, t), fields, values, n + 2);
+fail:
+    Py_XDECREF(owned);
+    Py_XDECREF(origin_obj);
+    Py_XDECREF(clock_obj);
+    return made;
+decline_owned:
+    Py_XDECREF(owned);
+    Py_XDECREF(origin_obj);
+    Py_XDECREF(clock_obj);
+decline:
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* float_repr(value) -> str: repr(value), by the compiled formatter. */
 static PyObject *py_float_repr(PyObject *self, PyObject *arg) {
     double value = PyFloat_AsDouble(arg);
@@ -1091,6 +1280,9 @@ static PyMethodDef methods[] = {
     {"render", py_render, METH_VARARGS,
      "render(keys, suffixes, day_start, layouts, cparams, fallback, writes): appends "
      "(suffix, fields) per suffix, as FeatureShard.flush does."},
+    {"event_from", py_event_from, METH_VARARGS,
+     "event_from(obj, origin, clock, latest_ts, types) -> Event | None: events.decode's event "
+     "for a valid event of the common shape, None for events.py to decide."},
     {"float_repr", py_float_repr, METH_O,
      "float_repr(value) -> str: repr(value), by the formatter the renderer uses."},
     {"fan_out", py_fan_out, METH_VARARGS,
@@ -1123,10 +1315,20 @@ PyMODINIT_FUNC PyInit__native(void) {
         field_names[i] = PyUnicode_InternFromString(FIELD_NAMES[i]);
         if (field_names[i] == NULL) goto fail;
     }
+    for (int i = 0; i < N_NAMES; i++) {
+        names[i] = PyUnicode_InternFromString(NAMES[i]);
+        if (names[i] == NULL) goto fail;
+    }
+    empty_text = PyUnicode_InternFromString("");
+    empty_args = PyTuple_New(0);
+    if (empty_text == NULL || empty_args == NULL) goto fail;
     PyObject *constants = Py_BuildValue(
-        "{s:L,s:L,s:d,s:d,s:i,s:i,s:i}", "DAY_MS", DAY_MS, "HALF_LIFE_MS", HALF_LIFE_MS,
-        "WEIGHT_SCALE", WEIGHT_SCALE, "EXPECTED_SCALE", EXPECTED_SCALE, "WINDOW_7D", WINDOW_7D,
-        "WINDOW_30D", WINDOW_30D, "RETENTION_DAYS", RETENTION_DAYS);
+        "{s:L,s:L,s:d,s:d,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "DAY_MS", DAY_MS,
+        "HALF_LIFE_MS", HALF_LIFE_MS, "WEIGHT_SCALE", WEIGHT_SCALE, "EXPECTED_SCALE",
+        EXPECTED_SCALE, "WINDOW_7D", WINDOW_7D, "WINDOW_30D", WINDOW_30D, "RETENTION_DAYS",
+        RETENTION_DAYS, "MAX_EVENT_ID_CHARS", MAX_EVENT_ID_CHARS, "MAX_SESSION_ID_CHARS",
+        MAX_SESSION_ID_CHARS, "MAX_TEXT_CHARS", MAX_TEXT_CHARS, "MAX_DOC_ID_BYTES",
+        MAX_DOC_ID_BYTES, "MAX_DOC_IDS", MAX_DOC_IDS, "MAX_CANDIDATES", MAX_CANDIDATES);
     if (constants == NULL || PyModule_AddObject(m, "CONSTANTS", constants) < 0) {
         Py_XDECREF(constants);
         goto fail;

@@ -2,10 +2,12 @@
 
 from array import array
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from typing import Any
 
 _Layouts = tuple[tuple[int, tuple[int, ...]], ...]
 _Update = tuple[int, str, int, tuple[int, ...]]
 _Fields = dict[str, str]
+_Event = Any
 
 CONSTANTS: dict[str, int | float]
 
@@ -56,3 +58,6 @@ def fan_out(
     updates_for: Callable[[object], list[_Update]],
 ) -> list[tuple[str, list[_Update]]]: ...
 def shard_of(suffix: str, shards: int) -> int: ...
+def event_from(
+    obj: dict[str, object], origin: int, clock: int, latest_ts: int, types: tuple[type, ...]
+) -> _Event | None: ...

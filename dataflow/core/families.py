@@ -34,6 +34,10 @@ LAYOUTS: Final = (
     Layout(counts=3),  # acq: selects, searched, clicked
 )
 
+LAYOUT_TABLE: Final = tuple((layout.counts, layout.decayed) for layout in LAYOUTS)
+"""`LAYOUTS` as the compiled core takes them (`dataflow.core.native`): (counts, decayed
+indexes) per family."""
+
 Update = tuple[int, str, int, tuple[int, ...]]
 """(family, key suffix, event ts, counts to add)."""
 
@@ -215,4 +219,23 @@ def popularity(params: FeatureParams, impressions: int, clicks: int, long_clicks
         params.weight_click * clicks
         + params.weight_impression * impressions
         + params.weight_long_click * long_clicks
+    )
+
+
+def params_table(params: FeatureParams) -> tuple[float, ...]:
+    """`params` as the compiled renderer takes them (`dataflow.core.native`): α and β of
+    doc, qd, ac and acq, the three popularity weights and the COEC prior, as floats."""
+    return (
+        float(params.doc.alpha),
+        float(params.doc.beta),
+        float(params.qd.alpha),
+        float(params.qd.beta),
+        float(params.ac.alpha),
+        float(params.ac.beta),
+        float(params.acq.alpha),
+        float(params.acq.beta),
+        float(params.weight_click),
+        float(params.weight_impression),
+        float(params.weight_long_click),
+        float(params.coec_prior),
     )

@@ -17,13 +17,13 @@ is rendered by the reference.
 `NATIVE_CORE` chooses (`use`); with it on, a package built without its extension fails at
 start naming the variable instead of running slower unnoticed. `pip install .` builds the
 extension (setup.py); it needs a C compiler and Python's headers.
+
+It imports nothing from the package, so that any core module can ask for `core`.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-
-from dataflow.core.families import LAYOUTS, FeatureParams
 
 
 def _load() -> ModuleType | None:
@@ -40,9 +40,6 @@ BUILT: ModuleType | None = _load()
 core: ModuleType | None = BUILT
 """The compiled core in use, or None for the pure-Python one (`use`)."""
 
-LAYOUT_TABLE = tuple((layout.counts, layout.decayed) for layout in LAYOUTS)
-"""`families.LAYOUTS` as the compiled core takes it: (counts, decayed indexes) per family."""
-
 
 class NotBuilt(RuntimeError):
     """The compiled core was asked for, and the package was installed without it."""
@@ -54,22 +51,3 @@ def use(enabled: bool) -> None:
     if enabled and BUILT is None:
         raise NotBuilt("the compiled core (dataflow.core._native) is not built")
     core = BUILT if enabled else None
-
-
-def params_table(params: FeatureParams) -> tuple[float, ...]:
-    """`params` as the compiled renderer takes them: α and β of doc, qd, ac and acq, the
-    three popularity weights and the COEC prior, as floats."""
-    return (
-        float(params.doc.alpha),
-        float(params.doc.beta),
-        float(params.qd.alpha),
-        float(params.qd.beta),
-        float(params.ac.alpha),
-        float(params.ac.beta),
-        float(params.acq.alpha),
-        float(params.acq.beta),
-        float(params.weight_click),
-        float(params.weight_impression),
-        float(params.weight_long_click),
-        float(params.coec_prior),
-    )

@@ -19,6 +19,7 @@ from dataflow.core.counters import KeyState, add, from_bytes, prune, to_bytes
 from dataflow.core.families import (
     AC,
     DOC,
+    LAYOUT_TABLE,
     LAYOUTS,
     QD,
     FeatureParams,
@@ -26,6 +27,7 @@ from dataflow.core.families import (
     Update,
     family_of,
     fields_for,
+    params_table,
 )
 from dataflow.core.priors import Fit
 from dataflow.core.smoothing import Prior
@@ -211,7 +213,7 @@ class FeatureShard:
                     dirty,
                     self.created,
                     self.deleted,
-                    native.LAYOUT_TABLE,
+                    LAYOUT_TABLE,
                     clock,
                     late_before,
                 )
@@ -327,8 +329,8 @@ class FeatureShard:
                 keys,
                 suffixes,
                 day_start,
-                native.LAYOUT_TABLE,
-                native.params_table(params),
+                LAYOUT_TABLE,
+                params_table(params),
                 render,
                 writes,
             )

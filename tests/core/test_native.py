@@ -3,6 +3,7 @@ field text and the same RESP bytes, on any input (dataflow.core.native)."""
 
 from __future__ import annotations
 
+import json
 import struct
 from array import array
 from collections.abc import Iterator
@@ -15,20 +16,32 @@ from hypothesis import strategies as st
 
 from dataflow import resp
 from dataflow.config import Config
-from dataflow.core import counters, native, windows
-from dataflow.core.events import AcImpression, AcSelect, Click, Dwell, Event, SearchImpression
+from dataflow.core import counters, events, native, windows
+from dataflow.core.events import (
+    EVENT_TYPES,
+    AcImpression,
+    AcSelect,
+    Click,
+    Dwell,
+    Event,
+    Rejection,
+    SearchImpression,
+    decode,
+)
 from dataflow.core.families import (
     AC,
     ACQ,
     DEFAULT_REFERENCE_CTR,
     DOC,
     EXPECTED_SCALE,
+    LAYOUT_TABLE,
     LAYOUTS,
     QD,
     FeatureParams,
     Update,
     expected_units,
     fields_for,
+    params_table,
 )
 from dataflow.core.shard import FeatureShard, ShardItem
 from dataflow.core.smoothing import Prior
@@ -57,6 +70,12 @@ def test_its_constants_are_the_contracts() -> None:
         "WINDOW_7D": windows.WINDOW_7D,
         "WINDOW_30D": windows.WINDOW_30D,
         "RETENTION_DAYS": windows.RETENTION_DAYS,
+        "MAX_EVENT_ID_CHARS": events.MAX_EVENT_ID_CHARS,
+        "MAX_SESSION_ID_CHARS": events.MAX_SESSION_ID_CHARS,
+        "MAX_TEXT_CHARS": events.MAX_TEXT_CHARS,
+        "MAX_DOC_ID_BYTES": events.MAX_DOC_ID_BYTES,
+        "MAX_DOC_IDS": events.MAX_DOC_IDS,
+        "MAX_CANDIDATES": events.MAX_CANDIDATES,
     }
     assert contract == BUILT.CONSTANTS
 
@@ -170,10 +189,10 @@ def test_add_gives_the_references_state_byte_for_byte(updates: list[Update]) -> 
             expected = counters.add(reference.get(suffix), layout, ts, counts)
         except OverflowError:
             with pytest.raises(OverflowError):
-                BUILT.add(compiled.get(suffix), native.LAYOUT_TABLE, family, ts, counts)
+                BUILT.add(compiled.get(suffix), LAYOUT_TABLE, family, ts, counts)
             return
         reference[suffix] = expected
-        compiled[suffix] = BUILT.add(compiled.get(suffix), native.LAYOUT_TABLE, family, ts, counts)
+        compiled[suffix] = BUILT.add(compiled.get(suffix), LAYOUT_TABLE, family, ts, counts)
         assert compiled[suffix].tobytes() == reference[suffix].tobytes()
 
 
@@ -197,7 +216,7 @@ def test_fields_are_the_references_text_in_the_references_order(
         except OverflowError:
             break
     family_by_suffix = {suffix: family for family, suffix, _, _ in updates}
-    table = native.params_table(params)
+    table = params_table(params)
     for suffix, state in states.items():
         family = family_by_suffix[suffix]
         expected = fields_for(family, state, as_of, params)
@@ -205,7 +224,7 @@ def test_fields_are_the_references_text_in_the_references_order(
             family,
             state,
             as_of,
-            native.LAYOUT_TABLE,
+            LAYOUT_TABLE,
             table,
             partial(fields_for, params=params),
         )
@@ -228,8 +247,8 @@ def test_a_key_whose_sums_overflow_an_int64_is_rendered_by_the_reference() -> No
         calls.append(family)
         return fields_for(family, state, as_of, params)
 
-    table = native.params_table(params)
-    got = BUILT.fields_for(DOC, state, as_of, native.LAYOUT_TABLE, table, reference)
+    table = params_table(params)
+    got = BUILT.fields_for(DOC, state, as_of, LAYOUT_TABLE, table, reference)
     assert got == expected
     assert calls == [DOC]
 
@@ -240,9 +259,7 @@ def test_special_floats_are_written_as_python_writes_them() -> None:
     state = counters.add(None, LAYOUTS[AC], BASE, (3, 1))
     for prior in (Prior(1e-300, 1e-300), Prior(0.1, 0.2), Prior(1e300, 1e300)):
         params = FeatureParams(ac=prior)
-        got = BUILT.fields_for(
-            AC, state, BASE, native.LAYOUT_TABLE, native.params_table(params), fields_for
-        )
+        got = BUILT.fields_for(AC, state, BASE, LAYOUT_TABLE, params_table(params), fields_for)
         assert got == fields_for(AC, state, BASE, params)
     assert fields_for(AC, state, BASE, FeatureParams(ac=Prior(0.1, 0.2)))["select_rate_7d"] == repr(
         (1 + 0.1) / (3 + 0.1 + 0.2)
@@ -424,3 +441,94 @@ def test_fan_out_gives_the_references_updates_in_its_order(
 def test_shard_of_is_the_flows(suffix: str, shards: int) -> None:
     assert BUILT is not None
     assert BUILT.shard_of(suffix, shards) == shard_of(suffix, shards)
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+NOW = BASE + 10 * DAY
+TOLERANCE = 600_000
+
+any_text = st.one_of(
+    st.sampled_from(["", "a", "doc-1", "x" * 128, "x" * 129, "y" * 1024, "y" * 1025, "\x7f", "é"]),
+    st.text(max_size=8),
+    st.text(st.characters(max_codepoint=0x7F), min_size=255, max_size=258),
+)
+any_int = st.one_of(
+    st.sampled_from([0, 1, -1, NOW, NOW + TOLERANCE, NOW + TOLERANCE + 1, 2**63, 2**64]),
+    st.integers(min_value=0, max_value=NOW + 2 * TOLERANCE),
+)
+any_value = st.one_of(
+    st.none(), st.booleans(), any_text, any_int, st.floats(allow_nan=False, width=32), st.just([])
+)
+
+
+@st.composite
+def a_message(draw: st.DrawFn) -> dict[str, object]:
+    """Mostly well-formed events, each field sometimes replaced by anything, or missing."""
+    kind = draw(st.sampled_from([*EVENT_TYPES, "other"]))
+    fields: dict[str, object] = {
+        "type": kind,
+        "event_id": draw(any_text),
+        "ts": draw(any_int),
+        "session_id": draw(st.none() | any_text),
+        "query": draw(st.none() | any_text),
+        "doc_ids": draw(st.lists(any_text, max_size=4)),
+        "doc_id": draw(any_text),
+        "position": draw(st.none() | any_int),
+        "dwell_ms": draw(any_int),
+        "prefix": draw(st.none() | any_text),
+        "candidates": draw(st.lists(st.none() | any_text, max_size=4)),
+        "candidate": draw(st.none() | any_text),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=2)):
+        if draw(st.booleans()):
+            fields.pop(name, None)
+        else:
+            fields[name] = draw(any_value)
+    return fields
+
+
+def decoded_fields(value: object) -> object:
+    """Everything a decoded event carries, `origin` and `clock` included (not compared by
+    the events' own equality)."""
+    if isinstance(value, Rejection):
+        return value
+    return (type(value), *(getattr(value, name) for name in type(value).__slots__))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(a_message(), st.integers(min_value=0, max_value=2**32), any_int)
+def test_decode_gives_the_references_event_or_rejection(
+    message: dict[str, object], origin: int, clock: int
+) -> None:
+    value = json.dumps(message).encode()
+
+    def run() -> object:
+        return decoded_fields(
+            decode(value, now_ms=NOW, future_tolerance_ms=TOLERANCE, origin=origin, clock=clock)
+        )
+
+    compiled = run()
+    with pure_python():
+        reference = run()
+    assert compiled == reference
+
+
+def test_valid_events_of_the_common_shape_are_built_by_the_compiled_core() -> None:
+    assert BUILT is not None
+    types = (SearchImpression, Click, Dwell, AcImpression, AcSelect)
+    common = {"event_id": "e1", "ts": NOW, "session_id": "s"}
+    messages = [
+        {"type": "search_impression", **common, "query": "q", "doc_ids": ["a", "b"]},
+        {"type": "click", **common, "doc_id": "a", "position": 2},
+        {"type": "dwell", **common, "query": "q", "doc_id": "a", "dwell_ms": 31_000},
+        {"type": "ac_impression", **common, "prefix": "sh", "candidates": ["shoes", "shirt"]},
+        {"type": "ac_select", **common, "prefix": "sh", "candidate": "shoes"},
+    ]
+    for message in messages:
+        event = BUILT.event_from(message, 7, NOW - 1, NOW + TOLERANCE, types)
+        assert event is not None, message
+        assert (event.origin, event.clock) == (7, NOW)
+    # Not ASCII: events.py measures the UTF-8 bytes of a doc id.
+    unusual = {"type": "click", **common, "doc_id": "é"}
+    assert BUILT.event_from(unusual, 7, 0, NOW + TOLERANCE, types) is None
