@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dataflow import settings  # noqa: E402
+from dataflow.core import native  # noqa: E402
 from dataflow.core.families import DOC, QD, FeatureParams, Update, expected_units  # noqa: E402
 from dataflow.core.shard import FeatureShard  # noqa: E402
 from dataflow.run import tune_gc  # noqa: E402
@@ -104,7 +105,13 @@ def main() -> int:
         help="the garbage collection the pipeline runs with (GC_YOUNG_THRESHOLD, "
         "`dataflow.run.tune_gc`); 0: Python's default",
     )
+    parser.add_argument(
+        "--pure-python",
+        action="store_true",
+        help="run the pure-Python core (NATIVE_CORE=false) instead of the compiled one",
+    )
     args = parser.parse_args()
+    native.use(not args.pure_python)
     if args.gc_threshold:
         tune_gc(args.gc_threshold)
     rnd = random.Random(7)
