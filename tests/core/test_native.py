@@ -532,3 +532,32 @@ def test_valid_events_of_the_common_shape_are_built_by_the_compiled_core() -> No
     # Not ASCII: events.py measures the UTF-8 bytes of a doc id.
     unusual = {"type": "click", **common, "doc_id": "é"}
     assert BUILT.event_from(unusual, 7, 0, NOW + TOLERANCE, types) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(items_strategy, items_strategy)
+def test_a_snapshot_taken_by_one_core_resumes_in_the_other(
+    first: list[ShardItem], then: list[ShardItem]
+) -> None:
+    """NATIVE_CORE may change across a restart on the same recovery directory."""
+    params = FeatureParams()
+
+    def run(switch_after_first: bool) -> tuple[object, ...]:
+        shard = FeatureShard(params)
+        try:
+            for item in first:
+                shard.step([item])
+            blob = shard.snapshot()
+            native.use(not switch_after_first)
+            resumed = FeatureShard.restore(params, blob)
+            for item in then:
+                resumed.step([item])
+        except OverflowError:
+            return ("overflow",)
+        finally:
+            native.use(True)
+        writes = resumed.flush(everything=True).writes
+        states = {s: counters.to_bytes(v) for s, v in resumed.keys.items()}
+        return resumed.clock, states, list(writes)
+
+    assert run(switch_after_first=True) == run(switch_after_first=False)
