@@ -323,7 +323,9 @@ static PyObject *py_apply(PyObject *self, PyObject *args) {
             if (rc < 0 || PySet_Discard(deleted, suffix) < 0 || PySet_Add(created, suffix) < 0)
                 goto fail;
         } else {
+            Py_INCREF(state); /* held across the Python calls a new day record makes */
             PyObject *same = add_counts(state, layout, ts, counts);
+            Py_DECREF(state);
             if (same == NULL) goto fail;
             Py_DECREF(same);
         }
@@ -663,10 +665,19 @@ static PyObject *py_render(PyObject *self, PyObject *args) {
             Py_DECREF(it);
             return NULL;
         }
+        if (view.len < 8) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "an empty key state");
+            Py_DECREF(suffix);
+            Py_DECREF(it);
+            return NULL;
+        }
         int64_t newest = ((const int64_t *)view.buf)[0];
         PyBuffer_Release(&view);
         int64_t as_of = newest > day_start ? newest : day_start;
+        Py_INCREF(state); /* held across a call of the reference */
         PyObject *fields = render_or_fallback(family, state, as_of, table, &p, fallback);
+        Py_DECREF(state);
         PyObject *write = fields == NULL ? NULL : PyTuple_Pack(2, suffix, fields);
         Py_XDECREF(fields);
         Py_DECREF(suffix);
