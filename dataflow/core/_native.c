@@ -6,6 +6,7 @@
  *
  *   apply          FeatureShard.step's loop over one batch of updates (counters.add)
  *   add            counters.add
+ *   pack_states    counters.pack_states (and unpack_states): a shard's keys for a snapshot
  *   render         FeatureShard.flush's loop over the keys to write (families.fields_for)
  *   fields_for     families.fields_for
  *   pack_writes    sinks.redis.RedisWriter's RESP packing of a chunk of writes
@@ -45,8 +46,7 @@
 
 enum { DOC = 0, QD = 1, AC = 2, ACQ = 3 };
 
-static PyObject *array_type; /* array.array */
-static PyObject *typecode_q; /* "q" */
+static PyObject *zero_item; /* array('q', [0]) */
 
 /* ---- time ------------------------------------------------------------------------------ */
 
@@ -163,11 +163,18 @@ static int fill_record(const Layout *layout, int64_t ts, const int64_t *counts, 
     return 0;
 }
 
+/* A new array('q') of `items`: `array('q', [0]) * n` (the array module's own C path, no
+ * argument parsing), then the items copied in. */
 static PyObject *new_array(const int64_t *items, Py_ssize_t n) {
-    PyObject *blob = PyBytes_FromStringAndSize((const char *)items, n * (Py_ssize_t)sizeof(int64_t));
-    if (blob == NULL) return NULL;
-    PyObject *state = PyObject_CallFunctionObjArgs(array_type, typecode_q, blob, NULL);
-    Py_DECREF(blob);
+    PyObject *state = PySequence_Repeat(zero_item, n);
+    if (state == NULL || n == 0) return state;
+    Py_buffer view;
+    if (PyObject_GetBuffer(state, &view, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(state);
+        return NULL;
+    }
+    memcpy(view.buf, items, (size_t)n * sizeof(int64_t));
+    PyBuffer_Release(&view);
     return state;
 }
 
@@ -335,6 +342,133 @@ static PyObject *py_apply(PyObject *self, PyObject *args) {
     return Py_BuildValue("LLL", clock, late_before, late);
 fail:
     Py_DECREF(fast);
+    return NULL;
+}
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+} Buffer;
+static int grow(Buffer *b, size_t more);
+static const char *utf8(PyObject *s, Py_ssize_t *n);
+
+/* ---- counters.pack_states / unpack_states: a shard's keys in one snapshot buffer ---------- */
+
+static void put_u32(Buffer *b, uint32_t v) { /* caller has grown b */
+    unsigned char le[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                           (unsigned char)(v >> 24)};
+    memcpy(b->data + b->len, le, 4);
+    b->len += 4;
+}
+
+static uint32_t get_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* pack_states(keys) -> bytes: counters.pack_states (little-endian machines). */
+static PyObject *py_pack_states(PyObject *self, PyObject *keys) {
+    if (!PyDict_Check(keys)) {
+        PyErr_SetString(PyExc_TypeError, "keys must be a dict");
+        return NULL;
+    }
+    Buffer b = {NULL, 0, 0};
+    Py_ssize_t pos = 0;
+    PyObject *suffix, *state;
+    while (PyDict_Next(keys, &pos, &suffix, &state)) {
+        Py_ssize_t n;
+        const char *name = utf8(suffix, &n);
+        if (name == NULL) goto fail;
+        Py_buffer view;
+        if (get_state_buffer(state, &view) < 0) goto fail;
+        size_t items = (size_t)view.len / 8;
+        if ((size_t)n > UINT32_MAX || items > UINT32_MAX ||
+            grow(&b, 8 + (size_t)n + (size_t)view.len) < 0) {
+            PyBuffer_Release(&view);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_OverflowError, "a key too large");
+            goto fail;
+        }
+        put_u32(&b, (uint32_t)n);
+        memcpy(b.data + b.len, name, (size_t)n);
+        b.len += (size_t)n;
+        put_u32(&b, (uint32_t)items);
+        memcpy(b.data + b.len, view.buf, (size_t)view.len);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        for (size_t i = 0; i < items; i++) { /* the buffer is little-endian everywhere */
+            uint64_t *item = (uint64_t *)(b.data + b.len) + i;
+            *item = __builtin_bswap64(*item);
+        }
+#endif
+        b.len += (size_t)view.len;
+        PyBuffer_Release(&view);
+    }
+    PyObject *out = PyBytes_FromStringAndSize(b.data ? b.data : "", (Py_ssize_t)b.len);
+    PyMem_Free(b.data);
+    return out;
+fail:
+    PyMem_Free(b.data);
+    return NULL;
+}
+
+/* unpack_states(blob) -> dict: counters.unpack_states. */
+static PyObject *py_unpack_states(PyObject *self, PyObject *arg) {
+    Py_buffer in;
+    if (PyObject_GetBuffer(arg, &in, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *p = in.buf, *end = p + in.len;
+    /* Count the keys first: a dict sized for them is never rehashed while it fills. */
+    Py_ssize_t count = 0;
+    for (const unsigned char *q = p; end - q >= 8; count++) {
+        uint32_t n = get_u32(q);
+        if ((size_t)(end - q - 4) < (size_t)n + 4) break;
+        q += 4 + n;
+        uint32_t items = get_u32(q);
+        q += 4;
+        if ((size_t)(end - q) / 8 < items) break;
+        q += (size_t)items * 8;
+    }
+    PyObject *keys = _PyDict_NewPresized(count);
+    if (keys == NULL) goto fail;
+    while (p < end) {
+        if (end - p < 4) goto truncated;
+        uint32_t n = get_u32(p);
+        p += 4;
+        if ((size_t)(end - p) < (size_t)n + 4) goto truncated;
+        PyObject *suffix = PyUnicode_DecodeUTF8((const char *)p, n, "strict");
+        if (suffix == NULL) goto fail;
+        p += n;
+        uint32_t items = get_u32(p);
+        p += 4;
+        if ((size_t)(end - p) / 8 < items) {
+            Py_DECREF(suffix);
+            goto truncated;
+        }
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        int64_t *swapped = PyMem_Malloc((size_t)items * 8 + 1);
+        if (swapped == NULL) {
+            Py_DECREF(suffix);
+            PyErr_NoMemory();
+            goto fail;
+        }
+        memcpy(swapped, p, (size_t)items * 8);
+        for (size_t i = 0; i < items; i++)
+            swapped[i] = (int64_t)__builtin_bswap64((uint64_t)swapped[i]);
+        PyObject *state = new_array(swapped, items);
+        PyMem_Free(swapped);
+#else
+        PyObject *state = new_array((const int64_t *)p, items);
+#endif
+        p += (size_t)items * 8;
+        int rc = state == NULL ? -1 : PyDict_SetItem(keys, suffix, state);
+        Py_DECREF(suffix);
+        Py_XDECREF(state);
+        if (rc < 0) goto fail;
+    }
+    PyBuffer_Release(&in);
+    return keys;
+truncated:
+    PyErr_SetString(PyExc_ValueError, "a truncated key-state buffer");
+fail:
+    Py_XDECREF(keys);
+    PyBuffer_Release(&in);
     return NULL;
 }
 
@@ -694,11 +828,6 @@ static PyObject *py_render(PyObject *self, PyObject *args) {
 }
 
 /* ---- sinks.redis: RESP of a chunk of writes -------------------------------------------- */
-
-typedef struct {
-    char *data;
-    size_t len, cap;
-} Buffer;
 
 static int grow(Buffer *b, size_t more) {
     if (b->len + more <= b->cap) return 0;
@@ -1300,6 +1429,10 @@ static PyMethodDef methods[] = {
      "fan_out(events, shards, impression_type, by_position, qhash_of, enc, updates_for) -> "
      "[(str(shard), updates)]: flow.FanOut."},
     {"shard_of", py_shard_of, METH_VARARGS, "shard_of(suffix, shards) -> int: flow.shard_of."},
+    {"pack_states", py_pack_states, METH_O,
+     "pack_states(keys) -> bytes: counters.pack_states."},
+    {"unpack_states", py_unpack_states, METH_O,
+     "unpack_states(blob) -> dict: counters.unpack_states."},
     {"pack_writes", py_pack_writes, METH_VARARGS,
      "pack_writes(prefix, writes, ttl, seconds) -> (bytes, replies): the RESP of a chunk."},
     {NULL, NULL, 0, NULL},
@@ -1317,11 +1450,9 @@ PyMODINIT_FUNC PyInit__native(void) {
     crc_init();
     PyObject *array_module = PyImport_ImportModule("array");
     if (array_module == NULL) goto fail;
-    array_type = PyObject_GetAttrString(array_module, "array");
+    zero_item = PyObject_CallMethod(array_module, "array", "s[i]", "q", 0);
     Py_DECREF(array_module);
-    if (array_type == NULL) goto fail;
-    typecode_q = PyUnicode_InternFromString("q");
-    if (typecode_q == NULL) goto fail;
+    if (zero_item == NULL) goto fail;
     for (int i = 0; i < N_FIELDS; i++) {
         field_names[i] = PyUnicode_InternFromString(FIELD_NAMES[i]);
         if (field_names[i] == NULL) goto fail;

@@ -15,7 +15,14 @@ from functools import partial
 from itertools import chain
 
 from dataflow.core import native, snapshots
-from dataflow.core.counters import KeyState, add, from_bytes, prune, to_bytes
+from dataflow.core.counters import (
+    KeyState,
+    add,
+    from_bytes,
+    pack_states,
+    prune,
+    unpack_states,
+)
 from dataflow.core.families import (
     AC,
     DOC,
@@ -33,9 +40,10 @@ from dataflow.core.priors import Fit
 from dataflow.core.smoothing import Prior
 from dataflow.core.windows import DAY_MS, RETENTION_DAYS
 
-LAYOUT = 3
-"""Version of the recovery state's layout (`dataflow.core.snapshots`). Layout 2 (no fitted
-priors) is still read."""
+LAYOUT = 4
+"""Version of the recovery state's layout (`dataflow.core.snapshots`): the keys' states in
+one buffer (`counters.pack_states`). Layouts 3 (a dict of each key's bytes) and 2 (that,
+without fitted priors) are still read."""
 _PRIOR_FIELD = {DOC: "doc", QD: "qd", AC: "ac"}
 
 Write = tuple[str, Fields | None]
@@ -138,9 +146,10 @@ class FeatureShard:
     # next epoch, so a snapshot must not share mutable objects with the live state. Pickling
     # here costs what Bytewax would spend anyway, and returns immutable bytes.
     def snapshot(self) -> bytes:
+        compiled = native.core
         state = (
             self.clock,
-            {suffix: to_bytes(counts) for suffix, counts in self.keys.items()},
+            pack_states(self.keys) if compiled is None else compiled.pack_states(self.keys),
             self.dirty,
             self.deleted,
             self.restating[self.restate_at :],
@@ -159,11 +168,15 @@ class FeatureShard:
         restate_per_flush: int | None = None,
         fitted: frozenset[int] = frozenset(),
     ) -> FeatureShard:
-        layout, state = snapshots.unwrap_layouts("features", (LAYOUT, 2), blob)
+        layout, state = snapshots.unwrap_layouts("features", (LAYOUT, 3, 2), blob)
         if layout == 2:
             state = (*state, {}, set())
         clock, packed, dirty, deleted, restating, labels, created, priors, provisional = state
-        keys = {suffix: from_bytes(counts) for suffix, counts in packed.items()}
+        if layout == LAYOUT:
+            compiled = native.core
+            keys = unpack_states(packed) if compiled is None else compiled.unpack_states(packed)
+        else:
+            keys = {suffix: from_bytes(counts) for suffix, counts in packed.items()}
         return cls(
             params,
             clock=clock,

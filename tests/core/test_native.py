@@ -561,3 +561,45 @@ def test_a_snapshot_taken_by_one_core_resumes_in_the_other(
         return resumed.clock, states, list(writes)
 
     assert run(switch_after_first=True) == run(switch_after_first=False)
+
+
+# --- snapshot buffers --------------------------------------------------------------------
+
+states_strategy = st.dictionaries(
+    st.text(max_size=12),
+    st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=15).map(
+        lambda items: array("q", items)
+    ),
+    max_size=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(states_strategy)
+def test_key_states_pack_to_the_references_bytes_and_back(keys: dict[str, array[int]]) -> None:
+    assert BUILT is not None
+    packed = counters.pack_states(keys)
+    assert BUILT.pack_states(keys) == packed
+    for unpacked in (BUILT.unpack_states(packed), counters.unpack_states(packed)):
+        assert list(unpacked) == list(keys)  # the dict's order too
+        assert all(unpacked[s].typecode == "q" for s in unpacked)
+        assert {s: v.tobytes() for s, v in unpacked.items()} == {
+            s: v.tobytes() for s, v in keys.items()
+        }
+
+
+@settings(max_examples=200, deadline=None)
+@given(states_strategy.filter(bool), st.data())
+def test_a_truncated_state_buffer_is_an_error_in_both_cores(
+    keys: dict[str, array[int]], data: st.DataObject
+) -> None:
+    assert BUILT is not None
+    packed = counters.pack_states(keys)
+    cut = data.draw(st.integers(min_value=1, max_value=len(packed) - 1))
+    for unpack in (BUILT.unpack_states, counters.unpack_states):
+        try:
+            unpacked = unpack(packed[:cut])
+        except ValueError:
+            continue
+        # A cut that falls between two keys leaves a shorter, well-formed buffer.
+        assert counters.pack_states(unpacked) == packed[:cut]

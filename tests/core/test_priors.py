@@ -285,10 +285,11 @@ def test_a_shard_snapshot_keeps_its_priors_and_reads_the_previous_layout() -> No
     again = FeatureShard.restore(FeatureParams(), shard.snapshot(), fitted=frozenset({DOC}))
     assert again.priors == {DOC: {DAY: Prior(2.0, 8.0)}}
     # Layout 2, written before fitted priors: the same keys, no priors.
-    from dataflow.core import snapshots  # noqa: PLC0415
+    from dataflow.core import counters, snapshots  # noqa: PLC0415
 
-    state = snapshots.unwrap_layouts("features", (3,), shard.snapshot())[1][:7]
-    old = snapshots.wrap("features", 2, state)
+    state = snapshots.unwrap_layouts("features", (4,), shard.snapshot())[1][:7]
+    keys = {s: counters.to_bytes(v) for s, v in counters.unpack_states(state[1]).items()}
+    old = snapshots.wrap("features", 2, (state[0], keys, *state[2:]))
     restored = FeatureShard.restore(FeatureParams(), old)
     assert set(restored.keys) == {"doc:a"} and restored.priors == {}
 

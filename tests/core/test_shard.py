@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dataflow.core import counters, snapshots
 from dataflow.core.families import ACQ, DOC, LAYOUTS, QD, FeatureParams, Update
 from dataflow.core.shard import FeatureShard
 from dataflow.core.windows import DAY_MS
@@ -114,6 +115,37 @@ def test_a_snapshot_of_the_previous_layout_names_the_way_forward() -> None:
     old = pickle.dumps((BASE, {}, set(), set(), False, {}))  # the tuple before the envelope
     with pytest.raises(RecoveryFormatError, match=r"'features'.*dataflow.tools.replay"):
         FeatureShard.restore(PARAMS, old)
+
+
+def test_a_snapshot_of_layout_3_still_restores() -> None:
+    """Recovery directories written before the keys' states shared one buffer."""
+    shard = FeatureShard(PARAMS)
+    shard.step([[upd(DOC, "doc:a", BASE, (1, 1, 0)), upd(QD, "qd:h:a", BASE + 5, (1, 0, 0))]])
+    shard.flush()
+    shard.step([[upd(DOC, "doc:a", BASE + 9, (0, 0, 1))]])
+    layout_3 = snapshots.wrap(
+        "features",
+        3,
+        (
+            shard.clock,
+            {suffix: counters.to_bytes(state) for suffix, state in shard.keys.items()},
+            shard.dirty,
+            shard.deleted,
+            [],
+            {},
+            shard.created,
+            {},
+            set(),
+        ),
+    )
+    blobs = (layout_3, shard.snapshot())
+    states = {s: v.tobytes() for s, v in shard.keys.items()}
+    writes = shard.flush().writes
+    for blob in blobs:
+        restored = FeatureShard.restore(PARAMS, blob)
+        assert {s: v.tobytes() for s, v in restored.keys.items()} == states
+        assert restored.dirty == {"doc:a"}
+        assert restored.flush().writes == writes
 
 
 def test_hot_key_updates_coalesce_into_one_write_per_flush() -> None:
