@@ -1,5 +1,6 @@
-/* The per-key hot paths of the state core, compiled: applying counter updates, rendering a
- * key's fields and packing the Redis writes.
+/* The per-event hot paths of the state core, compiled: building valid events, fanning them
+ * out into counter updates, applying the updates, rendering a key's fields, packing the
+ * Redis writes and a shard's snapshot buffer.
  *
  * Each function here has a pure-Python reference in the package, and gives the same result
  * to the byte (tests/core/test_native.py holds them to it with Hypothesis):
@@ -17,11 +18,12 @@
  *
  * The arithmetic is the reference's, step for step: int64 counts (checked, never wrapping),
  * IEEE doubles combined in the same order, libm's exp2 (which CPython's math.exp2 calls),
- * round-half-even, and floats formatted by CPython's own repr (PyOS_double_to_string 'r').
- * A key whose window sums do not fit an int64 is handed to the Python reference instead.
+ * round-half-even, and floats written as CPython's repr writes them (Ryu's shortest digits,
+ * CPython's choice of notation; inf and nan by CPython itself). A key whose window sums do
+ * not fit an int64 is handed to the Python reference instead.
  *
- * The constants below are contract constants (dataflow.core.windows); CONSTANTS exposes them
- * so that a test can check them against the Python ones.
+ * The constants below are the contract's (dataflow.core.windows, dataflow.core.events);
+ * CONSTANTS exposes them so that a test can check them against the Python ones.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -63,6 +65,8 @@ static inline int64_t forward_weight(int64_t ts) {
     return (int64_t)w;
 }
 
+/* ---- buffers and text ------------------------------------------------------------------ */
+
 /* Decimal text of `value` into `out` (at least 21 bytes); returns its length. */
 static int format_int(int64_t value, char *out) {
     char digits[24];
@@ -76,6 +80,62 @@ static int format_int(int64_t value, char *out) {
     if (value < 0) out[len++] = '-';
     while (n) out[len++] = digits[--n];
     return len;
+}
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+} Buffer;
+
+static int grow(Buffer *b, size_t more) {
+    if (b->len + more <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + more) cap *= 2;
+    char *data = PyMem_Realloc(b->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int put(Buffer *b, const char *text, size_t n) {
+    if (grow(b, n) < 0) return -1;
+    memcpy(b->data + b->len, text, n);
+    b->len += n;
+    return 0;
+}
+
+/* One RESP bulk string, `$<len>\r\n<a><c>\r\n`: the text of `a` followed by that of `c`
+ * (a key is its prefix and ":" in `a`, its suffix in `c`; any other string has no `c`). */
+static int put_bulk(Buffer *b, const char *a, Py_ssize_t na, const char *c, Py_ssize_t nc) {
+    char head[32];
+    head[0] = '$';
+    int nh = 1 + format_int((int64_t)(na + nc), head + 1);
+    head[nh++] = '\r';
+    head[nh++] = '\n';
+    if (grow(b, (size_t)nh + (size_t)na + (size_t)nc + 2) < 0) return -1;
+    memcpy(b->data + b->len, head, (size_t)nh);
+    b->len += (size_t)nh;
+    memcpy(b->data + b->len, a, (size_t)na);
+    b->len += (size_t)na;
+    if (nc) {
+        memcpy(b->data + b->len, c, (size_t)nc);
+        b->len += (size_t)nc;
+    }
+    memcpy(b->data + b->len, "\r\n", 2);
+    b->len += 2;
+    return 0;
+}
+
+static const char *utf8(PyObject *s, Py_ssize_t *n) {
+    if (!PyUnicode_Check(s)) {
+        PyErr_Format(PyExc_TypeError, "expected str, got %.100s", Py_TYPE(s)->tp_name);
+        return NULL;
+    }
+    return PyUnicode_AsUTF8AndSize(s, n);
 }
 
 /* ---- layouts --------------------------------------------------------------------------- */
@@ -344,13 +404,6 @@ fail:
     Py_DECREF(fast);
     return NULL;
 }
-
-typedef struct {
-    char *data;
-    size_t len, cap;
-} Buffer;
-static int grow(Buffer *b, size_t more);
-static const char *utf8(PyObject *s, Py_ssize_t *n);
 
 /* ---- counters.pack_states / unpack_states: a shard's keys in one snapshot buffer ---------- */
 
@@ -828,56 +881,6 @@ static PyObject *py_render(PyObject *self, PyObject *args) {
 }
 
 /* ---- sinks.redis: RESP of a chunk of writes -------------------------------------------- */
-
-static int grow(Buffer *b, size_t more) {
-    if (b->len + more <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + more) cap *= 2;
-    char *data = PyMem_Realloc(b->data, cap);
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    b->data = data;
-    b->cap = cap;
-    return 0;
-}
-
-static int put(Buffer *b, const char *text, size_t n) {
-    if (grow(b, n) < 0) return -1;
-    memcpy(b->data + b->len, text, n);
-    b->len += n;
-    return 0;
-}
-
-/* `$<len>\r\n<bytes>\r\n`, with `head` and `tail` around the key text (prefix ":" suffix). */
-static int put_bulk(Buffer *b, const char *a, Py_ssize_t na, const char *c, Py_ssize_t nc) {
-    char head[32];
-    head[0] = '$';
-    int nh = 1 + format_int((int64_t)(na + nc), head + 1);
-    head[nh++] = '\r';
-    head[nh++] = '\n';
-    if (grow(b, (size_t)nh + (size_t)na + (size_t)nc + 2) < 0) return -1;
-    memcpy(b->data + b->len, head, (size_t)nh);
-    b->len += (size_t)nh;
-    memcpy(b->data + b->len, a, (size_t)na);
-    b->len += (size_t)na;
-    if (nc) {
-        memcpy(b->data + b->len, c, (size_t)nc);
-        b->len += (size_t)nc;
-    }
-    memcpy(b->data + b->len, "\r\n", 2);
-    b->len += 2;
-    return 0;
-}
-
-static const char *utf8(PyObject *s, Py_ssize_t *n) {
-    if (!PyUnicode_Check(s)) {
-        PyErr_Format(PyExc_TypeError, "expected str, got %.100s", Py_TYPE(s)->tp_name);
-        return NULL;
-    }
-    return PyUnicode_AsUTF8AndSize(s, n);
-}
 
 /* pack_writes(prefix, writes, ttl, seconds) -> (bytes, replies)
  *

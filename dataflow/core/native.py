@@ -1,13 +1,19 @@
-"""The compiled state core: the per-key hot paths in C (`dataflow/core/_native.c`).
+"""The compiled state core: the per-event hot paths in C (`dataflow/core/_native.c`).
 
-Three loops run once per counter update or per written key, and in CPython each costs
-microseconds of per-object work; compiled, each is a few hundred nanoseconds:
+These loops run once per event, per counter update or per written key, and in CPython each
+costs microseconds of per-object work; compiled, each costs a fraction of that:
 
+- building a valid event from its decoded JSON (`events.decode`; every rejection is still
+  decided by `events.py`);
+- the fan-out of a batch of events into counter updates grouped by state shard
+  (`flow.FanOut`, reference `families.updates_for` and `flow.by_feature_shard`);
 - applying a batch of counter updates to a shard's keys (`FeatureShard.step`, whose Python
   loop and `counters.add` are the reference);
 - rendering the keys to write as their Redis fields (`FeatureShard.flush`, reference
   `families.fields_for`);
-- packing a chunk of writes as RESP (`sinks.redis`, reference `resp.pack_writes`).
+- packing a chunk of writes as RESP (`sinks.redis`, reference `resp.pack_writes`);
+- a shard's key states in one snapshot buffer and back (`counters.pack_states`,
+  `counters.unpack_states`).
 
 The Python implementations stay the reference: the compiled ones give the same states, the
 same field text and the same bytes (tests/core/test_native.py holds them to it with
