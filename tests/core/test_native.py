@@ -431,9 +431,7 @@ def test_fan_out_gives_the_references_updates_in_its_order(
     with pure_python():
         reference = fan_out(keyed)
     assert compiled == reference
-    assert [type(u[1]) for _, ups in compiled for u in ups] == [str] * sum(
-        len(ups) for _, ups in compiled
-    )
+    assert all(type(update[1]) is str for _, updates in compiled for update in updates)
 
 
 @settings(max_examples=300, deadline=None)
