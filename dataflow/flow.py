@@ -429,6 +429,8 @@ class FanOut:
     def __init__(self, params: FeatureParams, shards: int) -> None:
         self.params = params
         self.shards = shards
+        self.by_position = impressions_by_position(params.reference_ctr)
+        self.updates_for = partial(updates_for, params=params)
 
     def __call__(self, batches: list[tuple[str, list[Event]]]) -> list[tuple[str, list[Update]]]:
         params = self.params
@@ -438,10 +440,10 @@ class FanOut:
                 (e for _key, events in batches for e in events),
                 self.shards,
                 SearchImpression,
-                impressions_by_position(params.reference_ctr),
+                self.by_position,
                 qhash_or_none,
                 keys.enc,
-                partial(updates_for, params=params),
+                self.updates_for,
             )
             return grouped
         return by_feature_shard(

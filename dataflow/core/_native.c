@@ -723,10 +723,20 @@ static inline int family_of(PyObject *suffix) {
 }
 
 /* The fields of one key, or NULL with no error set when its sums overflow an int64. */
-static PyObject *render_key(int family, PyObject *state, int64_t as_of, const Layout *table,
-                            const Params *p) {
+static PyObject *render_key(int family, PyObject *state, int64_t *as_of_at, int at_least_newest,
+                            const Layout *table, const Params *p) {
     Py_buffer view;
     if (get_state_buffer(state, &view) < 0) return NULL;
+    if (at_least_newest) { /* FeatureShard.flush: max(the key's newest event, day start) */
+        if (view.len < 8) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "an empty key state");
+            return NULL;
+        }
+        int64_t newest = ((const int64_t *)view.buf)[0];
+        if (newest > *as_of_at) *as_of_at = newest;
+    }
+    int64_t as_of = *as_of_at;
     const Layout *layout = &table[family];
     int64_t w7[MAX_COUNTS], w30[MAX_COUNTS];
     double d[MAX_DECAYED];
@@ -798,8 +808,9 @@ layout_error:
 
 /* The fields of one key, through the reference when the compiled sums cannot hold them. */
 static PyObject *render_or_fallback(int family, PyObject *state, int64_t as_of,
-                                    const Layout *table, const Params *p, PyObject *fallback) {
-    PyObject *fields = render_key(family, state, as_of, table, p);
+                                    int at_least_newest, const Layout *table, const Params *p,
+                                    PyObject *fallback) {
+    PyObject *fields = render_key(family, state, &as_of, at_least_newest, table, p);
     if (fields != NULL || PyErr_Occurred()) return fields;
     return PyObject_CallFunction(fallback, "iOL", family, state, (long long)as_of);
 }
@@ -818,7 +829,7 @@ static PyObject *py_fields_for(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "no such family");
         return NULL;
     }
-    return render_or_fallback(family, state, as_of, table, &p, fallback);
+    return render_or_fallback(family, state, as_of, 0, table, &p, fallback);
 }
 
 /* render(keys, suffixes, day_start, layouts, cparams, fallback, writes) -> None
@@ -846,24 +857,8 @@ static PyObject *py_render(PyObject *self, PyObject *args) {
             Py_DECREF(it);
             return NULL;
         }
-        Py_buffer view;
-        if (get_state_buffer(state, &view) < 0) {
-            Py_DECREF(suffix);
-            Py_DECREF(it);
-            return NULL;
-        }
-        if (view.len < 8) {
-            PyBuffer_Release(&view);
-            PyErr_SetString(PyExc_ValueError, "an empty key state");
-            Py_DECREF(suffix);
-            Py_DECREF(it);
-            return NULL;
-        }
-        int64_t newest = ((const int64_t *)view.buf)[0];
-        PyBuffer_Release(&view);
-        int64_t as_of = newest > day_start ? newest : day_start;
         Py_INCREF(state); /* held across a call of the reference */
-        PyObject *fields = render_or_fallback(family, state, as_of, table, &p, fallback);
+        PyObject *fields = render_or_fallback(family, state, day_start, 1, table, &p, fallback);
         Py_DECREF(state);
         PyObject *write = fields == NULL ? NULL : PyTuple_Pack(2, suffix, fields);
         Py_XDECREF(fields);
@@ -1266,6 +1261,15 @@ static int doc_id_ok(PyObject *value) {
     return 1;
 }
 
+/* events._string_list: the list at `name` with 1..max_items items, else NULL (borrowed). */
+static PyObject *list_field(PyObject *obj, int name, Py_ssize_t max_items) {
+    PyObject *value = PyDict_GetItemWithError(obj, names[name]);
+    if (value == NULL || !PyList_CheckExact(value) || PyList_GET_SIZE(value) < 1 ||
+        PyList_GET_SIZE(value) > max_items)
+        return NULL;
+    return value;
+}
+
 static PyObject *field(PyObject *obj, int name) { /* borrowed, NULL when missing or null */
     PyObject *value = PyDict_GetItemWithError(obj, names[name]);
     return value == Py_None ? NULL : value;
@@ -1329,10 +1333,8 @@ static PyObject *py_event_from(PyObject *self, PyObject *args) {
         fields[3] = K_QUERY;
     }
     if (t == 0) {
-        PyObject *raw = PyDict_GetItemWithError(obj, names[K_DOC_IDS]);
-        if (raw == NULL || !PyList_CheckExact(raw) || PyList_GET_SIZE(raw) < 1 ||
-            PyList_GET_SIZE(raw) > MAX_DOC_IDS)
-            goto decline_owned;
+        PyObject *raw = list_field(obj, K_DOC_IDS, MAX_DOC_IDS);
+        if (raw == NULL) goto decline_owned;
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(raw); i++)
             if (!doc_id_ok(PyList_GET_ITEM(raw, i))) goto decline_owned;
         owned = PyList_AsTuple(raw);
@@ -1362,10 +1364,8 @@ static PyObject *py_event_from(PyObject *self, PyObject *args) {
         values[3] = prefix;
         fields[3] = K_PREFIX;
         if (t == 3) {
-            PyObject *raw = PyDict_GetItemWithError(obj, names[K_CANDIDATES]);
-            if (raw == NULL || !PyList_CheckExact(raw) || PyList_GET_SIZE(raw) < 1 ||
-                PyList_GET_SIZE(raw) > MAX_CANDIDATES)
-                goto decline_owned;
+            PyObject *raw = list_field(obj, K_CANDIDATES, MAX_CANDIDATES);
+            if (raw == NULL) goto decline_owned;
             for (Py_ssize_t i = 0; i < PyList_GET_SIZE(raw); i++)
                 if (!text_of(PyList_GET_ITEM(raw, i), MAX_TEXT_CHARS, 1)) goto decline_owned;
             owned = PyList_AsTuple(raw);

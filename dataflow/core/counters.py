@@ -79,9 +79,9 @@ def unpack_states(blob: bytes) -> dict[str, KeyState]:
     unpack = _LENGTH.unpack_from
     at, end = 0, len(blob)
     while at < end:
-        if end - at < 4 or end - at - 4 < unpack(blob, at)[0] + 4:
+        size = unpack(blob, at)[0] if end - at >= 4 else end
+        if end - at - 4 < size + 4:
             raise ValueError("a truncated key-state buffer")
-        (size,) = unpack(blob, at)
         suffix = str(view[at + 4 : at + 4 + size], "utf-8")
         at += 4 + size
         (count,) = unpack(blob, at)
