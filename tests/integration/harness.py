@@ -352,6 +352,8 @@ class _ProxyState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     max_as_of: int = 0
     hsets: int = 0
+    generation: int = 0
+    """Bumped by `reset`: connections opened before it no longer count."""
     trap_armed: bool = False
     trapped: threading.Event = field(default_factory=threading.Event)
     held: HeldWrite | None = None
@@ -424,6 +426,9 @@ class RedisProxy:
         with self.state.lock:
             self.state.max_as_of = 0
             self.state.hsets = 0
+            # A killed process's last commands may still be on their way through: they
+            # reach Redis, but they do not say how far the next process got.
+            self.state.generation += 1
 
     def wait_trapped(self, process: PipelineProcess, timeout: float) -> HeldWrite:
         """Wait until the armed trap caught a pipeline write of `process`."""
@@ -472,8 +477,10 @@ class RedisProxy:
                 return
             upstream = socket.create_connection(self.upstream)
             self._sockets += [client, upstream]
+            with self.state.lock:
+                generation = self.state.generation
             threading.Thread(
-                target=self._client_to_server, args=(client, upstream), daemon=True
+                target=self._client_to_server, args=(client, upstream, generation), daemon=True
             ).start()
             threading.Thread(
                 target=self._server_to_client, args=(upstream, client), daemon=True
@@ -507,7 +514,9 @@ class RedisProxy:
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_RDWR)
 
-    def _client_to_server(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _client_to_server(
+        self, client: socket.socket, upstream: socket.socket, generation: int
+    ) -> None:
         buf = bytearray()
         with contextlib.suppress(OSError):
             while data := client.recv(65536):
@@ -516,7 +525,7 @@ class RedisProxy:
                 del buf[:used]
                 if not commands:
                     continue
-                forward = self._inspect(commands)
+                forward = self._inspect(commands, generation)
                 upstream.sendall(b"".join(raw for raw, _ in commands[:forward]))
                 if forward < len(commands):
                     # Held: keep the connection open and silent until the client dies.
@@ -528,13 +537,20 @@ class RedisProxy:
         with contextlib.suppress(OSError):
             client.close()
 
-    def _inspect(self, commands: list[tuple[bytes, list[bytes]]]) -> int:
-        """Record what goes by; returns how many of `commands` to forward."""
+    def _inspect(self, commands: list[tuple[bytes, list[bytes]]], generation: int) -> int:
+        """Record what goes by (from connections opened since the last `reset`); returns how
+        many of `commands` to forward."""
         state = self.state
         with state.lock:
             forward = len(commands)
+            current = generation == state.generation
             first_hset = next((i for i, (_, a) in enumerate(commands) if _is_hset(a)), None)
-            if state.trap_armed and first_hset is not None and first_hset + 1 < len(commands):
+            if (
+                current
+                and state.trap_armed
+                and first_hset is not None
+                and first_hset + 1 < len(commands)
+            ):
                 # At least one HSET goes through (so Redis visibly applied part of the
                 # pipeline) and at least one command stays behind.
                 forward = max(first_hset + 1, len(commands) // 2)
@@ -543,7 +559,7 @@ class RedisProxy:
                     held=[a for _, a in commands[forward:]],
                 )
                 state.trap_armed = False
-            for _, args in commands[:forward]:
+            for _, args in commands[:forward] if current else ():
                 if _is_hset(args):
                     state.hsets += 1
                     for i in range(2, len(args) - 1, 2):
