@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "ops/grafana/search-features-dashboard.json"
 RULES = ROOT / "ops/prometheus/search-features.rules.yml"
 WAIT_S = 90.0
-BACKLOG = 20_000
+BACKLOG = 100_000
+"""Messages waiting before the pipeline starts: several seconds of reading at the compiled
+core's rate, so that Prometheus scrapes the lag while it lasts."""
 RATE_PER_S = 300
 
 
