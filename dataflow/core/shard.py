@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import chain
+from itertools import chain, islice
 
 from dataflow.core import native, snapshots
 from dataflow.core.counters import (
@@ -40,10 +40,12 @@ from dataflow.core.priors import Fit
 from dataflow.core.smoothing import Prior
 from dataflow.core.windows import DAY_MS, RETENTION_DAYS
 
-LAYOUT = 4
+LAYOUT = 5
 """Version of the recovery state's layout (`dataflow.core.snapshots`): the keys' states in
-one buffer (`counters.pack_states`). Layouts 3 (a dict of each key's bytes) and 2 (that,
-without fitted priors) are still read."""
+one buffer (`counters.pack_states`), and the re-statement queue as a `range` of positions
+in the keys' order when it is one (a list of suffixes otherwise). Layouts 4 (the queue
+always a list), 3 (a dict of each key's bytes) and 2 (that, without fitted priors) are
+still read."""
 _PRIOR_FIELD = {DOC: "doc", QD: "qd", AC: "ac"}
 
 Write = tuple[str, Fields | None]
@@ -105,6 +107,7 @@ class FeatureShard:
         "priors",
         "provisional",
         "restate_at",
+        "restate_from",
         "restate_per_flush",
         "restating",
     )
@@ -118,6 +121,7 @@ class FeatureShard:
         dirty: set[str] | None = None,
         deleted: set[str] | None = None,
         restating: list[str] | None = None,
+        restate_from: int | None = None,
         labels: dict[str, str] | None = None,
         created: set[str] | None = None,
         restate_per_flush: int | None = None,
@@ -138,6 +142,11 @@ class FeatureShard:
         # Keys still to re-state after the last new day, from `restate_at` on.
         self.restating: list[str] = [] if restating is None else restating
         self.restate_at = 0
+        self.restate_from = 0 if restating is None else restate_from
+        """When the queue is a run of the keys in the dict's order (a new day's, a repair's),
+        the position of its first key: the snapshot then stores the run's bounds, not its
+        suffixes. The dict only grows between two new days, so the positions hold. None: a
+        queue of any keys (`_take_fits`), stored as suffixes."""
         self.restate_per_flush = restate_per_flush
         self.labels: dict[str, str] = {} if labels is None else labels
         self.created: set[str] = set() if created is None else created
@@ -152,13 +161,21 @@ class FeatureShard:
             pack_states(self.keys) if compiled is None else compiled.pack_states(self.keys),
             self.dirty,
             self.deleted,
-            self.restating[self.restate_at :],
+            self._queue_state(),
             self.labels,
             self.created,
             {f: {d: (p.alpha, p.beta) for d, p in days.items()} for f, days in self.priors.items()},
             self.provisional,
         )
         return snapshots.wrap("features", LAYOUT, state)
+
+    def _queue_state(self) -> range | list[str]:
+        """The keys still to re-state, as a snapshot stores them: the positions of a run of
+        the keys' order (a few bytes however long the queue), else their suffixes."""
+        at, start = self.restate_at, self.restate_from
+        if start is None:
+            return self.restating[at:]
+        return range(start + at, start + len(self.restating))
 
     @classmethod
     def restore(
@@ -168,15 +185,19 @@ class FeatureShard:
         restate_per_flush: int | None = None,
         fitted: frozenset[int] = frozenset(),
     ) -> FeatureShard:
-        layout, state = snapshots.unwrap_layouts("features", (LAYOUT, 3, 2), blob)
+        layout, state = snapshots.unwrap_layouts("features", (LAYOUT, 4, 3, 2), blob)
         if layout == 2:
             state = (*state, {}, set())
-        clock, packed, dirty, deleted, restating, labels, created, priors, provisional = state
-        if layout == LAYOUT:
+        clock, packed, dirty, deleted, queue, labels, created, priors, provisional = state
+        if layout >= 4:
             compiled = native.core
             keys = unpack_states(packed) if compiled is None else compiled.unpack_states(packed)
         else:
             keys = {suffix: from_bytes(counts) for suffix, counts in packed.items()}
+        if isinstance(queue, range):
+            restating, restate_from = list(islice(keys, queue.start, queue.stop)), queue.start
+        else:
+            restating, restate_from = queue, None
         return cls(
             params,
             clock=clock,
@@ -184,6 +205,7 @@ class FeatureShard:
             dirty=dirty,
             deleted=deleted,
             restating=restating,
+            restate_from=restate_from,
             labels=labels,
             created=created,
             restate_per_flush=restate_per_flush,
@@ -266,7 +288,7 @@ class FeatureShard:
             for suffix in [s for s in self.labels if s not in keys and s not in self.deleted]:
                 del self.labels[suffix]
             self.restating = list(keys)
-            self.restate_at = 0
+            self.restate_at, self.restate_from = 0, 0
             self.provisional.clear()
             for days in self.priors.values():
                 for old in [d for d in days if d < day]:
@@ -296,7 +318,7 @@ class FeatureShard:
             self.restating = queued + [
                 s for s in self.keys if s not in waiting and family_of(s) in restate
             ]
-            self.restate_at = 0
+            self.restate_at, self.restate_from = 0, None
 
     def params_for(self, day: int) -> tuple[FeatureParams, frozenset[int]]:
         """The parameters to render keys with on `day`, and the fitted families whose prior
@@ -330,7 +352,7 @@ class FeatureShard:
         turn = [s for s in restating[self.restate_at : end] if s in keys]
         self.restate_at = end
         if end == len(restating):
-            self.restating, self.restate_at = [], 0
+            self.restating, self.restate_at, self.restate_from = [], 0, 0
         suffixes = chain(dirty.difference(turn) if turn else dirty, turn)
         if missing:
             suffixes = list(suffixes)  # type: ignore[assignment]
@@ -369,7 +391,7 @@ class FeatureShard:
         its key's TTL (`StepResult.new_day`). For a store that lost what was written to it;
         replaces a queue in progress. Returns how many keys were queued."""
         self.restating = list(self.keys)
-        self.restate_at = 0
+        self.restate_at, self.restate_from = 0, 0
         return len(self.restating)
 
     @property

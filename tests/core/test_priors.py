@@ -287,7 +287,7 @@ def test_a_shard_snapshot_keeps_its_priors_and_reads_the_previous_layout() -> No
     # Layout 2, written before fitted priors: the same keys, no priors.
     from dataflow.core import counters, snapshots  # noqa: PLC0415
 
-    state = snapshots.unwrap_layouts("features", (4,), shard.snapshot())[1][:7]
+    state = snapshots.unwrap_layouts("features", (5,), shard.snapshot())[1][:7]
     keys = {s: counters.to_bytes(v) for s, v in counters.unpack_states(state[1]).items()}
     old = snapshots.wrap("features", 2, (state[0], keys, *state[2:]))
     restored = FeatureShard.restore(FeatureParams(), old)

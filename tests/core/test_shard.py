@@ -5,11 +5,12 @@ import random
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dataflow.core import counters, snapshots
 from dataflow.core.families import ACQ, DOC, LAYOUTS, QD, FeatureParams, Update
+from dataflow.core.priors import Fit
 from dataflow.core.shard import FeatureShard
 from dataflow.core.windows import DAY_MS
 from dataflow.errors import RecoveryFormatError
@@ -320,3 +321,100 @@ def test_a_repair_restarts_a_queue_in_progress_and_a_new_day_replaces_it() -> No
     assert shard.restate_left == 4
     assert sum(len(t) for t in written(shard, 2)) == 4
     assert FeatureShard(PARAMS).restate_all() == 0  # an empty shard has nothing to queue
+
+
+# --- the re-statement queue across snapshots --------------------------------------------------
+
+FITTED = frozenset({DOC})
+operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("step"),
+            st.lists(
+                st.tuples(
+                    st.sampled_from([(DOC, "doc:"), (QD, "qd:h:")]),
+                    st.integers(0, 9),
+                    st.integers(0, 4 * DAY_MS),
+                ),
+                min_size=1,
+                max_size=6,
+            ),
+        ),
+        st.tuples(st.just("tick"), st.integers(0, 4 * DAY_MS)),
+        st.tuples(st.just("fit"), st.integers(0, 4), st.sampled_from([1.0, 2.0, 3.0])),
+        st.tuples(st.just("restate_all")),
+        st.tuples(st.just("flush")),
+        st.tuples(st.just("restore")),
+    ),
+    max_size=30,
+)
+
+
+@example(
+    [
+        ("step", [((DOC, "doc:"), 0, 0), ((DOC, "doc:"), 1, 0), ((QD, "qd:h:"), 0, 0)]),
+        ("flush",),
+        ("tick", DAY_MS),
+        ("flush",),
+        ("step", [((DOC, "doc:"), 3, DAY_MS)]),
+        ("flush",),
+        ("fit", 1, 2.0),  # today's prior after keys were written with the configured one
+        ("restore",),
+    ],
+    1,
+)
+@given(operations, st.sampled_from([None, 1, 3]))
+def test_a_restore_anywhere_changes_no_write_of_a_re_statement_queue(
+    ops: list[tuple[Any, ...]], per_flush: int | None
+) -> None:
+    """New days, repairs, fitted priors (which queue keys out of the dict's order) and
+    flushes in any order: a shard restored at any point writes what one never restored
+    writes, flush by flush."""
+    kept = FeatureShard(PARAMS, restate_per_flush=per_flush, fitted=FITTED)
+    restored = FeatureShard(PARAMS, restate_per_flush=per_flush, fitted=FITTED)
+    for op in [*ops, ("flush",), ("flush",)]:
+        if op[0] == "restore":
+            restored = FeatureShard.restore(PARAMS, restored.snapshot(), per_flush, FITTED)
+            continue
+        for shard in (kept, restored):
+            if op[0] == "step":
+                shard.step([[upd(f, f"{p}{i}", BASE + ts, (1, 0, 0)) for (f, p), i, ts in op[1]]])
+            elif op[0] == "tick":
+                shard.step([BASE + op[1]])
+            elif op[0] == "fit":
+                shard.step([Fit(DOC, BASE // DAY_MS + op[1], op[2], 8.0, 100, True)])
+            elif op[0] == "restate_all":
+                shard.restate_all()
+        if op[0] == "flush":
+            a, b = kept.flush(), restored.flush()
+            assert len(a.writes) == len(b.writes)  # the dirty set's order is a set's
+            assert dict(a.writes) == dict(b.writes)
+            assert a.new_day == b.new_day and a.created == b.created
+        assert kept.restate_left == restored.restate_left
+
+
+def test_a_new_days_queue_is_stored_as_positions_not_names() -> None:
+    shard = FeatureShard(PARAMS, restate_per_flush=10)
+    shard.step([[upd(DOC, f"doc:{i:06}", BASE, (1, 0, 0)) for i in range(5_000)]])
+    shard.flush()
+    idle = len(shard.snapshot())
+    shard.step([BASE + DAY_MS])
+    shard.flush()
+    assert shard.restate_left == 4_990
+    assert len(shard.snapshot()) - idle < 100  # not 4 990 suffixes
+    restored = FeatureShard.restore(PARAMS, shard.snapshot(), 10)
+    assert restored.restating == shard.restating[shard.restate_at :]
+
+
+def test_a_snapshot_of_layout_4_still_restores_its_queue() -> None:
+    """Layout 4 stored the queue as suffixes."""
+    shard = FeatureShard(PARAMS, restate_per_flush=1)
+    shard.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(3)], BASE + DAY_MS])
+    first = shard.flush()
+    state = list(snapshots.unwrap("features", 5, shard.snapshot()))
+    assert isinstance(state[4], range)
+    state[4] = shard.restating[shard.restate_at :]
+    restored = FeatureShard.restore(PARAMS, snapshots.wrap("features", 4, tuple(state)), 1)
+    assert restored.restate_from is None and restored.restate_left == 2
+    rest = [restored.flush().writes, restored.flush().writes]
+    assert {s for w in [first.writes, *rest] for s, _ in w} == {"doc:0", "doc:1", "doc:2"}
