@@ -15,7 +15,9 @@ changes. Phases, each timed:
 2. steady: as many updates again on the same keys (Zipf-free: uniform over the keys), then
    flush, rendering every dirty key's fields: cost per update and per key written.
 3. snapshot: every shard's `snapshot()` (bytes), total size; restore: `FeatureShard.restore`.
-4. rollover: a clock reading of the next day re-states every key; then flush.
+4. rollover: a clock reading of the next day re-states every key; then flush. Between the
+   two, every shard's snapshot with every key queued for re-statement (what each epoch of a
+   rollover in progress writes).
 
 Garbage collection as the pipeline runs it (`--gc-threshold`, default `GC_YOUNG_THRESHOLD`'s;
 0 for Python's own). Prints one table, writes bench/results/state_core-<keys>.json.
@@ -145,6 +147,9 @@ def main() -> int:
     for shard in shards:
         shard.step([T0 + DAY_MS])
     rollover_step_s = time.perf_counter() - start
+    start = time.perf_counter()
+    queued_bytes = sum(len(s.snapshot()) for s in shards)
+    queued_snapshot_s = time.perf_counter() - start
     rollover_flush_s, restated = flush_all(shards)
 
     result: dict[str, Any] = {
@@ -157,6 +162,8 @@ def main() -> int:
         "snapshot_s": round(snapshot_s, 2),
         "snapshot_bytes_per_key": round(snapshot_bytes / live),
         "restore_s": round(restore_s, 2),
+        "snapshot_every_key_queued_s": round(queued_snapshot_s, 2),
+        "snapshot_every_key_queued_bytes_per_key": round(queued_bytes / live),
         "rollover_s": round(rollover_step_s + rollover_flush_s, 2),
         "rollover_keys_restated": restated,
     }
