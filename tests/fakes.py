@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -98,3 +99,15 @@ class FakeRedis:
 
     def close(self) -> None:
         pass
+
+
+def layout_4_states(keys: dict[str, Any]) -> bytes:
+    """A shard's key states as snapshot layout 4 stored them (the release before layout 5):
+    per key, the suffix's UTF-8 length (uint32 LE), its UTF-8, the item count (uint32 LE)
+    and the items as little-endian int64."""
+    out = bytearray()
+    for suffix, state in keys.items():
+        name = suffix.encode("utf-8")
+        out += struct.pack("<I", len(name)) + name + struct.pack("<I", len(state))
+        out += struct.pack(f"<{len(state)}q", *state)
+    return bytes(out)

@@ -7,7 +7,8 @@
  *
  *   apply          FeatureShard.step's loop over one batch of updates (counters.add)
  *   add            counters.add
- *   pack_states    counters.pack_states (and unpack_states): a shard's keys for a snapshot
+ *   pack_states    counters.pack_states (and unpack_states, unpack_states_layout_4): a
+ *                  shard's keys for a snapshot
  *   render         FeatureShard.flush's loop over the keys to write (families.fields_for)
  *   fields_for     families.fields_for
  *   pack_writes    sinks.redis.RedisWriter's RESP packing of a chunk of writes
@@ -407,18 +408,46 @@ fail:
 
 /* ---- counters.pack_states / unpack_states: a shard's keys in one snapshot buffer ---------- */
 
-static void put_u32(Buffer *b, uint32_t v) { /* caller has grown b */
-    unsigned char le[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
-                           (unsigned char)(v >> 24)};
-    memcpy(b->data + b->len, le, 4);
-    b->len += 4;
-}
-
 static uint32_t get_u32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-/* pack_states(keys) -> bytes: counters.pack_states (little-endian machines). */
+/* Snapshot layout 5: LEB128 varints, the items zigzag-encoded (counters.pack_states). */
+static inline void put_varint(Buffer *b, uint64_t v) { /* caller has grown b by 10 */
+    unsigned char *out = (unsigned char *)b->data + b->len;
+    size_t n = 0;
+    while (v >= 0x80) {
+        out[n++] = (unsigned char)(v | 0x80);
+        v >>= 7;
+    }
+    out[n++] = (unsigned char)v;
+    b->len += n;
+}
+
+/* 0, or -1 with ValueError set (counters._get_varint's messages). */
+static inline int get_varint(const unsigned char **at, const unsigned char *end, uint64_t *out) {
+    const unsigned char *p = *at;
+    uint64_t v = 0;
+    for (int shift = 0;; shift += 7) {
+        if (p >= end) {
+            PyErr_SetString(PyExc_ValueError, "a truncated key-state buffer");
+            return -1;
+        }
+        unsigned byte = *p++;
+        if (shift == 63 && byte > 1) {
+            PyErr_SetString(PyExc_ValueError,
+                            "a malformed key-state buffer (a varint past 64 bits)");
+            return -1;
+        }
+        v |= (uint64_t)(byte & 0x7F) << shift;
+        if (byte < 0x80) break;
+    }
+    *at = p;
+    *out = v;
+    return 0;
+}
+
+/* pack_states(keys) -> bytes: counters.pack_states. */
 static PyObject *py_pack_states(PyObject *self, PyObject *keys) {
     if (!PyDict_Check(keys)) {
         PyErr_SetString(PyExc_TypeError, "keys must be a dict");
@@ -434,24 +463,17 @@ static PyObject *py_pack_states(PyObject *self, PyObject *keys) {
         Py_buffer view;
         if (get_state_buffer(state, &view) < 0) goto fail;
         size_t items = (size_t)view.len / 8;
-        if ((size_t)n > UINT32_MAX || items > UINT32_MAX ||
-            grow(&b, 8 + (size_t)n + (size_t)view.len) < 0) {
+        if (grow(&b, 20 + (size_t)n + items * 10) < 0) {
             PyBuffer_Release(&view);
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_OverflowError, "a key too large");
             goto fail;
         }
-        put_u32(&b, (uint32_t)n);
+        put_varint(&b, (uint64_t)n);
         memcpy(b.data + b.len, name, (size_t)n);
         b.len += (size_t)n;
-        put_u32(&b, (uint32_t)items);
-        memcpy(b.data + b.len, view.buf, (size_t)view.len);
-#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        for (size_t i = 0; i < items; i++) { /* the buffer is little-endian everywhere */
-            uint64_t *item = (uint64_t *)(b.data + b.len) + i;
-            *item = __builtin_bswap64(*item);
-        }
-#endif
-        b.len += (size_t)view.len;
+        put_varint(&b, (uint64_t)items);
+        const int64_t *item = view.buf;
+        for (size_t i = 0; i < items; i++) /* zigzag: 0, -1, 1, -2 ... -> 0, 1, 2, 3 ... */
+            put_varint(&b, ((uint64_t)item[i] << 1) ^ (uint64_t)(item[i] >> 63));
         PyBuffer_Release(&view);
     }
     PyObject *out = PyBytes_FromStringAndSize(b.data ? b.data : "", (Py_ssize_t)b.len);
@@ -464,6 +486,65 @@ fail:
 
 /* unpack_states(blob) -> dict: counters.unpack_states. */
 static PyObject *py_unpack_states(PyObject *self, PyObject *arg) {
+    Py_buffer in;
+    if (PyObject_GetBuffer(arg, &in, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *p = in.buf, *end = p + in.len;
+    int64_t *scratch = NULL;
+    size_t room = 0;
+    PyObject *keys = PyDict_New();
+    if (keys == NULL) goto fail;
+    while (p < end) {
+        uint64_t size, count, z;
+        if (get_varint(&p, end, &size) < 0) goto fail;
+        if ((uint64_t)(end - p) < size) goto truncated;
+        PyObject *suffix = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)size, "strict");
+        if (suffix == NULL) goto fail;
+        p += size;
+        if (get_varint(&p, end, &count) < 0) {
+            Py_DECREF(suffix);
+            goto fail;
+        }
+        if ((uint64_t)(end - p) < count) { /* every item takes a byte at least */
+            Py_DECREF(suffix);
+            goto truncated;
+        }
+        if (count > room) {
+            int64_t *grown = PyMem_Realloc(scratch, (size_t)count * sizeof(int64_t));
+            if (grown == NULL) {
+                Py_DECREF(suffix);
+                PyErr_NoMemory();
+                goto fail;
+            }
+            scratch = grown;
+            room = (size_t)count;
+        }
+        for (uint64_t i = 0; i < count; i++) {
+            if (get_varint(&p, end, &z) < 0) {
+                Py_DECREF(suffix);
+                goto fail;
+            }
+            scratch[i] = (int64_t)(z >> 1) ^ -(int64_t)(z & 1);
+        }
+        PyObject *state = new_array(scratch, (Py_ssize_t)count);
+        int rc = state == NULL ? -1 : PyDict_SetItem(keys, suffix, state);
+        Py_DECREF(suffix);
+        Py_XDECREF(state);
+        if (rc < 0) goto fail;
+    }
+    PyMem_Free(scratch);
+    PyBuffer_Release(&in);
+    return keys;
+truncated:
+    PyErr_SetString(PyExc_ValueError, "a truncated key-state buffer");
+fail:
+    PyMem_Free(scratch);
+    Py_XDECREF(keys);
+    PyBuffer_Release(&in);
+    return NULL;
+}
+
+/* unpack_states_layout_4(blob) -> dict: counters.unpack_states_layout_4. */
+static PyObject *py_unpack_states_layout_4(PyObject *self, PyObject *arg) {
     Py_buffer in;
     if (PyObject_GetBuffer(arg, &in, PyBUF_SIMPLE) < 0) return NULL;
     const unsigned char *p = in.buf, *end = p + in.len;
@@ -1436,6 +1517,8 @@ static PyMethodDef methods[] = {
      "pack_states(keys) -> bytes: counters.pack_states."},
     {"unpack_states", py_unpack_states, METH_O,
      "unpack_states(blob) -> dict: counters.unpack_states."},
+    {"unpack_states_layout_4", py_unpack_states_layout_4, METH_O,
+     "unpack_states_layout_4(blob) -> dict: counters.unpack_states_layout_4."},
     {"pack_writes", py_pack_writes, METH_VARARGS,
      "pack_writes(prefix, writes, ttl, seconds) -> (bytes, replies): the RESP of a chunk."},
     {NULL, NULL, 0, NULL},

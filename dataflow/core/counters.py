@@ -59,21 +59,74 @@ _LENGTH = struct.Struct("<I")
 
 
 def pack_states(keys: dict[str, KeyState]) -> bytes:
-    """Every key's state in one buffer, as a snapshot stores them: per key, in the dict's
-    order, the suffix's UTF-8 length (uint32 LE), its UTF-8, the state's item count (uint32
-    LE) and its items (`to_bytes`). One buffer instead of a bytes object per key: a pickle
-    of a dict of millions of bytes objects costs more than the states themselves. (The
-    compiled core writes the same bytes: `dataflow.core.native`.)"""
-    pack = _LENGTH.pack
-    parts: list[bytes] = []
+    """Every key's state in one buffer, as a snapshot stores them (layout 5): per key, in
+    the dict's order, the suffix's UTF-8 length, its UTF-8, the state's item count and its
+    items, each a LEB128 varint, the items zigzag-encoded first. A day's counts take a byte
+    or two, a time stamp six: 40 to 50 bytes per key where int64 items took 95, and a
+    snapshot's cost is mostly the bytes its store writes. One buffer instead of a bytes
+    object per key: a pickle of a dict of millions of bytes objects costs more than the
+    states themselves. (The compiled core writes the same bytes: `dataflow.core.native`.)"""
+    out = bytearray()
+    put = _put_varint
     for suffix, state in keys.items():
         name = suffix.encode("utf-8")
-        parts += (pack(len(name)), name, pack(len(state)), to_bytes(state))
-    return b"".join(parts)
+        put(out, len(name))
+        out += name
+        put(out, len(state))
+        for item in state:
+            put(out, item << 1 if item >= 0 else ((-item) << 1) - 1)
+    return bytes(out)
 
 
 def unpack_states(blob: bytes) -> dict[str, KeyState]:
-    """The inverse of `pack_states`."""
+    """The inverse of `pack_states`; `ValueError` for a buffer that is not one."""
+    keys: dict[str, KeyState] = {}
+    get = _get_varint
+    at, end = 0, len(blob)
+    while at < end:
+        size, at = get(blob, at)
+        if end - at < size:
+            raise ValueError("a truncated key-state buffer")
+        suffix = str(blob[at : at + size], "utf-8")
+        count, at = get(blob, at + size)
+        if end - at < count:  # every item takes a byte at least
+            raise ValueError("a truncated key-state buffer")
+        state = array("q", [0]) * count
+        for i in range(count):
+            z, at = get(blob, at)
+            state[i] = -(z >> 1) - 1 if z & 1 else z >> 1
+        keys[suffix] = state
+    return keys
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _get_varint(blob: bytes, at: int) -> tuple[int, int]:
+    """The unsigned varint at `at` (at most 64 bits: ten bytes, the last 0 or 1), and the
+    position after it."""
+    value = shift = 0
+    end = len(blob)
+    while True:
+        if at >= end:
+            raise ValueError("a truncated key-state buffer")
+        byte = blob[at]
+        at += 1
+        if shift == 63 and byte > 1:
+            raise ValueError("a malformed key-state buffer (a varint past 64 bits)")
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def unpack_states_layout_4(blob: bytes) -> dict[str, KeyState]:
+    """The key states of a layout-4 snapshot: per key, the suffix's UTF-8 length (uint32 LE),
+    its UTF-8, the item count (uint32 LE) and the items (`to_bytes`)."""
     keys: dict[str, KeyState] = {}
     view = memoryview(blob)
     unpack = _LENGTH.unpack_from

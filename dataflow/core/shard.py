@@ -22,6 +22,7 @@ from dataflow.core.counters import (
     pack_states,
     prune,
     unpack_states,
+    unpack_states_layout_4,
 )
 from dataflow.core.families import (
     AC,
@@ -42,10 +43,10 @@ from dataflow.core.windows import DAY_MS, RETENTION_DAYS
 
 LAYOUT = 5
 """Version of the recovery state's layout (`dataflow.core.snapshots`): the keys' states in
-one buffer (`counters.pack_states`), and the re-statement queue as a `range` of positions
-in the keys' order when it is one (a list of suffixes otherwise). Layouts 4 (the queue
-always a list), 3 (a dict of each key's bytes) and 2 (that, without fitted priors) are
-still read."""
+one buffer of varints (`counters.pack_states`), and the re-statement queue as a `range` of
+positions in the keys' order when it is one (a list of suffixes otherwise). Layouts 4
+(int64 items, the queue always a list), 3 (a dict of each key's bytes) and 2 (that,
+without fitted priors) are still read."""
 _PRIOR_FIELD = {DOC: "doc", QD: "qd", AC: "ac"}
 
 Write = tuple[str, Fields | None]
@@ -189,9 +190,15 @@ class FeatureShard:
         if layout == 2:
             state = (*state, {}, set())
         clock, packed, dirty, deleted, queue, labels, created, priors, provisional = state
-        if layout >= 4:
-            compiled = native.core
+        compiled = native.core
+        if layout == LAYOUT:
             keys = unpack_states(packed) if compiled is None else compiled.unpack_states(packed)
+        elif layout == 4:
+            keys = (
+                unpack_states_layout_4(packed)
+                if compiled is None
+                else compiled.unpack_states_layout_4(packed)
+            )
         else:
             keys = {suffix: from_bytes(counts) for suffix, counts in packed.items()}
         if isinstance(queue, range):

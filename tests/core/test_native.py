@@ -48,6 +48,7 @@ from dataflow.core.smoothing import Prior
 from dataflow.errors import ConfigError
 from dataflow.flow import FanOut, shard_of
 from dataflow.sinks.redis import EVERY_KEY
+from tests.fakes import layout_4_states
 
 BUILT = native.BUILT
 DAY = windows.DAY_MS
@@ -584,6 +585,46 @@ def test_key_states_pack_to_the_references_bytes_and_back(keys: dict[str, array[
         assert {s: v.tobytes() for s, v in unpacked.items()} == {
             s: v.tobytes() for s, v in keys.items()
         }
+
+
+@settings(max_examples=200, deadline=None)
+@given(states_strategy)
+def test_layout_4_key_states_still_unpack_in_both_cores(keys: dict[str, array[int]]) -> None:
+    assert BUILT is not None
+    packed = layout_4_states(keys)
+    for unpacked in (BUILT.unpack_states_layout_4(packed), counters.unpack_states_layout_4(packed)):
+        assert list(unpacked) == list(keys)
+        assert {s: v.tobytes() for s, v in unpacked.items()} == {
+            s: v.tobytes() for s, v in keys.items()
+        }
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=40), states_strategy.map(counters.pack_states)), st.data())
+def test_any_bytes_unpack_alike_in_both_cores(blob: bytes, data: st.DataObject) -> None:
+    """Arbitrary or damaged buffers: the same keys, or a ValueError, from both cores."""
+    assert BUILT is not None
+    if blob and data.draw(st.booleans()):
+        at = data.draw(st.integers(0, len(blob) - 1))
+        blob = blob[:at] + bytes([data.draw(st.integers(0, 255))]) + blob[at + 1 :]
+    results = []
+    for unpack in (BUILT.unpack_states, counters.unpack_states):
+        try:
+            results.append({s: v.tobytes() for s, v in unpack(blob).items()})
+        except ValueError as exc:  # a UnicodeDecodeError is one
+            results.append(type(exc) if isinstance(exc, UnicodeDecodeError) else str(exc))
+    assert results[0] == results[1]
+
+
+def test_a_varint_past_64_bits_is_refused_in_both_cores() -> None:
+    assert BUILT is not None
+    big = b"\x01a\x01" + b"\xff" * 9 + b"\x01"  # 2^64 - 1 as an item: still 64 bits
+    for unpack in (BUILT.unpack_states, counters.unpack_states):
+        assert unpack(big)["a"].tolist() == [-(2**63)]
+        with pytest.raises(ValueError, match="past 64 bits"):
+            unpack(b"\x01a\x01" + b"\xff" * 9 + b"\x02")
+        with pytest.raises(ValueError, match="truncated"):
+            unpack(b"\x01a\x05\x00")  # five items announced, one there
 
 
 @settings(max_examples=200, deadline=None)

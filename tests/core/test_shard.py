@@ -14,6 +14,7 @@ from dataflow.core.priors import Fit
 from dataflow.core.shard import FeatureShard
 from dataflow.core.windows import DAY_MS
 from dataflow.errors import RecoveryFormatError
+from tests.fakes import layout_4_states
 
 BASE = 20_000 * DAY_MS
 PARAMS = FeatureParams()
@@ -407,12 +408,13 @@ def test_a_new_days_queue_is_stored_as_positions_not_names() -> None:
 
 
 def test_a_snapshot_of_layout_4_still_restores_its_queue() -> None:
-    """Layout 4 stored the queue as suffixes."""
+    """Layout 4 stored the queue as suffixes, and the key states as int64 items."""
     shard = FeatureShard(PARAMS, restate_per_flush=1)
     shard.step([[upd(DOC, f"doc:{i}", BASE, (1, 0, 0)) for i in range(3)], BASE + DAY_MS])
     first = shard.flush()
     state = list(snapshots.unwrap("features", 5, shard.snapshot()))
     assert isinstance(state[4], range)
+    state[1] = layout_4_states(shard.keys)
     state[4] = shard.restating[shard.restate_at :]
     restored = FeatureShard.restore(PARAMS, snapshots.wrap("features", 4, tuple(state)), 1)
     assert restored.restate_from is None and restored.restate_left == 2
