@@ -69,7 +69,7 @@ from dataflow.logs import configure_logging
 from dataflow.opensearch import sink as opensearch
 from dataflow.repair import StoreRepairs
 from dataflow.sinks.deadletters import DeadLetterSink
-from dataflow.sinks.redis import RedisFeatureSink
+from dataflow.sinks.redis import RedisFeatureSink, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ PRIORS_KEY = "priors"
 WATERMARK_KEY = "watermark"
 UNCHECKED_KEY = "unchecked"
 CLOCK_LAYOUT = 1
+WRITE_LAYOUT = 1
 
 Keyed = tuple[str, Any]
 DedupItem = tuple[int, int, list[tuple[int, Event]]] | Forget
@@ -388,6 +389,30 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
         return blob
 
 
+class WriteLogic(StatefulBatchLogic[StepResult, None, bytes]):
+    """Hands a feature shard's writes (or the fitted priors') to its worker's Redis writer
+    (`sinks.redis.WriteBehind`), which writes them while the worker goes on reading and
+    counting. At each epoch's close, Bytewax takes this step's snapshot before the epoch
+    commits, and the snapshot waits until every write handed over is in Redis: an epoch
+    that a restart resumes after has all its writes stored, as when they were written in
+    line. Keyed like the shards, so it runs on the shard's worker. Holds no state."""
+
+    def __init__(self, behind: WriteBehind) -> None:
+        self.behind = behind
+
+    def on_batch(self, values: list[StepResult]) -> tuple[Iterable[None], bool]:
+        self.behind.put(values)
+        return [], self.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[None], bool]:
+        self.behind.drain()
+        return [], self.RETAIN
+
+    def snapshot(self) -> bytes:
+        self.behind.drain()
+        return snapshots.wrap("redis_write", WRITE_LAYOUT, None)
+
+
 # --- stateless steps ---------------------------------------------------------------------
 
 
@@ -696,10 +721,10 @@ def features(
     repairs: StoreRepairs | None = None,
     wakes: Stream[tuple[str, Wake]] | None = None,
     fits: Stream[tuple[str, Fit]] | None = None,
-) -> Stream[StepResult]:
-    """The state shards: counters per key; the writes they flush. With `repairs`, they
-    re-state every key when the store lost data, woken by `wakes`; with `fits`, fitted
-    families render with the prior fitted for the day."""
+) -> Stream[tuple[str, StepResult]]:
+    """The state shards: counters per key; the writes they flush, keyed by shard. With
+    `repairs`, they re-state every key when the store lost data, woken by `wakes`; with
+    `fits`, fitted families render with the prior fitted for the day."""
     streams: list[Stream[Any]] = [
         updates, linked.increments, linked.without_session, linked.labels, day_ticks
     ]  # fmt: skip
@@ -721,7 +746,30 @@ def features(
             fitted=config.priors.families,
         ),
     )
-    return op.key_rm("writes", results)
+    return results
+
+
+def redis_writes(
+    writes: Stream[tuple[str, StepResult]],
+    prior_writes: Stream[StepResult] | None,
+    sink: Sink[StepResult],
+) -> None:
+    """The feature store's writes. Into a `RedisFeatureSink` they go behind the worker
+    (`WriteLogic`, a step keyed like the shards, on the shard's worker), and the sink's
+    partitions, one per worker, own the writers (the empty stream into it is only there to
+    have Bytewax build them); into any other sink, in line."""
+    if prior_writes is not None:
+        writes = op.merge("redis_writes", writes, op.key_on("prior_key", prior_writes, _prior))
+    if not isinstance(sink, RedisFeatureSink):
+        op.output("redis", op.key_rm("unkeyed", writes), sink)
+        return
+    done = op.stateful_batch("redis_write", writes, lambda _: WriteLogic(sink.behind_here()))
+    nothing: Stream[Any] = op.key_rm("nothing", done)
+    op.output("redis", nothing, sink)
+
+
+def _prior(_: StepResult) -> str:
+    return PRIORS_KEY
 
 
 def restate_per_flush(config: Config) -> int | None:
@@ -792,7 +840,7 @@ def build_flow(
     fitted = (
         priors(updates, into.partition_clocks, config, repairs) if config.priors.families else None
     )
-    writes = features(
+    results = features(
         updates,
         link(accepted, config),
         day_ticks,
@@ -802,13 +850,9 @@ def build_flow(
         fits=None if fitted is None else fitted.to_shards,
     )
 
-    op.output(
-        "redis",
-        writes if fitted is None else op.merge("redis_writes", writes, fitted.writes),
-        redis,
-    )
+    redis_writes(results, None if fitted is None else fitted.writes, redis)
     if with_opensearch and config.opensearch.enabled:
-        opensearch.attach(writes, config.opensearch)
+        opensearch.attach(op.key_rm("writes", results), config.opensearch)
     op.output("dlq", into.dead_letters, dlq_sink or DeadLetterSink(config.kafka))
     return flow
 

@@ -13,6 +13,8 @@ import time
 from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
+import redis
+
 try:  # redis-py's marker for "no complete reply buffered yet" (hiredis parser)
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as NO_REPLY
 except ImportError:  # pragma: no cover - another redis-py layout: replies go through read_response
@@ -113,18 +115,23 @@ def read_replies(conn: Any, count: int, deadline: float | None = None) -> list[A
             append(conn.read_response(timeout=left))
         return replies
     gets = reader.gets
-    while len(replies) < count:
-        reply = gets()
-        if reply is NO_REPLY:
-            if deadline is None:
-                fill()
-                continue
-            left = deadline - monotonic()
-            if left <= 0:
-                raise Expired("deadline passed")
-            fill(timeout=left)
-        elif type(reply) is list or not is_push(reply):
-            append(reply)
+    try:
+        while len(replies) < count:
+            reply = gets()
+            if reply is NO_REPLY:
+                if deadline is None:
+                    fill()
+                    continue
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise Expired("deadline passed")
+                fill(timeout=left)
+            elif type(reply) is list or not is_push(reply):
+                append(reply)
+    except TimeoutError:
+        raise
+    except OSError as exc:  # a reset or broken socket: what `read_response` would raise
+        raise redis.ConnectionError(f"Error while reading from Redis: {exc}") from exc
     return replies
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import hiredis
 import pytest
+import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -426,3 +427,16 @@ def test_the_prefix_comes_from_feature_prefix(monkeypatch: pytest.MonkeyPatch) -
     assert rd.prefix_from_env() == "feat_v2"
     monkeypatch.delenv("FEATURE_PREFIX")
     assert rd.prefix_from_env() == "feat"
+
+
+def test_a_reset_socket_is_a_connection_error_like_redis_pys_own() -> None:
+    """The hiredis reader's socket read raises the OS error itself; `read_response` would
+    have made it a `redis.ConnectionError`, which the sink retries and the reader reports."""
+
+    class Reset(FakeConnection):
+        def read_from_socket(self, timeout: float | None = None) -> bool:
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    for deadline in (None, time.monotonic() + 5):
+        with pytest.raises(redis.ConnectionError, match="reset by peer"):
+            resp.read_replies(Reset(b""), 1, deadline)

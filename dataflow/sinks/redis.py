@@ -9,22 +9,26 @@ Nothing is dropped, nothing is incremented.
 
 Redis away (connection refused, timeouts, loading after a restart): the chunk is sent again,
 whole (every write is absolute, so a chunk applied in part and sent again ends the same),
-with capped backoff (`REDIS_BACKOFF_MAX_SECONDS`), for as long as it takes. The worker waits
-in the sink meanwhile, so the pipeline reads nothing more (Bytewax has nowhere to put it),
-and resumes by itself when Redis answers, from exactly where it was: no restart, nothing
-lost. `/metrics` keeps being served, `search_features_sink_up{sink="redis"}` is 0 and one
-log line says so; one more when writes resume, with how long they waited (`SinkState`).
-With `REDIS_OUTAGE_EXIT_SECONDS` set, a write that has kept failing that long raises
-`SinkError` instead, which stops the dataflow before its epoch commits (recovery replays the
-writes on restart): for a supervisor that should restart the process. A command error
-(`WRONGTYPE`, OOM) does not heal by retrying: `SinkError` at once.
+with capped backoff (`REDIS_BACKOFF_MAX_SECONDS`), for as long as it takes. The worker goes
+on until its writes waiting for Redis fill the writer's buffer (`WriteBehind`), then waits,
+so the pipeline reads nothing more (Bytewax has nowhere to put it), and resumes by itself
+when Redis answers, from exactly where it was: no restart, nothing lost. `/metrics` keeps
+being served, `search_features_sink_up{sink="redis"}` is 0 and one log line says so; one
+more when writes resume, with how long they waited (`SinkState`). With
+`REDIS_OUTAGE_EXIT_SECONDS` set, a write that has kept failing that long raises `SinkError`
+instead, which stops the dataflow before its epoch commits (recovery replays the writes on
+restart): for a supervisor that should restart the process. A command error (`WRONGTYPE`,
+OOM) does not heal by retrying: `SinkError` at once.
 
 Redis back *without* the writes (no persistence, `FLUSHDB`, a failover, a restored backup):
 the sink's marker (`dataflow.sinks.marker`, checked every `STORE_CHECK_SECONDS` and as soon
 as writes resume) is gone or changed, and every live key is re-written (`dataflow.repair`).
 
-A `DynamicSink`: every worker writes what its own state shards emit, so the writes for a
-key always come from one worker, in order.
+Every worker writes what its own state shards emit, so the writes for a key always come
+from one worker, in order. They are written behind the worker (`WriteBehind`): a thread of
+the worker's own sends them while the worker reads and counts on, and the `redis` step
+(`dataflow.flow.WriteLogic`) waits for them at each epoch's close, so an epoch commits only
+once its writes are in Redis, as when they were written in line.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ from dataflow.sinks.marker import MarkerGuard
 log = logging.getLogger(__name__)
 
 SINK = "redis"
+BEHIND_CHUNKS = 8
+"""Writes that may wait for a worker's Redis writer thread, in chunks of
+`REDIS_PIPELINE_KEYS`, before the worker waits for it (`WriteBehind`)."""
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -237,15 +244,118 @@ class RedisWriter:
             return
 
 
+class WriteBehind:
+    """One worker's Redis writes, made by a thread of their own while the worker goes on.
+
+    `put` hands results over and returns at once, unless `limit` writes already wait for
+    the thread (then it waits until the thread takes them: the worker slows to what Redis
+    takes, as when it wrote in line). The thread takes everything waiting at once, so the
+    results of many shards and activations coalesce into one write per key. `drain`
+    returns once everything handed over is in Redis, and raises what the thread raised
+    (`SinkError`: the pipeline stops before its epoch commits, as with an in-line write).
+    While Redis is away the thread retries as `RedisWriter` does, and `put` and `drain`
+    wait: the worker reads nothing more.
+    """
+
+    def __init__(self, write: Callable[[list[StepResult]], None], limit: int, name: str) -> None:
+        self._write = write
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._waiting: list[StepResult] = []
+        self._waiting_writes = 0
+        self._busy = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._told = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, results: list[StepResult]) -> None:
+        count = sum(len(r.writes) for r in results)
+        if not count:
+            return
+        with self._cond:
+            while self._waiting_writes >= self.limit and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._waiting += results
+            self._waiting_writes += count
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every result handed over is written."""
+        with self._cond:
+            while (self._waiting or self._busy) and self._error is None:
+                self._cond.wait()
+            self._raise()
+
+    def close(self) -> None:
+        """Write what waits, then stop the thread; raise what it raised, unless the worker
+        was told already."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            if not self._told:
+                self._raise()
+
+    def _raise(self) -> None:
+        error = self._error
+        if error is None:
+            return
+        self._told = True
+        if isinstance(error, SinkError):
+            raise SinkError(str(error)) from error
+        raise SinkError(f"the Redis writer thread failed: {error!r}") from error
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+                batch, self._waiting, self._waiting_writes = self._waiting, [], 0
+                self._busy = True
+                self._cond.notify_all()  # a `put` waiting for room
+            try:
+                self._write(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the worker by `_raise`
+                if not isinstance(exc, SinkError):
+                    log.exception("the Redis writer thread failed")
+                with self._cond:
+                    self._error, self._busy = exc, False
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
 class _RedisPartition(StatelessSinkPartition[StepResult]):
     def __init__(
-        self, writer: RedisWriter, guard: MarkerGuard | None = None, worker: int = 0
+        self,
+        writer: RedisWriter,
+        guard: MarkerGuard | None = None,
+        worker: int = 0,
+        *,
+        behind: int = 0,
     ) -> None:
         self.writer = writer
         self.guard = guard
         self.worker = worker
+        self.behind = WriteBehind(self.write, behind, f"redis-writer-{worker}") if behind else None
+        """With `behind` > 0, the writes handed to `behind.put` are made by a thread, up to
+        that many waiting; `write_batch` still writes in line."""
 
     def write_batch(self, items: list[StepResult]) -> None:
+        """Write `items` before returning (after whatever was handed to `behind`)."""
+        if self.behind is not None:
+            self.behind.drain()
+        self.write(items)
+
+    def write(self, items: list[StepResult]) -> None:
         latest, ttl, fresh_as_of = coalesce(items)
         if not latest:
             return
@@ -261,9 +371,13 @@ class _RedisPartition(StatelessSinkPartition[StepResult]):
             metrics.FRESHNESS.observe(max(0.0, (now_ms - as_of) / 1000.0))
 
     def close(self) -> None:
-        if self.guard is not None:
-            self.guard.detach(self.worker)
-        self.writer.client.close()
+        try:
+            if self.behind is not None:
+                self.behind.close()
+        finally:
+            if self.guard is not None:
+                self.guard.detach(self.worker)
+            self.writer.client.close()
 
 
 class RedisFeatureSink(DynamicSink[StepResult]):
@@ -280,6 +394,9 @@ class RedisFeatureSink(DynamicSink[StepResult]):
         self.backoff = backoff or Backoff(cap=settings.backoff_max_seconds)
         self.repairs: StoreRepairs | None = None
         self.guard: MarkerGuard | None = None
+        self._lock = threading.Lock()
+        self._behind: dict[int, WriteBehind] = {}
+        """The writer of each worker of this process, by the id of the worker's thread."""
         if settings.check_seconds > 0:
             self.repairs = StoreRepairs()
             self.guard = MarkerGuard(
@@ -294,4 +411,21 @@ class RedisFeatureSink(DynamicSink[StepResult]):
         if self.guard is not None:
             self.guard.attach(worker_index)
         writer = RedisWriter(client, self.settings, self.backoff)
-        return _RedisPartition(writer, self.guard, worker_index)
+        part = _RedisPartition(
+            writer, self.guard, worker_index, behind=BEHIND_CHUNKS * self.settings.pipeline_keys
+        )
+        if part.behind is not None:
+            with self._lock:
+                self._behind[threading.get_ident()] = part.behind
+        return part
+
+    def behind_here(self) -> WriteBehind:
+        """The `WriteBehind` of the worker running in this thread (Bytewax builds a worker's
+        sink partition in the worker's thread, before its steps run). By thread id, not a
+        `threading.local`: a Bytewax worker thread is not a Python thread, and its Python
+        thread state (and what a `threading.local` keeps in it) may not last."""
+        with self._lock:
+            behind = self._behind.get(threading.get_ident())
+        if behind is None:
+            raise RuntimeError("the Redis sink partition of this worker is not built yet")
+        return behind

@@ -89,5 +89,8 @@ def test_a_run_costs_one_hset_per_write_and_one_expire_per_created_key(
     keys = list(redis_client.scan_iter(match=f"{key_prefix}:*"))
     assert len(keys) == 10  # five docs, five query-doc pairs
     assert expires == len(keys)  # once each, at creation
-    assert hsets == 5 * 10  # every key written after each of the five batches
+    # Every key is written after each of the five batches, or fewer times when the writer
+    # thread takes several batches at once (`WriteBehind` coalesces them): never more, and
+    # always all ten keys together.
+    assert hsets in range(10, 5 * 10 + 1, 10)
     assert all(redis_client.ttl(k) > 0 for k in keys)

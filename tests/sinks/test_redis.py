@@ -5,6 +5,8 @@ a Redis that is away (the fake client fails as many times as told)."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import hiredis
@@ -16,7 +18,7 @@ from dataflow.core.shard import StepResult, Write
 from dataflow.errors import SinkError
 from dataflow.resp import pack_del, pack_expire, pack_hset
 from dataflow.retry import NO_WAIT, Backoff
-from dataflow.sinks.redis import RedisWriter, SinkState, coalesce
+from dataflow.sinks.redis import RedisWriter, SinkState, WriteBehind, coalesce
 from tests.fakes import FakeRedis
 from tests.registry import Delta, sample
 
@@ -195,3 +197,75 @@ def test_a_command_error_is_not_an_outage() -> None:
 def test_the_backoff_stays_capped_however_many_attempts() -> None:
     backoff = Backoff(base=0.05, cap=5.0)
     assert all(2.5 <= backoff.delay(attempt) <= 5.0 for attempt in (10, 1_100, 100_000))
+
+
+# --- writes behind the worker (WriteBehind) ---------------------------------------------------
+
+
+class Gate:
+    """A write function that records what it is given and waits for `open` to return."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.open = threading.Event()
+        self.calls: list[list[str]] = []
+        self.fail = fail
+
+    def __call__(self, results: list[StepResult]) -> None:
+        self.open.wait(5)
+        self.calls.append([s for r in results for s, _ in r.writes])
+        if self.fail is not None:
+            raise self.fail
+
+
+def result(*suffixes: str) -> StepResult:
+    return StepResult(writes=[(s, {"f": "1"}) for s in suffixes])
+
+
+def test_writes_behind_return_at_once_and_drain_waits_for_them() -> None:
+    gate = Gate()
+    behind = WriteBehind(gate, limit=100, name="test-writer")
+    behind.put([result("a")])  # returns though the write is held
+    behind.put([result("b"), result("c")])
+    behind.put([StepResult()])  # nothing to write: not handed over
+    assert gate.calls == []
+    done = threading.Event()
+    threading.Thread(target=lambda: (behind.drain(), done.set())).start()
+    assert not done.wait(0.1)  # drain waits for the held write
+    gate.open.set()
+    assert done.wait(5)
+    # In order; what waited while the first write was held went in one write.
+    assert gate.calls in ([["a"], ["b", "c"]], [["a", "b", "c"]])
+    behind.close()
+
+
+def test_a_full_write_behind_buffer_makes_the_worker_wait() -> None:
+    gate = Gate()
+    behind = WriteBehind(gate, limit=2, name="test-writer")
+    behind.put([result("a")])  # taken by the thread, held
+    time.sleep(0.05)
+    behind.put([result("b", "c")])  # two waiting: the limit
+    put = threading.Event()
+    threading.Thread(target=lambda: (behind.put([result("d")]), put.set())).start()
+    assert not put.wait(0.1)
+    gate.open.set()
+    assert put.wait(5)
+    behind.drain()
+    assert [s for call in gate.calls for s in call] == ["a", "b", "c", "d"]
+    behind.close()
+
+
+def test_a_failed_write_behind_stops_the_worker_once() -> None:
+    gate = Gate(fail=SinkError("Redis rejected a feature write: WRONGTYPE"))
+    gate.open.set()
+    behind = WriteBehind(gate, limit=100, name="test-writer")
+    behind.put([result("a")])
+    with pytest.raises(SinkError, match="WRONGTYPE"):
+        behind.drain()
+    with pytest.raises(SinkError, match="WRONGTYPE"):
+        behind.put([result("b")])
+    behind.close()  # the worker was told: closing does not raise it again
+    other = WriteBehind(Gate(fail=ValueError("surprise")), limit=100, name="test-writer")
+    other._write.open.set()  # type: ignore[attr-defined]
+    other.put([result("a")])
+    with pytest.raises(SinkError, match="writer thread failed.*surprise"):
+        other.close()  # never told before: close says it
