@@ -57,6 +57,9 @@ SINK = "redis"
 BEHIND_CHUNKS = 8
 """Writes that may wait for a worker's Redis writer thread, in chunks of
 `REDIS_PIPELINE_KEYS`, before the worker waits for it (`WriteBehind`)."""
+BEHIND_LINGER_SECONDS = 0.005
+"""How long a worker's Redis writer thread lets writes gather, when fewer than a chunk
+wait, before it writes them (`WriteBehind`)."""
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -249,17 +252,31 @@ class WriteBehind:
 
     `put` hands results over and returns at once, unless `limit` writes already wait for
     the thread (then it waits until the thread takes them: the worker slows to what Redis
-    takes, as when it wrote in line). The thread takes everything waiting at once, so the
-    results of many shards and activations coalesce into one write per key. `drain`
+    takes, as when it wrote in line). The thread takes everything waiting at once, once a
+    chunk's worth waits (`batch` writes) or `linger` seconds after the first result, or
+    at once when drained; so the results of many shards and activations coalesce into one
+    write per key, and a worker whose shards each flush a few keys does not wake the thread
+    (and take turns with it for the interpreter) once per shard. `drain`
     returns once everything handed over is in Redis, and raises what the thread raised
     (`SinkError`: the pipeline stops before its epoch commits, as with an in-line write).
     While Redis is away the thread retries as `RedisWriter` does, and `put` and `drain`
     wait: the worker reads nothing more.
     """
 
-    def __init__(self, write: Callable[[list[StepResult]], None], limit: int, name: str) -> None:
+    def __init__(
+        self,
+        write: Callable[[list[StepResult]], None],
+        limit: int,
+        name: str,
+        *,
+        batch: int = 1,
+        linger: float = 0.0,
+    ) -> None:
         self._write = write
         self.limit = limit
+        self.batch = batch
+        self.linger = linger
+        self._draining = 0
         self._cond = threading.Condition()
         self._waiting: list[StepResult] = []
         self._waiting_writes = 0
@@ -278,15 +295,22 @@ class WriteBehind:
             while self._waiting_writes >= self.limit and self._error is None:
                 self._cond.wait()
             self._raise()
+            first = not self._waiting
             self._waiting += results
             self._waiting_writes += count
-            self._cond.notify_all()
+            if first or self._waiting_writes >= self.batch:
+                self._cond.notify_all()
 
     def drain(self) -> None:
         """Wait until every result handed over is written."""
         with self._cond:
-            while (self._waiting or self._busy) and self._error is None:
-                self._cond.wait()
+            self._draining += 1
+            self._cond.notify_all()
+            try:
+                while (self._waiting or self._busy) and self._error is None:
+                    self._cond.wait()
+            finally:
+                self._draining -= 1
             self._raise()
 
     def close(self) -> None:
@@ -316,6 +340,13 @@ class WriteBehind:
                     self._cond.wait()
                 if not self._waiting:
                     return
+                deadline = time.monotonic() + self.linger
+                while (
+                    self._waiting_writes < self.batch
+                    and not (self._draining or self._closed)
+                    and (left := deadline - time.monotonic()) > 0
+                ):
+                    self._cond.wait(left)
                 batch, self._waiting, self._waiting_writes = self._waiting, [], 0
                 self._busy = True
                 self._cond.notify_all()  # a `put` waiting for room
@@ -345,9 +376,19 @@ class _RedisPartition(StatelessSinkPartition[StepResult]):
         self.writer = writer
         self.guard = guard
         self.worker = worker
-        self.behind = WriteBehind(self.write, behind, f"redis-writer-{worker}") if behind else None
-        """With `behind` > 0, the writes handed to `behind.put` are made by a thread, up to
-        that many waiting; `write_batch` still writes in line."""
+        self.behind = (
+            WriteBehind(
+                self.write,
+                BEHIND_CHUNKS * behind,
+                f"redis-writer-{worker}",
+                batch=behind,
+                linger=BEHIND_LINGER_SECONDS,
+            )
+            if behind
+            else None
+        )
+        """With `behind` (a chunk's keys), the writes handed to `behind.put` are made by a
+        thread, up to `BEHIND_CHUNKS` chunks waiting; `write_batch` still writes in line."""
 
     def write_batch(self, items: list[StepResult]) -> None:
         """Write `items` before returning (after whatever was handed to `behind`)."""
@@ -411,9 +452,7 @@ class RedisFeatureSink(DynamicSink[StepResult]):
         if self.guard is not None:
             self.guard.attach(worker_index)
         writer = RedisWriter(client, self.settings, self.backoff)
-        part = _RedisPartition(
-            writer, self.guard, worker_index, behind=BEHIND_CHUNKS * self.settings.pipeline_keys
-        )
+        part = _RedisPartition(writer, self.guard, worker_index, behind=self.settings.pipeline_keys)
         if part.behind is not None:
             with self._lock:
                 self._behind[threading.get_ident()] = part.behind

@@ -269,3 +269,26 @@ def test_a_failed_write_behind_stops_the_worker_once() -> None:
     other.put([result("a")])
     with pytest.raises(SinkError, match="writer thread failed.*surprise"):
         other.close()  # never told before: close says it
+
+
+def test_writes_behind_gather_until_a_chunk_waits_the_linger_passes_or_a_drain() -> None:
+    gate = Gate()
+    gate.open.set()
+    behind = WriteBehind(gate, limit=100, name="test-writer", batch=3, linger=0.3)
+    behind.put([result("a")])
+    behind.put([result("b")])
+    time.sleep(0.1)
+    assert gate.calls == []  # fewer than a chunk, the linger not over
+    behind.put([result("c")])  # a chunk's worth: written at once
+    deadline = time.monotonic() + 5
+    while not gate.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gate.calls == [["a", "b", "c"]]
+    behind.put([result("d")])
+    start = time.monotonic()
+    behind.drain()  # does not wait for the linger
+    assert time.monotonic() - start < 0.25
+    behind.put([result("e")])
+    time.sleep(0.5)  # the linger over: written without a drain
+    assert gate.calls == [["a", "b", "c"], ["d"], ["e"]]
+    behind.close()
