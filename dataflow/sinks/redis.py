@@ -250,17 +250,17 @@ class RedisWriter:
 class WriteBehind:
     """One worker's Redis writes, made by a thread of their own while the worker goes on.
 
-    `put` hands results over and returns at once, unless `limit` writes already wait for
-    the thread (then it waits until the thread takes them: the worker slows to what Redis
-    takes, as when it wrote in line). The thread takes everything waiting at once, once a
-    chunk's worth waits (`batch` writes) or `linger` seconds after the first result, or
-    at once when drained; so the results of many shards and activations coalesce into one
-    write per key, and a worker whose shards each flush a few keys does not wake the thread
-    (and take turns with it for the interpreter) once per shard. `drain`
-    returns once everything handed over is in Redis, and raises what the thread raised
-    (`SinkError`: the pipeline stops before its epoch commits, as with an in-line write).
-    While Redis is away the thread retries as `RedisWriter` does, and `put` and `drain`
-    wait: the worker reads nothing more.
+    `put` hands results over and returns at once, unless `limit` writes already wait for the
+    thread (then it waits until the thread takes them: the worker slows to what Redis takes,
+    as when it wrote in line). The thread takes everything waiting at once, once a chunk's
+    worth waits (`batch` writes) or `linger` seconds after the first result, or at once when
+    drained; so the results of many shards and activations coalesce into one write per key,
+    and a worker whose shards each flush a few keys does not wake the thread (and take turns
+    with it for the interpreter) once per shard. `drain` returns once everything handed over
+    is in Redis, and raises what the thread raised (`SinkError`: the pipeline stops before
+    its epoch commits, as with an in-line write). While Redis is away the thread retries as
+    `RedisWriter` does, and `drain` and (once `limit` writes wait) `put` wait: the worker
+    reads nothing more.
     """
 
     def __init__(
