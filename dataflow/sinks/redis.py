@@ -407,9 +407,7 @@ class _RedisPartition(StatelessSinkPartition[StepResult]):
         if self.guard is not None and self.writer.recoveries != recoveries:
             self.guard.poke()  # Redis answers again: did it come back with our writes?
         metrics.SINK_BATCH.labels(sink=SINK).observe(len(latest))
-        now_ms = time.time() * 1000.0
-        for as_of in fresh_as_of:
-            metrics.FRESHNESS.observe(max(0.0, (now_ms - as_of) / 1000.0))
+        metrics.observe_fresh(time.time() * 1000.0, fresh_as_of)
 
     def close(self) -> None:
         try:
