@@ -259,8 +259,8 @@ class WriteBehind:
     with it for the interpreter) once per shard. `drain` returns once everything handed over
     is in Redis, and raises what the thread raised (`SinkError`: the pipeline stops before
     its epoch commits, as with an in-line write). While Redis is away the thread retries as
-    `RedisWriter` does, and `drain` and (once `limit` writes wait) `put` wait: the worker
-    reads nothing more.
+    `RedisWriter` does (`stalled` says so), and `drain` and `put` wait, however much room is
+    left: the worker reads nothing more from its next hand-over on.
     """
 
     def __init__(
@@ -271,9 +271,12 @@ class WriteBehind:
         *,
         batch: int = 1,
         linger: float = 0.0,
+        stalled: Callable[[], bool] = lambda: False,
     ) -> None:
         self._write = write
         self.limit = limit
+        self.stalled = stalled
+        """Whether the thread's writes are failing and being retried (Redis away)."""
         self.batch = batch
         self.linger = linger
         self._draining = 0
@@ -292,7 +295,9 @@ class WriteBehind:
         if not count:
             return
         with self._cond:
-            while self._waiting_writes >= self.limit and self._error is None:
+            while (
+                self._waiting_writes >= self.limit or (self._busy and self.stalled())
+            ) and self._error is None:
                 self._cond.wait()
             self._raise()
             first = not self._waiting
@@ -383,6 +388,7 @@ class _RedisPartition(StatelessSinkPartition[StepResult]):
                 f"redis-writer-{worker}",
                 batch=behind,
                 linger=BEHIND_LINGER_SECONDS,
+                stalled=lambda: writer.state.down,
             )
             if behind
             else None

@@ -133,8 +133,8 @@ def test_a_redis_outage_mid_run_is_ridden_out_and_the_features_are_exact(
     run.wait_ok(timeout=180)
 
     assert len(down_scrapes) >= 10, "/metrics never showed the Redis sink down"
-    # The worker goes on until the writes waiting for Redis fill its writer's buffer
-    # (`WriteBehind`), a fraction of a second; from then on it reads nothing.
+    # The worker goes on until it next hands writes to its writer thread (`WriteBehind`),
+    # which is retrying: within a flush interval; from then on it reads nothing.
     read = [
         value(s, "search_features_messages_total", topic=topic, partition="0") for s in down_scrapes
     ]

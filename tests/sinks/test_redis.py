@@ -254,6 +254,25 @@ def test_a_full_write_behind_buffer_makes_the_worker_wait() -> None:
     behind.close()
 
 
+def test_while_the_writes_fail_the_worker_waits_with_room_in_the_buffer() -> None:
+    gate = Gate()
+    down = threading.Event()  # the writer's retries: Redis away
+    behind = WriteBehind(gate, limit=100, name="test-writer", stalled=down.is_set)
+    behind.put([result("a")])  # taken by the thread, held
+    time.sleep(0.05)
+    behind.put([result("b")])  # room, and the write is not failing: returns
+    down.set()
+    put = threading.Event()
+    threading.Thread(target=lambda: (behind.put([result("c")]), put.set())).start()
+    assert not put.wait(0.1)  # 98 writes of room, but Redis is away: the worker waits
+    down.clear()
+    gate.open.set()  # the write goes through
+    assert put.wait(5)
+    behind.drain()
+    assert [s for call in gate.calls for s in call] == ["a", "b", "c"]
+    behind.close()
+
+
 def test_a_failed_write_behind_stops_the_worker_once() -> None:
     gate = Gate(fail=SinkError("Redis rejected a feature write: WRONGTYPE"))
     gate.open.set()
