@@ -264,7 +264,7 @@ def test_while_the_writes_fail_the_worker_waits_with_room_in_the_buffer() -> Non
     down.set()
     put = threading.Event()
     threading.Thread(target=lambda: (behind.put([result("c")]), put.set())).start()
-    assert not put.wait(0.1)  # 98 writes of room, but Redis is away: the worker waits
+    assert not put.wait(0.1)  # room for 99 writes, but Redis is away: the worker waits
     down.clear()
     gate.open.set()  # the write goes through
     assert put.wait(5)
