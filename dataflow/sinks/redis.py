@@ -10,9 +10,9 @@ Nothing is dropped, nothing is incremented.
 Redis away (connection refused, timeouts, loading after a restart): the chunk is sent again,
 whole (every write is absolute, so a chunk applied in part and sent again ends the same),
 with capped backoff (`REDIS_BACKOFF_MAX_SECONDS`), for as long as it takes. The worker goes
-on until its writes waiting for Redis fill the writer's buffer (`WriteBehind`), then waits,
-so the pipeline reads nothing more (Bytewax has nowhere to put it), and resumes by itself
-when Redis answers, from exactly where it was: no restart, nothing lost. `/metrics` keeps
+on until it next hands writes to its writer thread, which is retrying (`WriteBehind`),
+then waits, so the pipeline reads nothing more (Bytewax has nowhere to put it), and resumes
+by itself when Redis answers, from exactly where it was: no restart, nothing lost. `/metrics` keeps
 being served, `search_features_sink_up{sink="redis"}` is 0 and one log line says so; one
 more when writes resume, with how long they waited (`SinkState`). With
 `REDIS_OUTAGE_EXIT_SECONDS` set, a write that has kept failing that long raises `SinkError`
@@ -26,9 +26,9 @@ as writes resume) is gone or changed, and every live key is re-written (`dataflo
 
 Every worker writes what its own state shards emit, so the writes for a key always come
 from one worker, in order. They are written behind the worker (`WriteBehind`): a thread of
-the worker's own sends them while the worker reads and counts on, and the `redis` step
-(`dataflow.flow.WriteLogic`) waits for them at each epoch's close, so an epoch commits only
-once its writes are in Redis, as when they were written in line.
+the worker's own sends them while the worker reads and counts on, and the `redis_write`
+step (`dataflow.flow.WriteLogic`) waits for them at each epoch's close, so an epoch commits
+only once its writes are in Redis, as when they were written in line.
 """
 
 from __future__ import annotations
