@@ -251,11 +251,14 @@ class PipelineProcess:
 def snapshot_offsets(recovery_dir: Path, step: str = "search_features.kafka_in") -> dict[str, int]:
     """The offset a resume would start each Kafka partition at (`"{partition}-{topic}"`).
 
-    Read from Bytewax's SQLite partitions: a resume restores, per state key, the newest
-    snapshot at or before the committed epoch (the smallest `commit_epoch` over all
-    partitions); rows of a later epoch may exist if a kill landed between writing them
-    and committing, and are ignored. The state of `kafka_in` is the intake envelope around
-    the Kafka source's state, the next offset to read.
+    Read from Bytewax's SQLite partitions the way a resume reads them (Bytewax 0.21,
+    `RecoveryPart.resume_from`): the resume epoch is, over the workers of the newest
+    execution, the smallest of each worker's furthest frontier (`fronts`, or the
+    execution's own resume epoch for a worker that wrote none), and each state key
+    restores its newest snapshot *before* that epoch. Not the `commits` table: a commit
+    (garbage collection) is written after the frontier, so a kill between the two resumes
+    one epoch past what `commits` says. The state of `kafka_in` is the intake envelope
+    around the Kafka source's state, the next offset to read.
     """
     import pickle
 
@@ -270,16 +273,29 @@ def snapshot_offsets(recovery_dir: Path, step: str = "search_features.kafka_in")
     # that (it would read the last checkpoint and miss the newest commits).
     dbs = [sqlite3.connect(path) for path in parts]
     try:
-        commits = [row[0] for db in dbs for row in db.execute("SELECT commit_epoch FROM commits")]
-        if len(commits) < len(parts):
-            return {}  # some partition never committed: nothing to resume from yet
-        committed = min(commits)
+        executions = {
+            row[0]: (row[1], row[2])
+            for db in dbs
+            for row in db.execute("SELECT ex_num, worker_count, resume_epoch FROM exs")
+        }
+        if not executions:
+            return {}  # no execution ever started: a resume starts from the beginning
+        newest_ex = max(executions)
+        workers, ex_resume = executions[newest_ex]
+        furthest = dict.fromkeys(range(workers), ex_resume)
+        for db in dbs:
+            rows = db.execute(
+                "SELECT worker_index, worker_frontier FROM fronts WHERE ex_num = ?", (newest_ex,)
+            )
+            for worker, frontier in rows:
+                furthest[worker] = max(furthest.get(worker, ex_resume), frontier)
+        resume_epoch = min(furthest.values())
         newest: dict[str, tuple[int, bytes | None]] = {}
         for db in dbs:
             rows = db.execute(
                 "SELECT state_key, snap_epoch, ser_change FROM snaps "
-                "WHERE step_id = ? AND snap_epoch <= ?",
-                (step, committed),
+                "WHERE step_id = ? AND snap_epoch < ?",
+                (step, resume_epoch),
             )
             for key, epoch, blob in rows:
                 if key not in newest or epoch > newest[key][0]:
@@ -359,6 +375,9 @@ class _ProxyState:
     held: HeldWrite | None = None
     answering: threading.Event = field(default_factory=threading.Event)
     reply_delay: float = 0.0
+    open_upstreams: int = 0
+    """Connections to Redis not ended yet (each ends once its client has gone and Redis has
+    answered everything forwarded on it)."""
 
     def __post_init__(self) -> None:
         self.answering.set()
@@ -442,6 +461,17 @@ class RedisProxy:
         assert held is not None
         return held
 
+    def wait_ended(self, timeout: float = 30.0) -> None:
+        """Wait until every connection through the proxy has ended (call once the client
+        process is dead): Redis has then executed everything that was forwarded to it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.state.lock:
+                if self.state.open_upstreams == 0:
+                    return
+            assert time.monotonic() < deadline, "connections through the proxy never ended"
+            time.sleep(0.005)
+
     def wait_for(self, as_of: int, process: PipelineProcess, timeout: float = 120.0) -> None:
         """Return once a write with `as_of >= as_of` went through; fail if `process` ends
         first (it read the whole stream before reaching that point) or time runs out."""
@@ -478,6 +508,8 @@ class RedisProxy:
             upstream = socket.create_connection(self.upstream)
             self._sockets += [client, upstream]
             with self.state.lock:
+                self.state.open_upstreams += 1
+            with self.state.lock:
                 generation = self.state.generation
             threading.Thread(
                 target=self._client_to_server, args=(client, upstream, generation), daemon=True
@@ -500,6 +532,10 @@ class RedisProxy:
                     due = time.monotonic() + self.state.reply_delay
                 pending.put((data, due))
         pending.put(None)
+        with contextlib.suppress(OSError):
+            upstream.close()
+        with self.state.lock:
+            self.state.open_upstreams -= 1
 
     def _forward_replies(
         self, pending: queue.SimpleQueue[tuple[bytes, float] | None], client: socket.socket
@@ -532,8 +568,12 @@ class RedisProxy:
                     while client.recv(65536):
                         pass
                     break
+        # The client is gone: end the upstream gracefully, so Redis executes everything that
+        # was forwarded before it sees the end (closing with its replies unread would reset
+        # the connection, and Redis would drop commands it had not read yet). The replies
+        # are read to the end, then the upstream closes (`_server_to_client`).
         with contextlib.suppress(OSError):
-            upstream.close()
+            upstream.shutdown(socket.SHUT_WR)
         with contextlib.suppress(OSError):
             client.close()
 

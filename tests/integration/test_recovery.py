@@ -143,6 +143,7 @@ def test_sigkill_at_random_points_then_restart_ends_exactly_like_an_uninterrupte
                 # The kill landed mid-pipeline: what went through is in Redis, the rest
                 # never will be (the proxy held it until the process died).
                 assert held.held, "nothing was held back"
+                proxy.wait_ended()
                 for args in held.applied:
                     if args[0].upper() == b"HSET":
                         key, pairs = args[1], args[2:]
