@@ -211,6 +211,12 @@ def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
+def redis_cpu_s(client: redis.Redis) -> float:
+    """CPU seconds the Redis server has used (user + system, all its threads)."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -254,13 +260,17 @@ def build(
 ) -> dict[str, Any]:
     calls0 = benchkit.command_calls(client)
     mem0 = used_memory(client)
+    redis_cpu0 = redis_cpu_s(client)
     wall, reading, run = timed_run(env, processes, client if own else None)
+    redis_cpu = redis_cpu_s(client) - redis_cpu0
     calls = benchkit.calls_between(calls0, benchkit.command_calls(client))
     mem1 = used_memory(client)
     return {
         "wall_s": wall,
         "reading_s": reading,
         "cpu_s": round(run.cpu_s, 1),
+        # Only this build's when the Redis is the benchmark's own (no other clients).
+        "redis_cpu_s": round(redis_cpu, 1) if own else None,
         "peak_rss": max(run.peak_rss, run.max_rss),
         "last_rss": run.last_rss,
         "commands": sum(calls.values()),
@@ -412,6 +422,16 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "Redis commands per event / per key",
             f"{b['redis_commands_per_event']} / {b['redis_commands_per_key']}",
+        ),
+        *(
+            [
+                (
+                    "Redis CPU during the build (share of its reading time)",
+                    f"{b['redis_cpu_s']} s ({b['redis_cpu_s'] / b['reading_s']:.0%})",
+                )
+            ]
+            if b.get("redis_cpu_s") is not None
+            else []
         ),
         (
             "recovery dir after the build",
