@@ -24,7 +24,6 @@ operators and report metrics. Each stage is a function returning its named strea
 from __future__ import annotations
 
 import logging
-import random
 import time
 import zlib
 from collections.abc import Iterable
@@ -296,13 +295,9 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
 
     Updates mark keys dirty; the writes go out at most every `flush_interval` (one timer
     per shard, not per key), so a hot key is written once per interval, not once per
-    batch. Each shard flushes at its own phase of the interval (a point of a grid
-    `flush_interval` apart, offset at random), so a worker's shards flush one after another
-    through the interval: the Redis writer takes a steady stream of writes while the worker
-    counts, not one burst of every shard's writes that holds the worker while the writer
-    idles the rest of the interval. With an interval of zero every batch is flushed at once.
-    After a new day, each flush also re-states its share of `RESTATE_KEYS_PER_SECOND`, and
-    the timer stays set until every key is re-stated.
+    batch. With an interval of zero every batch is flushed at once. After a new day, each
+    flush also re-states its share of `RESTATE_KEYS_PER_SECOND`, and the timer stays set
+    until every key is re-stated.
 
     With `repairs` (the Redis sink checks its marker), every activation first looks at the
     store's generation: when it moved (the store lost data), every live key is queued for
@@ -327,8 +322,6 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
             else FeatureShard.restore(params, resume, restate_per_flush, fitted)
         )
         self.flush_interval = timedelta(milliseconds=flush_ms)
-        self.flush_ms = flush_ms
-        self.phase_ms = random.random() * flush_ms  # noqa: S311 - a spread, not a secret
         self.next_flush: datetime | None = None
         self.repairs = repairs
         self.restored = resume is not None
@@ -359,14 +352,8 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
         if not self.flush_interval:
             return self._flush(everything=True), self.RETAIN
         if self.next_flush is None and self.shard.pending:
-            self.next_flush = self._next_flush()
+            self.next_flush = datetime.now(UTC) + self.flush_interval
         return [], self.RETAIN
-
-    def _next_flush(self) -> datetime:
-        """The next point of this shard's flush grid after now (at most an interval away)."""
-        now = datetime.now(UTC)
-        into = (now.timestamp() * 1000.0 - self.phase_ms) % self.flush_ms
-        return now + timedelta(milliseconds=self.flush_ms - into)
 
     def notify_at(self) -> datetime | None:
         if self.next_flush is None and self.shard.pending:  # restored with pending writes
@@ -386,8 +373,8 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
         if not self.shard.pending:
             return []
         result = self.shard.flush(everything=everything)
-        if self.shard.pending:  # re-statements left: the next share at the next point
-            self.next_flush = self._next_flush()
+        if self.shard.pending:  # re-statements left: the next share after the interval
+            self.next_flush = datetime.now(UTC) + self.flush_interval
         deletes = sum(1 for _, fields in result.writes if fields is None)
         metrics.EXPIRED.inc(deletes)
         if result.new_day:
