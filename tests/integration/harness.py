@@ -509,7 +509,6 @@ class RedisProxy:
             self._sockets += [client, upstream]
             with self.state.lock:
                 self.state.open_upstreams += 1
-            with self.state.lock:
                 generation = self.state.generation
             threading.Thread(
                 target=self._client_to_server, args=(client, upstream, generation), daemon=True
