@@ -9,19 +9,18 @@ write of many chunks sends up to `IN_FLIGHT_CHUNKS` of them ahead of the replies
 so Redis executes one chunk while the next is packed and sent. Nothing is dropped, nothing
 is incremented.
 
-Redis away (connection refused, timeouts, loading after a restart): every chunk not yet
-confirmed is sent again, whole and in order (every write is absolute, so a chunk applied in
-part and sent again ends the same), with capped backoff (`REDIS_BACKOFF_MAX_SECONDS`), for
-as long as it takes. The worker goes on until it next hands writes to its writer thread,
-which is retrying (`WriteBehind`), then waits, so the pipeline reads nothing more (Bytewax
-has nowhere to put it), and resumes by itself when Redis answers, from exactly where it was:
-no restart, nothing lost. `/metrics` keeps being served,
-`search_features_sink_up{sink="redis"}` is 0 and one log line says so; one more when writes
-resume, with how long they waited (`SinkState`). With `REDIS_OUTAGE_EXIT_SECONDS` set, a
-write that has kept failing that long raises `SinkError` instead, which stops the dataflow
-before its epoch commits (recovery replays the writes on restart): for a supervisor that
-should restart the process. A command error (`WRONGTYPE`, OOM) does not heal by retrying:
-`SinkError` at once.
+Redis away (connection refused, timeouts, loading after a restart): the chunk is sent again,
+whole (every write is absolute, so a chunk applied in part and sent again ends the same),
+with capped backoff (`REDIS_BACKOFF_MAX_SECONDS`), for as long as it takes. The worker goes
+on until it next hands writes to its writer thread, which is retrying (`WriteBehind`),
+then waits, so the pipeline reads nothing more (Bytewax has nowhere to put it), and resumes
+by itself when Redis answers, from exactly where it was: no restart, nothing lost. `/metrics` keeps
+being served, `search_features_sink_up{sink="redis"}` is 0 and one log line says so; one
+more when writes resume, with how long they waited (`SinkState`). With
+`REDIS_OUTAGE_EXIT_SECONDS` set, a write that has kept failing that long raises `SinkError`
+instead, which stops the dataflow before its epoch commits (recovery replays the writes on
+restart): for a supervisor that should restart the process. A command error (`WRONGTYPE`,
+OOM) does not heal by retrying: `SinkError` at once.
 
 Redis back *without* the writes (no persistence, `FLUSHDB`, a failover, a restored backup):
 the sink's marker (`dataflow.sinks.marker`, checked every `STORE_CHECK_SECONDS` and as soon
