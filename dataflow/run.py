@@ -13,6 +13,8 @@ A thin wrapper over `python -m bytewax.run dataflow.flow` that takes the same fl
   (`RECOVERY_PARTITIONS`, default 1) and passes `-s SNAPSHOT_INTERVAL_SECONDS`
   (default 10) and `-b RECOVERY_BACKUP_INTERVAL_SECONDS` (default 0); see
   docs/operations.md for the guarantees and the trade-offs;
+- on a restart, discards the snapshots a killed run left in epochs it did not finish
+  (`dataflow.recovery.discard_unfinished`): Bytewax would restore them later;
 - serves `/metrics` (the Bytewax dataflow API server) unless `METRICS_ENABLED=false`;
 - collects garbage less often than Python's default (`GC_YOUNG_THRESHOLD`, `tune_gc`), so
   that the cost of a key does not grow with the number of keys held.
@@ -38,7 +40,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dataflow import preflight, settings
+from dataflow import preflight, recovery, settings
 from dataflow.config import Config
 from dataflow.errors import ConfigError, PipelineError, PreflightError
 from dataflow.logs import configure_logging
@@ -58,20 +60,20 @@ def recovery_args(env: Mapping[str, str], argv: Sequence[str]) -> list[str]:
     partitions = settings.RECOVERY_PARTITIONS.read(env)
     interval = settings.SNAPSHOT_INTERVAL_SECONDS.read(env)
     backup = settings.RECOVERY_BACKUP_INTERVAL_SECONDS.read(env)
-    ensure_recovery_dir(Path(directory), partitions)
+    recovery.ensure_recovery_dir(Path(directory), partitions)
     return ["-r", directory, "-s", str(interval), "-b", str(backup)]
 
 
-def ensure_recovery_dir(directory: Path, partitions: int) -> None:
-    """Create `partitions` empty recovery partitions unless the directory already has some."""
-    # Imported here: the Rust extension is only needed once a recovery directory is used.
-    from bytewax.recovery import init_db_dir  # noqa: PLC0415
-
-    if directory.is_dir() and any(directory.glob("part-*.sqlite3")):
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    init_db_dir(directory, partitions)  # type: ignore[no-untyped-call]
-    log.info("created recovery partitions", extra={"dir": str(directory), "count": partitions})
+def recovery_directory(env: Mapping[str, str], argv: Sequence[str]) -> Path | None:
+    """The recovery directory Bytewax will use: `-r`/`--recovery-directory`, else
+    `RECOVERY_DIR`, else `BYTEWAX_RECOVERY_DIRECTORY`; None without recovery."""
+    for i, arg in enumerate(argv):
+        if arg in ("-r", "--recovery-directory") and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--recovery-directory="):
+            return Path(arg.split("=", 1)[1])
+    directory = settings.RECOVERY_DIR.read(env) or env.get("BYTEWAX_RECOVERY_DIRECTORY", "")
+    return Path(directory) if directory else None
 
 
 def tune_gc(young_threshold: int) -> None:
@@ -124,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "(the basic-auth password included)"
             )
         extra = recovery_args(env, args)
+        directory = recovery_directory(env, args)
+        if directory is not None and directory.is_dir():
+            recovery.discard_unfinished(directory)
         gc_threshold = settings.GC_YOUNG_THRESHOLD.read(env)
         metrics_on = settings.METRICS_ENABLED.read(env)
         port = settings.BYTEWAX_DATAFLOW_API_PORT.read(env) if metrics_on else 0

@@ -2,10 +2,11 @@
 
 import gc
 import socket
+from pathlib import Path
 
 import pytest
 
-from dataflow.run import main, port_problem, tune_gc
+from dataflow.run import main, port_problem, recovery_directory, tune_gc
 
 
 def test_a_listening_port_is_reported_and_a_free_one_is_not() -> None:
@@ -61,3 +62,34 @@ def test_a_bad_gc_threshold_fails_at_start_naming_the_variable(
     monkeypatch.setenv("GC_YOUNG_THRESHOLD", "10")
     assert main([]) == 2
     assert "GC_YOUNG_THRESHOLD" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "expected"),
+    [
+        ({}, [], None),
+        ({"RECOVERY_DIR": "/r/env"}, [], "/r/env"),
+        ({"BYTEWAX_RECOVERY_DIRECTORY": "/r/bytewax"}, [], "/r/bytewax"),
+        ({"RECOVERY_DIR": "/r/env"}, ["-w", "2", "-r", "/r/flag"], "/r/flag"),
+        ({}, ["--recovery-directory", "/r/long"], "/r/long"),
+        ({"BYTEWAX_RECOVERY_DIRECTORY": "/r/bytewax"}, ["--recovery-directory=/r/eq"], "/r/eq"),
+    ],
+)
+def test_the_recovery_directory_is_the_one_bytewax_will_use(
+    env: dict[str, str], argv: list[str], expected: str | None
+) -> None:
+    found = recovery_directory(env, argv)
+    assert (str(found) if found is not None else None) == expected
+
+
+def test_recovery_partitions_of_two_directories_fail_at_start_naming_the_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bytewax.recovery import init_db_dir
+
+    for name, count in (("mine", 2), ("other", 3)):
+        (tmp_path / name).mkdir()
+        init_db_dir(tmp_path / name, count)  # type: ignore[no-untyped-call]
+    (tmp_path / "other" / "part-2.sqlite3").rename(tmp_path / "mine" / "part-2.sqlite3")
+    assert main(["-r", str(tmp_path / "mine")]) == 2
+    assert "RECOVERY_DIR: the recovery partitions disagree" in capsys.readouterr().err

@@ -19,7 +19,6 @@ import os
 import queue
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -251,58 +250,36 @@ class PipelineProcess:
 def snapshot_offsets(recovery_dir: Path, step: str = "search_features.kafka_in") -> dict[str, int]:
     """The offset a resume would start each Kafka partition at (`"{partition}-{topic}"`).
 
-    Read from Bytewax's SQLite partitions the way a resume reads them (Bytewax 0.21,
-    `RecoveryPart.resume_from`): the resume epoch is, over the workers of the newest
-    execution, the smallest of each worker's furthest frontier (`fronts`, or the
-    execution's own resume epoch for a worker that wrote none), and each state key
-    restores its newest snapshot *before* that epoch. Not the `commits` table: a commit
-    (garbage collection) is written after the frontier, so a kill between the two resumes
-    one epoch past what `commits` says. The state of `kafka_in` is the intake envelope
-    around the Kafka source's state, the next offset to read.
+    Read from Bytewax's SQLite partitions the way a resume reads them: from the resume
+    epoch (`dataflow.recovery.resume_point`, Bytewax 0.21's `RecoveryPart.resume_from`),
+    each state key restores its newest snapshot *before* that epoch. Not the `commits`
+    table: a commit (garbage collection) is written after the frontier, so a kill between
+    the two resumes one epoch past what `commits` says. The state of `kafka_in` is the
+    intake envelope around the Kafka source's state, the next offset to read.
     """
     import pickle
 
+    from dataflow import recovery
     from dataflow.core import snapshots
     from dataflow.kafka.intake import LAYOUT, STEP
 
-    parts = sorted(recovery_dir.glob("part-*.sqlite3"))
-    if not parts:
+    if not any(recovery_dir.glob(recovery.PARTITION_GLOB)):
         return {}
-    # Read-write on purpose, and only while no pipeline runs: after a SIGKILL the WAL index
-    # needs recovering before its frames are visible, and a read-only connection cannot do
-    # that (it would read the last checkpoint and miss the newest commits).
-    dbs = [sqlite3.connect(path) for path in parts]
-    try:
-        executions = {
-            row[0]: (row[1], row[2])
-            for db in dbs
-            for row in db.execute("SELECT ex_num, worker_count, resume_epoch FROM exs")
-        }
-        if not executions:
+    # Only while no pipeline runs (`recovery.partitions` opens them read-write).
+    with recovery.partitions(recovery_dir) as dbs:
+        resume = recovery.resume_point(dbs)
+        if resume.execution is None:
             return {}  # no execution ever started: a resume starts from the beginning
-        newest_ex = max(executions)
-        workers, ex_resume = executions[newest_ex]
-        furthest = dict.fromkeys(range(workers), ex_resume)
-        for db in dbs:
-            rows = db.execute(
-                "SELECT worker_index, worker_frontier FROM fronts WHERE ex_num = ?", (newest_ex,)
-            )
-            for worker, frontier in rows:
-                furthest[worker] = max(furthest.get(worker, ex_resume), frontier)
-        resume_epoch = min(furthest.values())
         newest: dict[str, tuple[int, bytes | None]] = {}
         for db in dbs:
             rows = db.execute(
                 "SELECT state_key, snap_epoch, ser_change FROM snaps "
                 "WHERE step_id = ? AND snap_epoch < ?",
-                (step, resume_epoch),
+                (step, resume.epoch),
             )
             for key, epoch, blob in rows:
                 if key not in newest or epoch > newest[key][0]:
                     newest[key] = (epoch, blob)
-    finally:
-        for db in dbs:
-            db.close()
     offsets: dict[str, int] = {}
     for key, (_, blob) in newest.items():
         if blob is not None:

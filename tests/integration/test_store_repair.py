@@ -27,7 +27,7 @@ import pytest
 import redis
 
 from dataflow.kafka.topics import produce
-from dataflow.run import ensure_recovery_dir
+from dataflow.recovery import ensure_recovery_dir
 from dataflow.sinks.marker import Mark, mark_field, marker_key
 from dataflow.tools.generator import GeneratedMessage, GeneratorConfig, generate
 from tests.integration.conftest import http_get
