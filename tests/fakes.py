@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Container, Iterable
 from typing import Any
 
+import hiredis
+import redis
 from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
@@ -60,19 +63,34 @@ def kafka_messages(
 
 
 class FakeConnection:
-    """A connection that fails as told, then answers every command."""
+    """A connection that fails as told, then answers every command (`1`, or an error reply
+    for the sends the client rejects)."""
 
     def __init__(self, client: FakeRedis) -> None:
         self.client = client
+        self.replies: deque[object] = deque()
 
     def send_packed_command(self, data: list[bytes]) -> None:
-        self.client.attempts += 1
-        self.client.sent.extend(data)
-        if self.client.errors:
-            raise self.client.errors.pop(0)
+        client = self.client
+        client.attempts += 1
+        client.sent.extend(data)
+        if client.errors:
+            error = client.errors.pop(0)
+            if error is not None:  # None: this attempt goes through
+                raise error
+        reader = hiredis.Reader()
+        for buffer in data:
+            reader.feed(buffer)
+        count = 0
+        while reader.gets() is not False:
+            count += 1
+        reply = redis.ResponseError("OOM") if client.attempts in client.rejected else 1
+        self.replies.extend([reply] * count)
+        client.wire.append(f"send {count}")
 
-    def read_response(self) -> int:
-        return 1
+    def read_response(self) -> object:
+        self.client.wire.append("read")
+        return self.replies.popleft()
 
     def disconnect(self) -> None:
         self.client.disconnects += 1
@@ -90,11 +108,19 @@ class FakePool:
 
 
 class FakeRedis:
-    def __init__(self, errors: Iterable[Exception] = ()) -> None:
+    """`errors`: what each send raises in turn (`None`: it goes through); `rejected`: the
+    sends (counted from 1) whose commands get error replies; `wire`: each send (with its
+    command count) and each reply read, in order."""
+
+    def __init__(
+        self, errors: Iterable[Exception | None] = (), rejected: Container[int] = ()
+    ) -> None:
         self.errors = list(errors)
+        self.rejected = rejected
         self.attempts = 0
         self.disconnects = 0
         self.sent: list[bytes] = []
+        self.wire: list[str] = []
         self.connection_pool = FakePool(self)
 
     def close(self) -> None:

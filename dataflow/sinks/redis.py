@@ -4,21 +4,24 @@ Within a batch, writes to the same key coalesce (the latest wins); each key beco
 `HSET` of every field, or `DEL` once its 30 days are empty. A key's TTL is set by `EXPIRE`
 when the key is created and refreshed when it is re-stated after a new day, so in the
 steady state a written key costs one command. The commands of a chunk are packed as RESP
-into one buffer and their replies read straight off the hiredis reader (`dataflow.resp`).
-Nothing is dropped, nothing is incremented.
+into one buffer and their replies read straight off the hiredis reader (`dataflow.resp`); a
+write of many chunks sends up to `IN_FLIGHT_CHUNKS` of them ahead of the replies it has read,
+so Redis executes one chunk while the next is packed and sent. Nothing is dropped, nothing
+is incremented.
 
-Redis away (connection refused, timeouts, loading after a restart): the chunk is sent again,
-whole (every write is absolute, so a chunk applied in part and sent again ends the same),
-with capped backoff (`REDIS_BACKOFF_MAX_SECONDS`), for as long as it takes. The worker goes
-on until it next hands writes to its writer thread, which is retrying (`WriteBehind`),
-then waits, so the pipeline reads nothing more (Bytewax has nowhere to put it), and resumes
-by itself when Redis answers, from exactly where it was: no restart, nothing lost. `/metrics` keeps
-being served, `search_features_sink_up{sink="redis"}` is 0 and one log line says so; one
-more when writes resume, with how long they waited (`SinkState`). With
-`REDIS_OUTAGE_EXIT_SECONDS` set, a write that has kept failing that long raises `SinkError`
-instead, which stops the dataflow before its epoch commits (recovery replays the writes on
-restart): for a supervisor that should restart the process. A command error (`WRONGTYPE`,
-OOM) does not heal by retrying: `SinkError` at once.
+Redis away (connection refused, timeouts, loading after a restart): every chunk not yet
+confirmed is sent again, whole and in order (every write is absolute, so a chunk applied in
+part and sent again ends the same), with capped backoff (`REDIS_BACKOFF_MAX_SECONDS`), for
+as long as it takes. The worker goes on until it next hands writes to its writer thread,
+which is retrying (`WriteBehind`), then waits, so the pipeline reads nothing more (Bytewax
+has nowhere to put it), and resumes by itself when Redis answers, from exactly where it was:
+no restart, nothing lost. `/metrics` keeps being served,
+`search_features_sink_up{sink="redis"}` is 0 and one log line says so; one more when writes
+resume, with how long they waited (`SinkState`). With `REDIS_OUTAGE_EXIT_SECONDS` set, a
+write that has kept failing that long raises `SinkError` instead, which stops the dataflow
+before its epoch commits (recovery replays the writes on restart): for a supervisor that
+should restart the process. A command error (`WRONGTYPE`, OOM) does not heal by retrying:
+`SinkError` at once.
 
 Redis back *without* the writes (no persistence, `FLUSHDB`, a failover, a restored backup):
 the sink's marker (`dataflow.sinks.marker`, checked every `STORE_CHECK_SECONDS` and as soon
@@ -36,6 +39,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Container, Iterable
 from typing import Any
 
@@ -54,9 +58,12 @@ from dataflow.sinks.marker import MarkerGuard
 log = logging.getLogger(__name__)
 
 SINK = "redis"
-BEHIND_CHUNKS = 8
+BEHIND_CHUNKS = 64
 """Writes that may wait for a worker's Redis writer thread, in chunks of
-`REDIS_PIPELINE_KEYS`, before the worker waits for it (`WriteBehind`)."""
+`REDIS_PIPELINE_KEYS`, before the worker waits for it (`WriteBehind`): 32 000 at the
+default, about a second of a backfill's writes."""
+IN_FLIGHT_CHUNKS = 4
+"""Chunks a Redis writer sends ahead of the replies it has read (`RedisWriter._stream`)."""
 BEHIND_LINGER_SECONDS = 0.005
 """How long a worker's Redis writer thread lets writes gather, when fewer than a chunk
 wait, before it writes them (`WriteBehind`)."""
@@ -179,10 +186,71 @@ class RedisWriter:
         """Chunks that went through after failed attempts: Redis answered again."""
 
     def write(self, writes: list[Write], ttl: Container[str] = EVERY_KEY) -> None:
-        """Write `writes` (absolute values); the keys whose suffix is in `ttl` also get
-        their TTL set."""
-        for start in range(0, len(writes), self.chunk):
-            self._write_chunk(writes[start : start + self.chunk], ttl)
+        """Write `writes` (absolute values, in order); the keys whose suffix is in `ttl`
+        also get their TTL set. Many chunks are streamed (`_stream`); what a failure leaves
+        unconfirmed is sent again in order, chunk by chunk, with retries (`_write_chunk`)."""
+        chunks = [writes[start : start + self.chunk] for start in range(0, len(writes), self.chunk)]
+        done, failed = 0, False
+        if len(chunks) > 1 and not self.state.down:
+            done = self._stream(chunks, ttl)
+            failed = done < len(chunks)
+        for chunk in chunks[done:]:
+            self._write_chunk(chunk, ttl, failed=failed)
+            failed = False
+
+    def _stream(self, chunks: list[list[Write]], ttl: Container[str]) -> int:
+        """Send `chunks` on one connection, up to `IN_FLIGHT_CHUNKS` ahead of the replies
+        read, so Redis executes a chunk while this thread packs and sends the next. Returns
+        how many chunks, from the first, are confirmed: all, or those before the connection
+        failed. Every write is absolute and the rest is sent again in the same order, so a
+        chunk applied in part (or a later chunk applied whole) ends the same. A rejected
+        command is `SinkError`, as in `_write_chunk`."""
+        pool: Any = self.client.connection_pool  # redis-py's connection API is untyped
+        try:
+            conn = pool.get_connection()
+        except _RETRYABLE as exc:
+            self._unconfirmed(chunks, exc)
+            return 0
+        sent: deque[tuple[int, int]] = deque()  # (writes, replies) of each unread chunk
+        done = 0
+        try:
+            for chunk in chunks:
+                data, replies = self._pack(chunk, ttl)
+                conn.send_packed_command([data])
+                sent.append((len(chunk), replies))
+                if len(sent) >= IN_FLIGHT_CHUNKS:
+                    self._confirm(conn, *sent.popleft())
+                    done += 1
+            while sent:
+                self._confirm(conn, *sent.popleft())
+                done += 1
+        except _RETRYABLE as exc:
+            conn.disconnect()  # replies are left unread on it
+            self._unconfirmed(chunks[done:], exc)
+        except BaseException:
+            # Replies are left unread on it: never hand this connection out again.
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        return done
+
+    def _confirm(self, conn: Any, writes: int, replies: int) -> None:
+        """Read a streamed chunk's replies."""
+        errors = [r for r in resp.read_replies(conn, replies) if isinstance(r, Exception)]
+        if errors:
+            metrics.SINK_WRITES.labels(sink=SINK, result="failure").inc(writes)
+            raise SinkError(
+                f"Redis rejected a feature write: {len(errors)} of {replies} commands failed: "
+                f"{errors[0]}"
+            )
+        metrics.SINK_WRITES.labels(sink=SINK, result="success").inc(writes)
+        self.state.succeeded()
+
+    def _unconfirmed(self, chunks: list[list[Write]], exc: Exception) -> None:
+        """A stream failed with `chunks` unconfirmed: they will be retried."""
+        metrics.SINK_WRITES.labels(sink=SINK, result="retry").inc(sum(map(len, chunks)))
+        self.state.failed(exc)
 
     def _pack(self, writes: list[Write], ttl: Container[str]) -> tuple[bytes, int]:
         """The chunk as one RESP buffer, and how many replies it asks for."""
@@ -207,7 +275,8 @@ class RedisWriter:
         if errors:
             raise redis.ResponseError(f"{len(errors)} of {replies} commands failed: {errors[0]}")
 
-    def _write_chunk(self, writes: list[Write], ttl: Container[str]) -> None:
+    def _write_chunk(self, writes: list[Write], ttl: Container[str], failed: bool = False) -> None:
+        """Send one chunk until Redis takes it (`failed`: an attempt already failed)."""
         data, replies = self._pack(writes, ttl)
         attempt = 0
         failing_since: float | None = None
@@ -242,7 +311,7 @@ class RedisWriter:
                 raise SinkError(f"Redis rejected a feature write: {exc}") from exc
             metrics.SINK_WRITES.labels(sink=SINK, result="success").inc(len(writes))
             self.state.succeeded()
-            if attempt:
+            if attempt or failed:
                 self.recoveries += 1
             return
 
@@ -252,13 +321,17 @@ class WriteBehind:
 
     `put` hands results over and returns at once, unless `limit` writes already wait for the
     thread (then it waits until the thread takes them: the worker slows to what Redis takes,
-    as when it wrote in line). The thread takes everything waiting at once, once a chunk's
-    worth waits (`batch` writes) or `linger` seconds after the first result, or at once when
-    drained; so the results of many shards and activations coalesce into one write per key,
-    and a worker whose shards each flush a few keys does not wake the thread (and take turns
-    with it for the interpreter) once per shard. `drain` returns once everything handed over
-    is in Redis, and raises what the thread raised (`SinkError`: the pipeline stops before
-    its epoch commits, as with an in-line write). While Redis is away the thread retries as
+    as when it wrote in line). The limit holds about a flush interval's writes of a busy
+    worker, so that a flush's burst of writes goes behind while the worker reads and counts
+    on, instead of holding the worker until Redis has taken all but the last few chunks.
+
+    The thread takes everything waiting at once, once a chunk's worth waits (`batch` writes)
+    or `linger` seconds after the first result, or at once when drained; so the results of
+    many shards and activations coalesce into one write per key, and a worker whose shards
+    each flush a few keys does not wake the thread (and take turns with it for the
+    interpreter) once per shard. `drain` returns once everything handed over is in Redis,
+    and raises what the thread raised (`SinkError`: the pipeline stops before its epoch
+    commits, as with an in-line write). While Redis is away the thread retries as
     `RedisWriter` does (`stalled` says so), and `drain` and `put` wait, however much room is
     left: the worker reads nothing more from its next hand-over on.
     """

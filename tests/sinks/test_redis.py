@@ -18,7 +18,13 @@ from dataflow.core.shard import StepResult, Write
 from dataflow.errors import SinkError
 from dataflow.resp import pack_del, pack_expire, pack_hset
 from dataflow.retry import NO_WAIT, Backoff
-from dataflow.sinks.redis import RedisWriter, SinkState, WriteBehind, coalesce
+from dataflow.sinks.redis import (
+    IN_FLIGHT_CHUNKS,
+    RedisWriter,
+    SinkState,
+    WriteBehind,
+    coalesce,
+)
 from tests.fakes import FakeRedis
 from tests.registry import Delta, sample
 
@@ -311,3 +317,89 @@ def test_writes_behind_gather_until_a_chunk_waits_the_linger_passes_or_a_drain()
     time.sleep(0.5)  # the linger over: written without a drain
     assert gate.calls == [["a", "b", "c"], ["d"], ["e"]]
     behind.close()
+
+
+# --- chunks in flight ---------------------------------------------------------------------
+
+
+def chunked_writer(client: FakeRedis, clock: Clock) -> RedisWriter:
+    settings = RedisSettings(prefix="P", pipeline_keys=2)
+    state = SinkState("redis", clock=clock)
+    backoff = Backoff(base=0.05, cap=5.0, sleep=clock.sleep)
+    return RedisWriter(client, settings, backoff, state=state, clock=clock)  # type: ignore[arg-type]
+
+
+NINE: list[Write] = [(f"doc:{i}", {"as_of": str(i)}) for i in range(9)]
+
+
+def keys_sent(client: FakeRedis) -> list[bytes]:
+    return [c[1] for data in client.sent for c in commands(data)]
+
+
+def test_chunks_go_out_ahead_of_their_replies_in_order_on_one_connection() -> None:
+    assert IN_FLIGHT_CHUNKS == 4
+    client = FakeRedis()
+    with Delta("search_features_sink_writes_total", sink="redis", result="success") as ok:
+        chunked_writer(client, Clock()).write(list(NINE), ttl=set())
+    assert keys_sent(client) == [f"P:doc:{i}".encode() for i in range(9)]
+    # Five chunks: four go out before a reply is read, the fifth once the first is read.
+    sends = ["send 2"] * 4
+    assert client.wire == [*sends, "read", "read", "send 1", *["read"] * 7]
+    assert client.attempts == 5 and client.disconnects == 0
+    assert ok.value == 9
+
+
+def test_a_connection_lost_with_chunks_in_flight_resends_the_unconfirmed_in_order() -> None:
+    # The third chunk's send fails; the first two were sent but their replies never read:
+    # all of them go again, one at a time and in order (absolute writes: a repeat is
+    # harmless, and the last write of a key stays the last).
+    client = FakeRedis([None, None, redis.ConnectionError("reset")])
+    clock = Clock()
+    writer = chunked_writer(client, clock)
+    with Delta("search_features_sink_writes_total", sink="redis", result="retry") as retried:
+        writer.write(list(NINE), ttl=set())
+    resent = [[c[1] for c in commands(data)] for data in client.sent[3:]]
+    assert resent == [[b"P:doc:%d" % i for i in range(j, min(j + 2, 9))] for j in (0, 2, 4, 6, 8)]
+    assert retried.value == 9 and client.disconnects == 1
+    assert writer.recoveries == 1  # Redis answered again: the store marker gets checked
+    assert sample("search_features_sink_up", sink="redis") == 1.0
+
+
+def test_chunks_confirmed_before_a_failure_are_not_sent_again() -> None:
+    # Six chunks: the first is confirmed once four are out, the second once the fifth is;
+    # the sixth's send fails, so the third chunk on go again.
+    client = FakeRedis([None] * 5 + [redis.ConnectionError("reset")])
+    writer = chunked_writer(client, Clock())
+    writer.write([(f"doc:{i}", {"as_of": "1"}) for i in range(12)], ttl=set())
+    resent = [c[1] for data in client.sent[6:] for c in commands(data)]
+    assert resent == [b"P:doc:%d" % i for i in range(4, 12)]
+
+
+def test_an_error_reply_with_chunks_in_flight_is_not_an_outage() -> None:
+    client = FakeRedis(rejected={2})
+    clock = Clock()
+    with (
+        Delta("search_features_sink_writes_total", sink="redis", result="failure") as failed,
+        pytest.raises(SinkError, match="2 of 2 commands failed: OOM"),
+    ):
+        chunked_writer(client, clock).write(list(NINE), ttl=set())
+    assert client.attempts == 5 and not clock.sleeps and client.disconnects == 1
+    assert failed.value == 2
+
+
+def test_a_refused_connection_before_chunks_go_out_is_an_outage_ridden_out() -> None:
+    client = FakeRedis()
+    refusals = [redis.ConnectionError("refused")] * 3
+    get_connection = client.connection_pool.get_connection
+
+    def refusing() -> Any:
+        if refusals:
+            raise refusals.pop()
+        return get_connection()
+
+    client.connection_pool.get_connection = refusing  # type: ignore[method-assign]
+    clock = Clock()
+    writer = chunked_writer(client, clock)
+    writer.write(list(NINE), ttl=set())
+    assert keys_sent(client) == [f"P:doc:{i}".encode() for i in range(9)]
+    assert len(clock.sleeps) == 2 and writer.recoveries == 1
