@@ -101,7 +101,7 @@ def held_partitions(dbs: Sequence[sqlite3.Connection]) -> tuple[set[int], int | 
             f"the recovery partitions disagree on their count ({sorted(counts)}): they come "
             "from different recovery directories; rebuild into a new prefix with "
             "`python -m dataflow.tools.replay` and a new directory (docs/operations.md, "
-            "'Replay')",
+            "'Replay into a new version')",
         )
     return held, next(iter(counts), None)
 
@@ -136,8 +136,8 @@ def discard_unfinished(directory: Path) -> Discarded | None:
     except sqlite3.Error as exc:
         raise ConfigError(
             "RECOVERY_DIR",
-            f"cannot prepare the recovery partitions in {directory} ({exc}); is another "
-            "pipeline process using this directory?",
+            f"cannot prepare the recovery partitions in {directory} ({exc}): is another "
+            "pipeline process using them, or is it not a Bytewax recovery directory?",
         ) from exc
 
 

@@ -201,3 +201,10 @@ def test_a_killed_runs_snapshot_of_an_unfinished_epoch_is_restored_later_unless_
     run()  # the next restart reads "b"
     assert out[-1] == ("b", 1 if discard else 101)
     assert [n for key, n in out if key == "a"] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_file_that_is_no_recovery_partition_fails_naming_the_setting(tmp_path: Path) -> None:
+    directory = make_dir(tmp_path, count=1)
+    sqlite3.connect(directory / "notes.sqlite3").close()
+    with pytest.raises(ConfigError, match=r"^RECOVERY_DIR: cannot prepare .*no such table"):
+        discard_unfinished(directory)
