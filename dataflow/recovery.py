@@ -44,12 +44,17 @@ carries the initial routing messages)."""
 BUSY_TIMEOUT_MS = 5_000
 
 
+def has_partitions(directory: Path) -> bool:
+    """Whether `directory` holds recovery partitions (`part-<i>.sqlite3`)."""
+    return directory.is_dir() and any(directory.glob(PARTITION_GLOB))
+
+
 def ensure_recovery_dir(directory: Path, partitions: int) -> None:
     """Create `partitions` empty recovery partitions unless the directory already has some."""
     # Imported here: the Rust extension is only needed once a recovery directory is used.
     from bytewax.recovery import init_db_dir  # noqa: PLC0415
 
-    if directory.is_dir() and any(directory.glob(PARTITION_GLOB)):
+    if has_partitions(directory):
         return
     directory.mkdir(parents=True, exist_ok=True)
     init_db_dir(directory, partitions)  # type: ignore[no-untyped-call]

@@ -42,7 +42,7 @@ import redis
 from confluent_kafka import KafkaException
 from prometheus_client.metrics import MetricWrapperBase
 
-from dataflow import metrics, run
+from dataflow import metrics, recovery, run
 from dataflow.config import Config
 from dataflow.errors import ConfigError, PipelineError
 from dataflow.kafka.source import POSITIONS, BrokerOffsets, Partition
@@ -210,7 +210,7 @@ def prepare_recovery_dir(directory: Path, prefix: str, topics: Sequence[str]) ->
     """
     marker = directory / MARKER
     wanted = {"prefix": prefix, "topics": list(topics)}
-    has_parts = directory.is_dir() and any(directory.glob("part-*.sqlite3"))
+    has_parts = recovery.has_partitions(directory)
     if marker.exists():
         recorded = json.loads(marker.read_text())
         if {k: recorded.get(k) for k in wanted} != wanted:

@@ -263,7 +263,7 @@ def snapshot_offsets(recovery_dir: Path, step: str = "search_features.kafka_in")
     from dataflow.core import snapshots
     from dataflow.kafka.intake import LAYOUT, STEP
 
-    if not any(recovery_dir.glob(recovery.PARTITION_GLOB)):
+    if not recovery.has_partitions(recovery_dir):
         return {}
     # Only while no pipeline runs (`recovery.partitions` opens them read-write).
     with recovery.partitions(recovery_dir) as dbs:
