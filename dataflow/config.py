@@ -81,6 +81,7 @@ class KafkaSettings:
     brokers: tuple[str, ...] = s.KAFKA_BROKERS.value
     topics: tuple[str, ...] = s.KAFKA_TOPICS.value
     dlq_topic: str = s.KAFKA_DLQ_TOPIC.value
+    state_topic: str = s.KAFKA_STATE_TOPIC.value
     batch_size: int = s.KAFKA_BATCH_SIZE.value
     stop_at_end: bool = s.KAFKA_STOP_AT_END.value
     security_protocol: str = s.KAFKA_SECURITY_PROTOCOL.value
@@ -261,6 +262,7 @@ class Config:
     link_shards: int = s.LINK_SHARDS.value
     feature_shards: int = s.FEATURE_SHARDS.value
     dedup_shards: int = s.DEDUP_SHARDS.value
+    snapshot_tail_bytes: int = s.SNAPSHOT_TAIL_BYTES.value
     log_level: str = s.LOG_LEVEL.value
     log_format: str = s.LOG_FORMAT.value
     native_core: bool = s.NATIVE_CORE.value
@@ -274,6 +276,7 @@ class Config:
             brokers=s.KAFKA_BROKERS.read(e),
             topics=s.KAFKA_TOPICS.read(e),
             dlq_topic=s.KAFKA_DLQ_TOPIC.read(e),
+            state_topic=s.KAFKA_STATE_TOPIC.read(e),
             batch_size=s.KAFKA_BATCH_SIZE.read(e),
             stop_at_end=s.KAFKA_STOP_AT_END.read(e),
             security_protocol=s.KAFKA_SECURITY_PROTOCOL.read(e),
@@ -285,6 +288,10 @@ class Config:
         kafka.check()
         if kafka.dlq_topic in kafka.topics:
             raise ConfigError("KAFKA_DLQ_TOPIC", "must not be one of KAFKA_TOPICS (a loop)")
+        if kafka.state_topic in (*kafka.topics, kafka.dlq_topic):
+            raise ConfigError(
+                "KAFKA_STATE_TOPIC", "must not be KAFKA_DLQ_TOPIC or one of KAFKA_TOPICS"
+            )
         s.REDIS_MAX_RETRIES.read(e)  # deprecated: still validated, otherwise ignored
         redis = RedisSettings(
             url=s.REDIS_URL.read(e),
@@ -354,6 +361,7 @@ class Config:
             link_shards=s.LINK_SHARDS.read(e),
             feature_shards=s.FEATURE_SHARDS.read(e),
             dedup_shards=s.DEDUP_SHARDS.read(e),
+            snapshot_tail_bytes=s.SNAPSHOT_TAIL_BYTES.read(e),
             log_level=s.LOG_LEVEL.read(e),
             log_format=s.LOG_FORMAT.read(e),
             native_core=_native_core(e),

@@ -55,6 +55,25 @@ class RecoveryFormatError(PipelineError):
         )
 
 
+class SegmentError(PipelineError):
+    """The segment store (`dataflow.core.segments`) could not keep or give back a segment
+    of a feature shard's recovery state."""
+
+
+class SegmentMissingError(SegmentError):
+    """A segment a recovery snapshot refers to is gone from the segment store."""
+
+    def __init__(self, segment: str, where: str) -> None:
+        self.segment = segment
+        super().__init__(
+            f"segment {segment!r} of the feature state, which the recovery snapshot refers "
+            f"to, is not in {where}: the recovery directory belongs to another state topic, "
+            "or the topic was deleted or altered. Rebuild the features into a new prefix "
+            "with `python -m dataflow.tools.replay --prefix <new prefix>` and its own "
+            "recovery directory (docs/operations.md, 'Replay'), then switch the readers to it."
+        )
+
+
 class RequestError(PipelineError):
     """One request to a store failed; `reason` is a short, low-cardinality label for metrics."""
 

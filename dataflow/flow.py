@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaSource
@@ -60,10 +60,12 @@ from dataflow.core.families import (
 )
 from dataflow.core.intake import Intake, IntakeResult
 from dataflow.core.priors import Fit, FitRules, PriorFitter, in_sample, prior_suffix
-from dataflow.core.shard import FeatureShard, ShardItem, StepResult
+from dataflow.core.segments import SegmentStore
+from dataflow.core.shard import TAIL_BYTES, FeatureShard, ShardItem, StepResult
 from dataflow.core.windows import DAY_MS
 from dataflow.kafka.intake import IntakeSource
 from dataflow.kafka.lag import KafkaOffsets, LagTracker, LagTrackingSource
+from dataflow.kafka.segments import KafkaSegments
 from dataflow.kafka.source import BrokerOffsets, OffsetGapCheckingSource
 from dataflow.logs import configure_logging
 from dataflow.opensearch import sink as opensearch
@@ -315,12 +317,17 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
         repairs: StoreRepairs | None = None,
         *,
         fitted: frozenset[int] = frozenset(),
+        segments: SegmentStore | None = None,
+        tail_bytes: int = TAIL_BYTES,
     ) -> None:
-        self.shard = (
-            FeatureShard(params, restate_per_flush=restate_per_flush, fitted=fitted)
-            if resume is None
-            else FeatureShard.restore(params, resume, restate_per_flush, fitted)
-        )
+        if resume is None:
+            self.shard = FeatureShard(params, restate_per_flush=restate_per_flush, fitted=fitted)
+            if segments is not None:
+                self.shard.use_segments(segments, tail_bytes=tail_bytes)
+        else:
+            self.shard = FeatureShard.restore(
+                params, resume, restate_per_flush, fitted, segments, tail_bytes=tail_bytes
+            )
         self.flush_interval = timedelta(milliseconds=flush_ms)
         self.next_flush: datetime | None = None
         self.repairs = repairs
@@ -383,7 +390,9 @@ class ShardLogic(StatefulBatchLogic[ShardItem | Wake, StepResult, bytes]):
         return [result]
 
     def snapshot(self) -> bytes:
-        blob = self.shard.snapshot()
+        # With a segment store, a `snapshots.Deferred` when the snapshot refers to segments
+        # still in flight: Bytewax pickles it as the bytes, once they are durable.
+        blob = cast(bytes, self.shard.snapshot())
         if self.repairs is not None:
             self.repairs.saved(self)  # a queued repair is in this snapshot
         return blob
@@ -734,6 +743,8 @@ def features(
         streams.append(fits)
     shard_in: Stream[tuple[str, ShardItem | Wake]] = op.merge("shard_in", *streams)
     per_flush = restate_per_flush(config)
+    # Only used once a snapshot is taken (with recovery) or restored: it connects then.
+    segments = KafkaSegments(config.kafka)
     results = op.stateful_batch(
         "features",
         shard_in,
@@ -744,6 +755,8 @@ def features(
             resume,
             repairs,
             fitted=config.priors.families,
+            segments=segments,
+            tail_bytes=config.snapshot_tail_bytes,
         ),
     )
     return results

@@ -405,6 +405,15 @@ KAFKA_DLQ_TOPIC = _text(
     check=_topic,
     values="a topic name",
 )
+KAFKA_STATE_TOPIC = _text(
+    KAFKA,
+    "KAFKA_STATE_TOPIC",
+    "search-features-state",
+    "Compacted topic that holds the feature shards' recovery segments, created on first "
+    "use (only with recovery; docs/operations.md, 'Recovery state').",
+    check=_topic,
+    values="a topic name",
+)
 KAFKA_BATCH_SIZE = _integer(
     KAFKA, "KAFKA_BATCH_SIZE", 1000, (1, 100_000), "Messages per consumer poll per partition."
 )
@@ -638,6 +647,15 @@ LINK_SHARDS = _integer(
 )
 FEATURE_SHARDS = _integer(STATE, "FEATURE_SHARDS", 128, (1, 65_536), "Feature state shards.")
 DEDUP_SHARDS = _integer(STATE, "DEDUP_SHARDS", 16, (1, 4096), "Dedup shards per slot.")
+SNAPSHOT_TAIL_BYTES = _integer(
+    FEATURES,
+    "SNAPSHOT_TAIL_BYTES",
+    65_536,
+    (0, 64 * 1024 * 1024),
+    "Changed key states a feature shard's snapshot keeps inline before it writes them to "
+    "KAFKA_STATE_TOPIC as a segment: what every snapshot may rewrite, against how many "
+    "segments a restore reads.",
+)
 
 OPENSEARCH_URL = _secret(
     OPENSEARCH,

@@ -10,6 +10,8 @@ Pure: the clock is whatever the inputs say it is.
 
 from __future__ import annotations
 
+import pickle
+import uuid
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import chain, islice
@@ -38,15 +40,30 @@ from dataflow.core.families import (
     params_table,
 )
 from dataflow.core.priors import Fit
+from dataflow.core.segments import Done, Pending, Ref, SegmentStore
 from dataflow.core.smoothing import Prior
 from dataflow.core.windows import DAY_MS, RETENTION_DAYS
+from dataflow.errors import SegmentError
 
 LAYOUT = 5
-"""Version of the recovery state's layout (`dataflow.core.snapshots`): the keys' states in
-one buffer of varints (`counters.pack_states`), and the re-statement queue as a `range` of
-positions in the keys' order when it is one (a list of suffixes otherwise). Layouts 4
-(int64 items, the queue always a list), 3 (a dict of each key's bytes) and 2 (that,
-without fitted priors) are still read."""
+"""Version of the recovery state's layout (`dataflow.core.snapshots`) without a segment
+store: the keys' states in one buffer of varints (`counters.pack_states`), and the
+re-statement queue as a `range` of positions in the keys' order when it is one (a list of
+suffixes otherwise). Layouts 4 (int64 items, the queue always a list), 3 (a dict of each
+key's bytes) and 2 (that, without fitted priors) are still read."""
+SEGMENTED_LAYOUT = 6
+"""The layout with a segment store: the keys' states in a chain of segments
+(`dataflow.core.segments`) and a tail, the rest as in layout 5."""
+TAIL_BYTES = 64 * 1024
+"""A tail larger than this (packed) goes to the store as a segment at the snapshot
+(`SNAPSHOT_TAIL_BYTES`).
+Bounds what every snapshot writes beyond the epoch's own changes, and makes every delta
+segment at least this large, which bounds the chain a restore reads."""
+MAX_DELTAS = 32
+"""A chain with more deltas than this is replaced by a new base."""
+RETIRE_AFTER = 2
+"""Segments a new base replaced are retired at the shard's second snapshot after it: its
+epoch has closed since, and the snapshot that no longer refers to them is committed."""
 _PRIOR_FIELD = {DOC: "doc", QD: "qd", AC: "ac"}
 
 Write = tuple[str, Fields | None]
@@ -97,20 +114,31 @@ class FeatureShard:
     """
 
     __slots__ = (
+        "base_bytes",
+        "chain",
         "clock",
         "created",
         "deleted",
+        "delta_bytes",
         "dirty",
         "fitted",
         "keys",
         "labels",
+        "mark",
+        "max_deltas",
         "params",
         "priors",
         "provisional",
+        "rebase",
         "restate_at",
         "restate_from",
         "restate_per_flush",
         "restating",
+        "owner",
+        "retiring",
+        "segments",
+        "tail_bytes",
+        "touched",
     )
 
     def __init__(
@@ -151,15 +179,42 @@ class FeatureShard:
         self.restate_per_flush = restate_per_flush
         self.labels: dict[str, str] = {} if labels is None else labels
         self.created: set[str] = set() if created is None else created
+        # With a segment store (`dataflow.core.segments`; None: every snapshot holds every
+        # key's state): the keys' states at the last segment are `chain` (a base, then
+        # deltas); the keys changed since are the *tail*: the keys in `touched` or `dirty`,
+        # and the keys from position `mark` on in the dict's order (created since; keys are
+        # deleted only on a new day, which sets `rebase`). With `mark` 0 the tail is every
+        # key and the chain is empty.
+        self.segments: SegmentStore | None = None
+        self.owner = ""
+        self.tail_bytes = TAIL_BYTES
+        self.max_deltas = MAX_DELTAS
+        self.chain: list[Pending] = []
+        self.base_bytes = 0
+        self.delta_bytes = 0
+        self.mark = 0
+        self.touched: set[str] = set()
+        self.rebase = False
+        self.retiring: list[tuple[int, tuple[Ref, ...]]] = []
+        """Replaced segments, each group with the snapshots it still waits."""
 
     # Recovery: Bytewax pickles snapshots *after* the logic may already have processed the
     # next epoch, so a snapshot must not share mutable objects with the live state. Pickling
     # here costs what Bytewax would spend anyway, and returns immutable bytes.
-    def snapshot(self) -> bytes:
+    def snapshot(self) -> bytes | snapshots.Deferred:
+        if self.segments is not None:
+            return self._segmented_snapshot(self.segments)
         compiled = native.core
         state = (
             self.clock,
             pack_states(self.keys) if compiled is None else compiled.pack_states(self.keys),
+            *self._rest(),
+        )
+        return snapshots.wrap("features", LAYOUT, state)
+
+    def _rest(self) -> tuple[object, ...]:
+        """The state besides the keys' counters, as every layout from 3 on stores it."""
+        return (
             self.dirty,
             self.deleted,
             self._queue_state(),
@@ -168,7 +223,105 @@ class FeatureShard:
             {f: {d: (p.alpha, p.beta) for d, p in days.items()} for f, days in self.priors.items()},
             self.provisional,
         )
-        return snapshots.wrap("features", LAYOUT, state)
+
+    def use_segments(
+        self,
+        store: SegmentStore,
+        *,
+        tail_bytes: int = TAIL_BYTES,
+        max_deltas: int = MAX_DELTAS,
+        owner: str | None = None,
+    ) -> None:
+        """Keep the keys' states in `store` from the next snapshot on. `owner` names the
+        shard's segments in the store (a shard's segments then land together, which only
+        speeds up a restore): kept in the snapshot, new for a new shard."""
+        self.segments = store
+        self.tail_bytes, self.max_deltas = tail_bytes, max_deltas
+        self.owner = owner or self.owner or f"features/{uuid.uuid4().hex[:16]}"
+
+    def _segmented_snapshot(self, store: SegmentStore) -> bytes | snapshots.Deferred:
+        """Layout 6: the chain's references and the tail (see `dataflow.core.segments`).
+
+        Every snapshot writes the tail; a tail past `TAIL_BYTES` becomes a delta segment,
+        and a base replaces the chain when the deltas outgrow it, when there are more than
+        `MAX_DELTAS`, or after a new day (which rewrites old days and deletes keys)."""
+        self._retire_due(store)
+        if self.rebase:
+            self._drop_chain()
+            self.rebase = False
+        tail = self._pack(self._tail_keys())
+        if len(tail) > self.tail_bytes:
+            replace_chain = (
+                not self.chain
+                or self.delta_bytes + len(tail) > self.base_bytes
+                or len(self.chain) > self.max_deltas
+            )
+            if replace_chain:
+                payload = tail if not self.chain else self._pack(self.keys)
+                self._drop_chain()
+                self.chain = [store.append(self.owner, payload)]
+                self.base_bytes = len(payload)
+            else:
+                self.chain.append(store.append(self.owner, tail))
+                self.delta_bytes += len(tail)
+            self.mark = len(self.keys)
+            self.touched = set()
+            tail = b""
+        body = pickle.dumps(
+            (self.clock, self.owner, self.mark, tail, *self._rest(), self.retiring),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        chain = list(self.chain)
+
+        def finish() -> bytes:
+            refs = tuple(_ref_state(pending.ref()) for pending in chain)
+            return snapshots.wrap("features", SEGMENTED_LAYOUT, (refs, body))
+
+        if all(pending.done for pending in chain):
+            return finish()
+        return snapshots.Deferred(finish)
+
+    def _tail_keys(self) -> dict[str, KeyState]:
+        """The keys changed since the last segment, to be applied over the chain on restore:
+        changed older keys (their dict positions stay), then the new ones in dict order."""
+        keys = self.keys
+        if self.mark == 0:
+            return keys
+        born = list(islice(reversed(keys), len(keys) - self.mark))
+        born.reverse()
+        changed = self.touched | self.dirty
+        if born:
+            changed.difference_update(born)
+        out = {suffix: keys[suffix] for suffix in changed}
+        for suffix in born:
+            out[suffix] = keys[suffix]
+        return out
+
+    @staticmethod
+    def _pack(keys: dict[str, KeyState]) -> bytes:
+        compiled = native.core
+        return pack_states(keys) if compiled is None else compiled.pack_states(keys)
+
+    def _drop_chain(self) -> None:
+        """Start over with every key in the tail; the chain's segments retire later."""
+        if self.chain:
+            refs = tuple(pending.ref() for pending in self.chain)
+            self.retiring.append((RETIRE_AFTER, refs))
+        self.chain = []
+        self.base_bytes = self.delta_bytes = self.mark = 0
+        self.touched = set()
+
+    def _retire_due(self, store: SegmentStore) -> None:
+        due: list[Ref] = []
+        waiting: list[tuple[int, tuple[Ref, ...]]] = []
+        for left, refs in self.retiring:
+            if left <= 1:
+                due.extend(refs)
+            else:
+                waiting.append((left - 1, refs))
+        self.retiring = waiting
+        if due:
+            store.retire(due)
 
     def _queue_state(self) -> range | list[str]:
         """The keys still to re-state, as a snapshot stores them: the positions of a run of
@@ -185,27 +338,58 @@ class FeatureShard:
         blob: bytes,
         restate_per_flush: int | None = None,
         fitted: frozenset[int] = frozenset(),
+        segments: SegmentStore | None = None,
+        *,
+        tail_bytes: int = TAIL_BYTES,
     ) -> FeatureShard:
-        layout, state = snapshots.unwrap_layouts("features", (LAYOUT, 4, 3, 2), blob)
-        if layout == 2:
-            state = (*state, {}, set())
-        clock, packed, dirty, deleted, queue, labels, created, priors, provisional = state
+        """The shard a snapshot holds. `segments`: the store a layout-6 snapshot's chain is
+        in, and where the restored shard keeps its states from then on (`use_segments`)."""
+        layout, state = snapshots.unwrap_layouts(
+            "features", (SEGMENTED_LAYOUT, LAYOUT, 4, 3, 2), blob
+        )
         compiled = native.core
+        unpack = unpack_states if compiled is None else compiled.unpack_states
+        chain: list[Pending] = []
+        sizes: list[int] = []
+        mark = 0
+        retiring: list[tuple[int, tuple[Ref, ...]]] = []
+        if layout == SEGMENTED_LAYOUT:
+            if segments is None:
+                raise SegmentError(
+                    "a feature shard's recovery state is in a segment store, and none is "
+                    "configured: run the pipeline through `python -m dataflow.run`"
+                )
+            refs, body = state
+            clock, owner, mark, tail, *rest, retiring = pickle.loads(body)  # noqa: S301 - our own
+            chain = [Done(Ref(*ref)) for ref in refs]
+            payloads = segments.read([pending.ref() for pending in chain])
+            sizes = [len(payload) for payload in payloads]
+            keys: dict[str, KeyState] = unpack(payloads[0]) if payloads else {}
+            for payload in payloads[1:]:
+                keys.update(unpack(payload))
+            touched = unpack(tail)
+            keys.update(touched)
+            state = (clock, None, *rest)
+        else:
+            owner, touched = None, {}
+            if layout == 2:
+                state = (*state, {}, set())
+        clock, packed, dirty, deleted, queue, labels, created, priors, provisional = state
         if layout == LAYOUT:
-            keys = unpack_states(packed) if compiled is None else compiled.unpack_states(packed)
+            keys = unpack(packed)
         elif layout == 4:
             keys = (
                 unpack_states_layout_4(packed)
                 if compiled is None
                 else compiled.unpack_states_layout_4(packed)
             )
-        else:
+        elif layout != SEGMENTED_LAYOUT:
             keys = {suffix: from_bytes(counts) for suffix, counts in packed.items()}
         if isinstance(queue, range):
             restating, restate_from = list(islice(keys, queue.start, queue.stop)), queue.start
         else:
             restating, restate_from = queue, None
-        return cls(
+        shard = cls(
             params,
             clock=clock,
             keys=keys,
@@ -220,6 +404,15 @@ class FeatureShard:
             priors={f: {d: Prior(*ab) for d, ab in days.items()} for f, days in priors.items()},
             provisional=provisional,
         )
+        if segments is not None:
+            shard.use_segments(segments, tail_bytes=tail_bytes, owner=owner)
+            shard.chain = chain
+            shard.base_bytes = sizes[0] if sizes else 0
+            shard.delta_bytes = sum(sizes[1:])
+            shard.mark = mark
+            shard.touched = set(touched) if mark else set()
+            shard.retiring = list(retiring)
+        return shard
 
     def step(self, items: list[ShardItem]) -> StepResult:
         """Apply clock readings and update batches in order; mark what needs writing.
@@ -280,6 +473,7 @@ class FeatureShard:
         day = clock // DAY_MS
         if day != start_day:
             result.new_day = True
+            self.rebase = True  # old days pruned and keys deleted: the next snapshot rebuilds
             first_kept = day - RETENTION_DAYS + 1
             expired = [
                 suffix
@@ -387,6 +581,8 @@ class FeatureShard:
             result.labels = {s: labels[s] for s, _ in writes if s in labels}
             for suffix in self.deleted:
                 labels.pop(suffix, None)
+        if self.segments is not None and self.mark:
+            self.touched |= dirty
         self.dirty = set()
         self.deleted = set()
         self.created = set()
@@ -412,3 +608,8 @@ class FeatureShard:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def _ref_state(ref: Ref) -> tuple[str, int, tuple[int, ...]]:
+    """A reference as a snapshot stores it: plain values, whatever becomes of `Ref`."""
+    return (ref.segment, ref.partition, ref.offsets)

@@ -180,6 +180,9 @@ def pipeline_env(
         "METRICS_ENABLED": "false",
         "SNAPSHOT_INTERVAL_SECONDS": "1",
         "FEATURE_SHARDS": "16",
+        # Small tails: with recovery, every test's shards keep their states in segments in
+        # Kafka (KAFKA_STATE_TOPIC), as a production-sized shard does.
+        "SNAPSHOT_TAIL_BYTES": "1024",
         "PYTHONPATH": str(REPO),
         **extra,
     }
