@@ -641,12 +641,6 @@ NATIVE_CORE = _flag(
     "Apply updates, render keys and pack Redis writes in the compiled core (the same bytes "
     "as the pure-Python one, several times faster); false runs the pure-Python core.",
 )
-
-LINK_SHARDS = _integer(
-    STATE, "LINK_SHARDS", 64, (1, 65_536), "Session shards of the autocomplete-link join."
-)
-FEATURE_SHARDS = _integer(STATE, "FEATURE_SHARDS", 128, (1, 65_536), "Feature state shards.")
-DEDUP_SHARDS = _integer(STATE, "DEDUP_SHARDS", 16, (1, 4096), "Dedup shards per slot.")
 SNAPSHOT_TAIL_BYTES = _integer(
     FEATURES,
     "SNAPSHOT_TAIL_BYTES",
@@ -656,6 +650,12 @@ SNAPSHOT_TAIL_BYTES = _integer(
     "KAFKA_STATE_TOPIC as a segment: what every snapshot may rewrite, against how many "
     "segments a restore reads.",
 )
+
+LINK_SHARDS = _integer(
+    STATE, "LINK_SHARDS", 64, (1, 65_536), "Session shards of the autocomplete-link join."
+)
+FEATURE_SHARDS = _integer(STATE, "FEATURE_SHARDS", 128, (1, 65_536), "Feature state shards.")
+DEDUP_SHARDS = _integer(STATE, "DEDUP_SHARDS", 16, (1, 4096), "Dedup shards per slot.")
 
 OPENSEARCH_URL = _secret(
     OPENSEARCH,
