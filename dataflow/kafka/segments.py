@@ -24,6 +24,7 @@ to by no snapshot and stay in the topic (docs/operations.md, "Recovery state").
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import uuid
@@ -53,35 +54,34 @@ READ_TIMEOUT_S = 30.0
 
 
 class KafkaPending:
-    """One segment's chunks on their way to Kafka."""
+    """One segment's chunks on their way to Kafka. Delivery callbacks may run on any
+    thread that polls the producer: each only sets its own chunk's slot."""
 
-    __slots__ = ("_error", "_left", "_offsets", "_producer", "partition", "segment")
+    __slots__ = ("_errors", "_offsets", "_producer", "partition", "segment")
 
     def __init__(self, producer: Producer, segment: str, partition: int, chunks: int) -> None:
         self._producer = producer
         self.segment, self.partition = segment, partition
         self._offsets: list[int] = [-1] * chunks
-        self._left = chunks
-        self._error: str | None = None
+        self._errors: list[str] = []
 
     def delivered(self, chunk: int, err: KafkaError | None, msg: Message) -> None:
         offset = msg.offset()
         if err is not None or offset is None:
-            self._error = str(err)
+            self._errors.append(str(err))
         else:
             self._offsets[chunk] = offset
-        self._left -= 1
 
     @property
     def done(self) -> bool:
-        return self._left == 0 and self._error is None
+        return -1 not in self._offsets
 
     def ref(self) -> Ref:
-        if self._left:
+        if not self.done and not self._errors:
             self._producer.flush(WRITE_TIMEOUT_S)
-        if self._error is not None or self._left:
-            reason = self._error or f"not acknowledged within {WRITE_TIMEOUT_S:.0f} s"
-            raise SegmentError(f"segment {self.segment!r} could not be written: {reason}")
+        if self._errors or not self.done:
+            reason = self._errors[0] if self._errors else "not acknowledged in time"
+            raise SegmentError(f"segment {self.segment!r} could not be written to Kafka: {reason}")
         return Ref(self.segment, self.partition, tuple(self._offsets))
 
 
@@ -112,6 +112,8 @@ class KafkaSegments:
                         }
                     )
                 )
+                # Tombstones still queued when the dataflow ends (retire does not wait).
+                atexit.register(self._producer.flush, 10)
             return self._producer
 
     def append(self, owner: str, payload: bytes) -> Pending:
