@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 from dataflow.config import Config  # noqa: E402
 from dataflow.core.shard import FeatureShard  # noqa: E402
+from dataflow.kafka.segments import KafkaSegments  # noqa: E402
 from dataflow.sinks.marker import marker_key  # noqa: E402
 
 DAY_MS = 86_400_000
@@ -426,11 +427,13 @@ def store_stats(directory: Path) -> dict[str, int]:
 
 
 def full_snapshot_cost(directory: Path, config: Config) -> dict[str, float]:
-    """One snapshot of every feature shard at the final state: unpickle, pickle, store.
+    """One snapshot of every feature shard at the final state: restore, pickle, store.
 
-    What an epoch that touches every shard pays (a steady stream touches them all): our
-    `snapshot()` pickle, Bytewax's pickle of those bytes, and one SQLite transaction in WAL
-    mode like Bytewax's (one row per shard).
+    Twice: as every key's state (layout 5, what an epoch that touched every shard paid
+    before the segments, and what a new base costs now), and as the running pipeline takes
+    it (layout 6: the chain's references and the tail, here empty). Each is our
+    `snapshot()`, Bytewax's pickle of it, and one SQLite transaction in WAL mode like
+    Bytewax's (one row per shard). The restore reads the segments from KAFKA_STATE_TOPIC.
     """
     blobs: list[bytes] = []
     for path in sorted(directory.glob("part-*.sqlite3")):
@@ -443,32 +446,38 @@ def full_snapshot_cost(directory: Path, config: Config) -> dict[str, float]:
                     "t WHERE t.step_id = s.step_id AND t.state_key = s.state_key)"
                 )
             ]
+    segments = KafkaSegments(config.kafka)
     start = time.perf_counter()
-    shards = [FeatureShard.restore(config.features, pickle.loads(b)) for b in blobs]  # noqa: S301
+    shards = [
+        FeatureShard.restore(config.features, pickle.loads(b), segments=segments)  # noqa: S301
+        for b in blobs
+    ]
     restore_s = time.perf_counter() - start
     del blobs
-    start = time.perf_counter()
-    rows = [pickle.dumps(shard.snapshot()) for shard in shards]
-    pickle_s = time.perf_counter() - start
-    keys = sum(len(shard) for shard in shards)
-    del shards
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        contextlib.closing(sqlite3.connect(Path(tmp) / "store.sqlite3")) as db,
-    ):
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE snaps (k TEXT, epoch INTEGER, v BLOB, PRIMARY KEY (k, epoch))")
+    out: dict[str, float] = {"restore_seconds": round(restore_s, 3)}
+    for layout, store in (("every_key", None), ("segmented", segments)):
+        for shard in shards:
+            shard.segments = store
         start = time.perf_counter()
-        with db:
-            db.executemany(
-                "INSERT INTO snaps VALUES (?, 1, ?)", [(str(i), v) for i, v in enumerate(rows)]
-            )
-        store_s = time.perf_counter() - start
-    return {
-        "shards": len(rows),
-        "keys": keys,
-        "bytes": sum(len(r) for r in rows),
-        "restore_seconds": round(restore_s, 3),
-        "pickle_seconds": round(pickle_s, 3),
-        "store_seconds": round(store_s, 3),
-    }
+        rows = [pickle.dumps(shard.snapshot()) for shard in shards]
+        pickle_s = time.perf_counter() - start
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            contextlib.closing(sqlite3.connect(Path(tmp) / "store.sqlite3")) as db,
+        ):
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE snaps (k TEXT, epoch INTEGER, v BLOB, PRIMARY KEY (k, epoch))")
+            start = time.perf_counter()
+            with db:
+                db.executemany(
+                    "INSERT INTO snaps VALUES (?, 1, ?)", [(str(i), v) for i, v in enumerate(rows)]
+                )
+            store_s = time.perf_counter() - start
+        prefix = "" if layout == "every_key" else "segmented_"
+        out |= {
+            f"{prefix}bytes": sum(len(r) for r in rows),
+            f"{prefix}pickle_seconds": round(pickle_s, 3),
+            f"{prefix}store_seconds": round(store_s, 3),
+        }
+    out |= {"shards": len(shards), "keys": sum(len(shard) for shard in shards)}
+    return out

@@ -49,6 +49,7 @@ from dataflow import flow as flow_module  # noqa: E402
 from dataflow import metrics  # noqa: E402
 from dataflow.config import Config  # noqa: E402
 from dataflow.core.shard import FeatureShard, StepResult  # noqa: E402
+from dataflow.kafka.segments import KafkaSegments  # noqa: E402
 
 DAY_MS = 86_400_000
 DOCS_PER_EVENT = 10
@@ -163,7 +164,10 @@ def live_feature_keys(directory: Path, config: Config) -> int:
         for (blob,) in rows:
             if blob is not None:
                 shard_bytes = pickle.loads(blob)  # noqa: S301 - our own recovery store
-                total += len(FeatureShard.restore(config.features, shard_bytes))
+                shard = FeatureShard.restore(
+                    config.features, shard_bytes, segments=KafkaSegments(config.kafka)
+                )
+                total += len(shard)
     return total
 
 
