@@ -682,13 +682,16 @@ refresh_redis-tls() {
 KAFKA_SASL_USERS=(kafka-broker:kafka-broker search-features:kafka-pipeline stack-admin:kafka-admin)
 
 # The pipeline's rights (kafka_sasl_acls), one AclCommand each: read its input topics
-# (search-events*), write and create its dead-letter topics (search-events-dlq*), and find
-# the coordinator of the group id Bytewax's consumer carries (it joins no group: offsets
-# live in the recovery snapshots).
+# (search-events*), write and create its dead-letter topics (search-events-dlq*), create,
+# check, write and read its state topics (search-features-state*: the feature shards'
+# recovery segments), and find the coordinator of the group ids its consumers carry (they
+# join no group: offsets live in the recovery snapshots).
 KAFKA_SASL_ACLS=(
   "--operation Read --operation Describe --resource-pattern-type prefixed --topic search-events"
   "--operation Write --operation Create --operation Describe --resource-pattern-type prefixed --topic search-events-dlq"
+  "--operation Read --operation Write --operation Create --operation Describe --operation DescribeConfigs --resource-pattern-type prefixed --topic search-features-state"
   "--operation Describe --resource-pattern-type literal --group BYTEWAX_IGNORED"
+  "--operation Describe --resource-pattern-type literal --group search-features-segments"
 )
 
 kafka_sasl_users_digest() {

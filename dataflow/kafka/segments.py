@@ -149,6 +149,10 @@ class KafkaSegments:
                 "group.id": "search-features-segments",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
+                # A fetch the broker holds open at the end of the partition would delay
+                # the next segment's assign by its wait (500 ms by default): a restore
+                # reads a shard's chain, segment after segment, at about 1 ms each.
+                "fetch.wait.max.ms": 0,
             }
         )
         try:

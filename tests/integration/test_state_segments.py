@@ -14,9 +14,10 @@ from dataflow.core.shard import FeatureShard
 from dataflow.core.snapshots import Deferred
 from dataflow.errors import SegmentError, SegmentMissingError
 from dataflow.kafka.segments import CHUNK_BYTES, KafkaSegments
+from dataflow.settings import Secret
 from tests.core.test_segments import PARAMS, through_bytewax
 from tests.core.test_shard import BASE, upd
-from tests.integration.conftest import TopicFactory
+from tests.integration.conftest import SecuredKafka, TopicFactory
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +85,23 @@ def test_a_shard_snapshot_waits_for_its_segment_and_restores_from_kafka(
     blob = through_bytewax(snapshot)
     again = FeatureShard.restore(PARAMS, blob, segments=KafkaSegments(settings), tail_bytes=1024)
     assert list(again.keys.items()) == list(shard.keys.items())
+
+
+def test_the_pipeline_user_keeps_segments_on_the_secured_kafka_within_its_acls(
+    secured_kafka: SecuredKafka, unique_name: str, _secured_topics: list[str]
+) -> None:
+    """SASL_SSL as `search-features`, whose ACLs allow `search-features-state*` only."""
+    name = f"search-features-state-{unique_name}"
+    _secured_topics.append(name)
+    settings = KafkaSettings(
+        brokers=(secured_kafka.brokers,),
+        state_topic=name,
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="search-features",
+        sasl_password=Secret(secured_kafka.passwords["search-features"]),
+        ssl_ca_location=secured_kafka.ca_file,
+    )
+    payload = os.urandom(CHUNK_BYTES + 3)
+    ref = KafkaSegments(settings).append("features/s", payload).ref()
+    assert KafkaSegments(settings).read([ref]) == [payload]
