@@ -189,6 +189,19 @@ EXPIRED = Counter(
     "Keys deleted because their 30-day counts all reached zero.",
     namespace=NAMESPACE,
 )
+SEGMENT_KINDS = ("written", "retired", "read")
+STATE_SEGMENTS = Counter(
+    "state_segments",
+    "Segments of the feature shards' recovery state in KAFKA_STATE_TOPIC, by what happened "
+    "to them: written (acknowledged by Kafka), retired (a tombstone sent), read (a restore).",
+    ["kind"],
+    namespace=NAMESPACE,
+)
+STATE_SEGMENT_BYTES = Counter(
+    "state_segment_bytes",
+    "Bytes of key states written to KAFKA_STATE_TOPIC in segments (before compression).",
+    namespace=NAMESPACE,
+)
 
 
 class _SizeBoard:
@@ -319,6 +332,8 @@ def _declare_label_values() -> None:
             PRIOR_FITS.labels(family=family, result=result)
     for trigger in REPAIR_TRIGGERS:
         STORE_REPAIRS.labels(trigger=trigger)
+    for kind in SEGMENT_KINDS:
+        STATE_SEGMENTS.labels(kind=kind)
     for sink in SINKS:
         SINK_BATCH.labels(sink=sink)
         SINK_FLUSH.labels(sink=sink)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import chain, islice
@@ -124,6 +125,8 @@ class FeatureShard:
         "fitted",
         "keys",
         "labels",
+        "labels_changed",
+        "labels_gone",
         "mark",
         "max_deltas",
         "params",
@@ -194,6 +197,10 @@ class FeatureShard:
         self.delta_bytes = 0
         self.mark = 0
         self.touched: set[str] = set()
+        self.labels_changed: set[str] = set()
+        self.labels_gone: set[str] = set()
+        """Labels set and removed since the last segment (the labels travel with the
+        segments: an `acq` key's text, `StepResult.labels`)."""
         self.rebase = False
         self.retiring: list[tuple[int, tuple[Ref, ...]]] = []
         """Replaced segments, each group with the snapshots it still waits."""
@@ -242,14 +249,14 @@ class FeatureShard:
     def _segmented_snapshot(self, store: SegmentStore) -> bytes | snapshots.Deferred:
         """Layout 6: the chain's references and the tail (see `dataflow.core.segments`).
 
-        Every snapshot writes the tail; a tail past `TAIL_BYTES` becomes a delta segment,
+        Every snapshot writes the tail; a tail past `tail_bytes` becomes a delta segment,
         and a base replaces the chain when the deltas outgrow it, when there are more than
-        `MAX_DELTAS`, or after a new day (which rewrites old days and deletes keys)."""
+        `max_deltas`, or after a new day (which rewrites old days and deletes keys)."""
         self._retire_due(store)
         if self.rebase:
             self._drop_chain()
             self.rebase = False
-        tail = self._pack(self._tail_keys())
+        tail = self._tail()
         if len(tail) > self.tail_bytes:
             replace_chain = (
                 not self.chain
@@ -257,7 +264,7 @@ class FeatureShard:
                 or len(self.chain) > self.max_deltas
             )
             if replace_chain:
-                payload = tail if not self.chain else self._pack(self.keys)
+                payload = tail if not self.chain else self._base()
                 self._drop_chain()
                 self.chain = [store.append(self.owner, payload)]
                 self.base_bytes = len(payload)
@@ -265,12 +272,11 @@ class FeatureShard:
                 self.chain.append(store.append(self.owner, tail))
                 self.delta_bytes += len(tail)
             self.mark = len(self.keys)
-            self.touched = set()
-            tail = b""
-        body = pickle.dumps(
-            (self.clock, self.owner, self.mark, tail, *self._rest(), self.retiring),
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
+            self.touched, self.labels_changed, self.labels_gone = set(), set(), set()
+            tail = _segment(b"", {}, ())
+        state = [self.clock, self.owner, self.mark, tail, *self._rest(), self.retiring]
+        del state[7]  # the labels: in the segments and the tail
+        body = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
         chain = list(self.chain)
 
         def finish() -> bytes:
@@ -281,12 +287,17 @@ class FeatureShard:
             return finish()
         return snapshots.Deferred(finish)
 
-    def _tail_keys(self) -> dict[str, KeyState]:
-        """The keys changed since the last segment, to be applied over the chain on restore:
-        changed older keys (their dict positions stay), then the new ones in dict order."""
+    def _base(self) -> bytes:
+        """Every key's state and label, as a segment."""
+        return _segment(self._pack(self.keys), self.labels, ())
+
+    def _tail(self) -> bytes:
+        """The keys and labels changed since the last segment, as a segment to apply over
+        the chain on restore: changed older keys (their dict positions stay), then the new
+        ones in dict order; labels set since, and labels removed since."""
         keys = self.keys
         if self.mark == 0:
-            return keys
+            return self._base()
         born = list(islice(reversed(keys), len(keys) - self.mark))
         born.reverse()
         changed = self.touched | self.dirty
@@ -295,7 +306,12 @@ class FeatureShard:
         out = {suffix: keys[suffix] for suffix in changed}
         for suffix in born:
             out[suffix] = keys[suffix]
-        return out
+        labels = self.labels
+        return _segment(
+            self._pack(out),
+            {s: labels[s] for s in self.labels_changed if s in labels},
+            self.labels_gone,
+        )
 
     @staticmethod
     def _pack(keys: dict[str, KeyState]) -> bytes:
@@ -309,7 +325,7 @@ class FeatureShard:
             self.retiring.append((RETIRE_AFTER, refs))
         self.chain = []
         self.base_bytes = self.delta_bytes = self.mark = 0
-        self.touched = set()
+        self.touched, self.labels_changed, self.labels_gone = set(), set(), set()
 
     def _retire_due(self, store: SegmentStore) -> None:
         due: list[Ref] = []
@@ -364,14 +380,20 @@ class FeatureShard:
             chain = [Done(Ref(*ref)) for ref in refs]
             payloads = segments.read([pending.ref() for pending in chain])
             sizes = [len(payload) for payload in payloads]
-            keys: dict[str, KeyState] = unpack(payloads[0]) if payloads else {}
-            for payload in payloads[1:]:
-                keys.update(unpack(payload))
-            touched = unpack(tail)
-            keys.update(touched)
+            keys: dict[str, KeyState] = {}
+            labels: dict[str, str] = {}
+            for payload in [*payloads, tail]:
+                packed, set_labels, gone = pickle.loads(payload)  # noqa: S301 - our own
+                keys.update(unpack(packed))
+                labels.update(set_labels)
+                for suffix in gone:
+                    labels.pop(suffix, None)
+            tail_states, tail_labels, tail_gone = pickle.loads(tail)  # noqa: S301 - our own
+            touched = unpack(tail_states) if mark else {}
+            rest.insert(3, labels)
             state = (clock, None, *rest)
         else:
-            owner, touched = None, {}
+            owner, touched, tail_labels, tail_gone = None, {}, {}, ()
             if layout == 2:
                 state = (*state, {}, set())
         clock, packed, dirty, deleted, queue, labels, created, priors, provisional = state
@@ -410,7 +432,9 @@ class FeatureShard:
             shard.base_bytes = sizes[0] if sizes else 0
             shard.delta_bytes = sum(sizes[1:])
             shard.mark = mark
-            shard.touched = set(touched) if mark else set()
+            shard.touched = set(touched)
+            shard.labels_changed = set(tail_labels) if mark else set()
+            shard.labels_gone = set(tail_gone) if mark else set()
             shard.retiring = list(retiring)
         return shard
 
@@ -439,6 +463,9 @@ class FeatureShard:
                 continue
             if isinstance(item, dict):
                 self.labels.update(item)
+                if self.mark:
+                    self.labels_changed.update(item)
+                    self.labels_gone.difference_update(item)
                 continue
             compiled = native.core
             if compiled is not None:
@@ -580,7 +607,9 @@ class FeatureShard:
         if labels:
             result.labels = {s: labels[s] for s, _ in writes if s in labels}
             for suffix in self.deleted:
-                labels.pop(suffix, None)
+                if labels.pop(suffix, None) is not None and self.mark:
+                    self.labels_gone.add(suffix)
+                    self.labels_changed.discard(suffix)
         if self.segments is not None and self.mark:
             self.touched |= dirty
         self.dirty = set()
@@ -613,3 +642,9 @@ class FeatureShard:
 def _ref_state(ref: Ref) -> tuple[str, int, tuple[int, ...]]:
     """A reference as a snapshot stores it: plain values, whatever becomes of `Ref`."""
     return (ref.segment, ref.partition, ref.offsets)
+
+
+def _segment(states: bytes, labels: dict[str, str], gone: Iterable[str]) -> bytes:
+    """A segment's payload: packed key states (`counters.pack_states`), the labels set and
+    the labels removed."""
+    return pickle.dumps((states, labels, sorted(gone)), protocol=pickle.HIGHEST_PROTOCOL)

@@ -35,6 +35,7 @@ from functools import partial
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from dataflow import metrics
 from dataflow.config import KafkaSettings
 from dataflow.core.segments import Pending, Ref
 from dataflow.errors import SegmentError, SegmentMissingError
@@ -57,11 +58,13 @@ class KafkaPending:
     """One segment's chunks on their way to Kafka. Delivery callbacks may run on any
     thread that polls the producer: each only sets its own chunk's slot."""
 
-    __slots__ = ("_errors", "_offsets", "_producer", "partition", "segment")
+    __slots__ = ("_errors", "_offsets", "_producer", "partition", "segment", "size")
 
-    def __init__(self, producer: Producer, segment: str, partition: int, chunks: int) -> None:
+    def __init__(
+        self, producer: Producer, segment: str, partition: int, chunks: int, size: int
+    ) -> None:
         self._producer = producer
-        self.segment, self.partition = segment, partition
+        self.segment, self.partition, self.size = segment, partition, size
         self._offsets: list[int] = [-1] * chunks
         self._errors: list[str] = []
 
@@ -69,8 +72,11 @@ class KafkaPending:
         offset = msg.offset()
         if err is not None or offset is None:
             self._errors.append(str(err))
-        else:
-            self._offsets[chunk] = offset
+            return
+        self._offsets[chunk] = offset
+        if self.done:
+            metrics.STATE_SEGMENTS.labels("written").inc()
+            metrics.STATE_SEGMENT_BYTES.inc(self.size)
 
     @property
     def done(self) -> bool:
@@ -122,7 +128,7 @@ class KafkaSegments:
         partition = zlib.crc32(owner.encode()) % self._partitions
         chunks = [payload[at : at + CHUNK_BYTES] for at in range(0, len(payload), CHUNK_BYTES)]
         chunks = chunks or [b""]
-        pending = KafkaPending(producer, segment, partition, len(chunks))
+        pending = KafkaPending(producer, segment, partition, len(chunks), len(payload))
         for i, chunk in enumerate(chunks):
             delivered = partial(pending.delivered, i)
             while True:
@@ -156,9 +162,11 @@ class KafkaSegments:
             }
         )
         try:
-            return [self._read_one(consumer, ref) for ref in refs]
+            payloads = [self._read_one(consumer, ref) for ref in refs]
         finally:
             consumer.close()
+        metrics.STATE_SEGMENTS.labels("read").inc(len(payloads))
+        return payloads
 
     def _read_one(self, consumer: Consumer, ref: Ref) -> bytes:
         """The chunks of `ref`, read forward from its first offset (the chunks of one
@@ -210,6 +218,7 @@ class KafkaSegments:
                 producer.produce(
                     self.topic, value=None, key=key, partition=ref.partition, on_delivery=logged
                 )
+        metrics.STATE_SEGMENTS.labels("retired").inc(len(refs))
         producer.poll(0)
 
 

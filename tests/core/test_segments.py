@@ -57,6 +57,7 @@ operations = st.lists(
             ),
         ),
         st.tuples(st.just("tick"), st.integers(0, 4 * DAY_MS)),
+        st.tuples(st.just("label"), st.integers(0, 80), st.sampled_from(["x", "y" * 30])),
         st.tuples(st.just("fit"), st.integers(0, 4), st.sampled_from([1.0, 2.0])),
         st.tuples(st.just("restate_all")),
         st.tuples(st.just("flush")),
@@ -70,7 +71,9 @@ operations = st.lists(
 @example(
     [
         ("step", [((DOC, "doc:"), i, 0) for i in range(20)]),
+        ("label", 3, "x"),
         ("snapshot",),
+        ("label", 4, "y"),
         ("step", [((DOC, "doc:"), i, 0) for i in range(18, 30)]),
         ("snapshot",),
         ("step", [((QD, "qd:h:"), 3, 0), ((DOC, "doc:"), 2, 0)]),
@@ -106,6 +109,8 @@ def test_a_shard_restored_from_segments_anywhere_holds_and_writes_what_one_never
                 shard.step([[upd(f, f"{p}{i}", BASE + ts, (1, 0, 0)) for (f, p), i, ts in op[1]]])
             elif op[0] == "tick":
                 shard.step([BASE + op[1]])
+            elif op[0] == "label":
+                shard.step([{f"qd:h:{op[1]}": op[2]}])
             elif op[0] == "fit":
                 shard.step([Fit(DOC, BASE // DAY_MS + op[1], op[2], 8.0, 100, True)])
             elif op[0] == "restate_all":
@@ -115,6 +120,7 @@ def test_a_shard_restored_from_segments_anywhere_holds_and_writes_what_one_never
             assert len(a.writes) == len(b.writes)
             assert dict(a.writes) == dict(b.writes)
             assert a.new_day == b.new_day and a.created == b.created
+            assert a.labels == b.labels
         assert kept.restate_left == restored.restate_left
     assert list(restored.keys.items()) == list(kept.keys.items())
     assert (restored.dirty, restored.deleted, restored.labels) == (
@@ -134,9 +140,11 @@ def build(store: MemorySegments, n: int) -> FeatureShard:
 def test_an_epochs_snapshot_costs_what_changed_not_what_is_held() -> None:
     store = MemorySegments()
     shard = build(store, 50_000)
+    shard.step([{suffix: f"the text behind {suffix}" for suffix in shard.keys}])  # labels
     first = through_bytewax(shard.snapshot())
     base = store.appended
-    assert base == len(counters.pack_states(shard.keys))  # every key went to the store, once
+    # every key and label went to the store, once
+    assert base > len(counters.pack_states(shard.keys)) + 50_000 * 20
     assert len(first) < 1_000  # the snapshot itself: the base's reference
     for round_ in range(5):
         changed = [upd(DOC, f"doc:{i:07}", BASE + 1 + round_, (0, 1, 0)) for i in range(100)]
@@ -147,6 +155,7 @@ def test_an_epochs_snapshot_costs_what_changed_not_what_is_held() -> None:
     assert store.appended == base  # small tails stay in the snapshot
     again = restore(store, blob)
     assert list(again.keys.items()) == list(shard.keys.items())
+    assert again.labels == shard.labels
 
 
 def test_a_tail_past_its_bound_becomes_a_delta_and_deltas_outgrowing_the_base_a_new_base() -> None:

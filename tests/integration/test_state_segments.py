@@ -7,6 +7,7 @@ import os
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
+from prometheus_client import REGISTRY
 
 from dataflow.config import KafkaSettings
 from dataflow.core.segments import Ref
@@ -35,10 +36,13 @@ def test_segments_round_trip_in_chunks_through_a_compacted_topic(
     settings: KafkaSettings, kafka_brokers: str
 ) -> None:
     store = KafkaSegments(settings)
+    written = REGISTRY.get_sample_value("search_features_state_segments_total", {"kind": "written"})
     small, large = b"tail", os.urandom(2 * CHUNK_BYTES + 7)
     refs = [store.append("features/a", small).ref(), store.append("features/a", large).ref()]
     assert len(refs[1].offsets) == 3 and refs[0].partition == refs[1].partition
     assert KafkaSegments(settings).read(refs) == [small, large]  # a process of its own
+    after = REGISTRY.get_sample_value("search_features_state_segments_total", {"kind": "written"})
+    assert after == written + 2
 
     admin = AdminClient({"bootstrap.servers": kafka_brokers})
     resource = ConfigResource(ConfigResource.Type.TOPIC, settings.state_topic)
