@@ -48,6 +48,7 @@ from benchkit import full_snapshot_cost, store_stats  # noqa: E402
 from dataflow import flow as flow_module  # noqa: E402
 from dataflow import metrics  # noqa: E402
 from dataflow.config import Config  # noqa: E402
+from dataflow.core import snapshots  # noqa: E402
 from dataflow.core.shard import FeatureShard, StepResult  # noqa: E402
 from dataflow.kafka.segments import KafkaSegments  # noqa: E402
 
@@ -117,7 +118,7 @@ class SnapshotTimer:
         def wrap(original: Any) -> Any:
             def snapshot(logic: Any) -> Any:
                 start = time.process_time()
-                blob = original(logic)
+                blob = snapshots.settled(original(logic))  # waits for a shard's segments
                 timer.seconds += time.process_time() - start
                 timer.bytes += len(blob)
                 timer.calls += 1
