@@ -59,6 +59,7 @@ from opensearchpy import ConnectionError as OSConnectionError
 from dataflow import settings as s
 from dataflow.config import Config, KafkaSettings, OpenSearchSettings, RedisSettings
 from dataflow.errors import IndexMappingError, PipelineError, PreflightError
+from dataflow.kafka.segments import StateTopicError, ensure_state_topic
 from dataflow.kafka.source import BrokerOffsets
 from dataflow.kafka.topics import ensure_topics
 from dataflow.opensearch.index import IndexAdmin, client_for
@@ -73,13 +74,25 @@ TIMEOUT_S = 10.0
 _HTTP_LOGGERS = ("opensearch", "urllib3", "elastic_transport")
 
 
-def check(config: Config) -> None:
-    """Every check, in order; raises PreflightError at the first failure."""
+def check(config: Config, *, recovery: bool = False) -> None:
+    """Every check, in order; raises PreflightError at the first failure. With `recovery`,
+    the state topic too (`ensure_state_topic`)."""
     topics = check_kafka(config.kafka)
     check_redis(config.redis)
     if config.opensearch.enabled:
         check_opensearch(config.opensearch)
     ensure_dead_letter_topic(config.kafka, topics)
+    if recovery:
+        check_state_topic(config.kafka)
+
+
+def check_state_topic(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> None:
+    """The state topic of the feature shards' recovery segments compacts, or is created
+    compacting (`dataflow.kafka.segments`)."""
+    try:
+        ensure_state_topic(settings, timeout_s)
+    except StateTopicError as exc:
+        raise PreflightError("KAFKA_STATE_TOPIC", exc.topic, exc.problem) from None
 
 
 def check_kafka(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> set[str]:

@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"configuration error: BYTEWAX_DATAFLOW_API_PORT: {problem}", file=sys.stderr)  # noqa: T201
             return 2
     try:
-        preflight.check(config)
+        preflight.check(config, recovery=directory is not None)
     except PreflightError as exc:
         print(f"preflight failed: {exc}", file=sys.stderr)  # noqa: T201
         return 3

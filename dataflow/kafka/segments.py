@@ -224,21 +224,17 @@ class KafkaSegments:
 
 def ensure_state_topic(settings: KafkaSettings, timeout_s: float = 30.0) -> int:
     """Create the state topic with compaction, or check that the existing one compacts and
-    deletes nothing by age; returns its partition count."""
+    deletes nothing by age; returns its partition count. `StateTopicError` otherwise."""
     topic = settings.state_topic
     admin = AdminClient(settings.producer_config())
     try:
         meta = admin.list_topics(timeout=timeout_s).topics
         if topic not in meta:
-            future = admin.create_topics(
-                [
-                    NewTopic(
-                        topic, num_partitions=PARTITIONS, replication_factor=-1, config=TOPIC_CONFIG
-                    )
-                ]
-            )[topic]
+            new = NewTopic(
+                topic, num_partitions=PARTITIONS, replication_factor=-1, config=TOPIC_CONFIG
+            )
             try:
-                future.result(timeout_s)
+                admin.create_topics([new])[topic].result(timeout_s)
                 log.info("created the state topic", extra={"topic": topic})
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
@@ -247,10 +243,11 @@ def ensure_state_topic(settings: KafkaSettings, timeout_s: float = 30.0) -> int:
         configs = admin.describe_configs([resource])[resource].result(timeout_s)
         policy = configs["cleanup.policy"].value
         if policy != "compact":
-            raise SegmentError(
-                f"KAFKA_STATE_TOPIC={topic}: cleanup.policy is {policy!r}; it must be "
-                "'compact' (with 'delete' Kafka would drop segments that snapshots refer "
-                "to). Alter the topic, or name a new one"
+            raise StateTopicError(
+                topic,
+                f"cleanup.policy is {policy!r}; it must be 'compact' (with 'delete' Kafka "
+                "would drop segments that recovery snapshots refer to): alter the topic, or "
+                "name a new one",
             )
         for _ in range(int(timeout_s / 0.2)):
             partitions = admin.list_topics(topic, timeout=timeout_s).topics[topic].partitions
@@ -258,7 +255,18 @@ def ensure_state_topic(settings: KafkaSettings, timeout_s: float = 30.0) -> int:
                 return len(partitions)
             threading.Event().wait(0.2)
     except KafkaException as exc:
-        raise SegmentError(
-            f"KAFKA_STATE_TOPIC={topic}: the state topic could not be prepared ({exc})"
+        reason = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else exc
+        raise StateTopicError(
+            topic,
+            f"could not be created or checked ({reason}); create it with "
+            "cleanup.policy=compact, or give this user the right to",
         ) from None
-    raise SegmentError(f"KAFKA_STATE_TOPIC={topic}: the topic did not appear in {timeout_s:.0f} s")
+    raise StateTopicError(topic, f"did not appear within {timeout_s:.0f} s")
+
+
+class StateTopicError(SegmentError):
+    """The state topic cannot be used: `problem` says why."""
+
+    def __init__(self, topic: str, problem: str) -> None:
+        self.topic, self.problem = topic, problem
+        super().__init__(f"KAFKA_STATE_TOPIC={topic}: {problem}")

@@ -167,3 +167,16 @@ def test_the_dead_letter_topic_and_the_aliases_are_created_and_the_run_goes_on(
     again = run_pipeline(**env)
     assert again.returncode == 0, again.stderr
     assert "created the dead-letter topic" not in again.stderr
+
+
+def test_with_recovery_a_state_topic_that_deletes_by_age_is_named(
+    kafka_env: dict[str, str], topic_factory: Any, tmp_path: Any
+) -> None:
+    state = topic_factory(1)  # the broker's default: cleanup.policy=delete
+    env = {**kafka_env, "KAFKA_STATE_TOPIC": state, "RECOVERY_DIR": str(tmp_path / "r")}
+    line = one_line(run_pipeline(**env))
+    assert line == (
+        f"preflight failed: KAFKA_STATE_TOPIC={state}: cleanup.policy is 'delete'; it must be "
+        "'compact' (with 'delete' Kafka would drop segments that recovery snapshots refer "
+        "to): alter the topic, or name a new one"
+    )

@@ -73,7 +73,7 @@ def test_a_state_topic_that_deletes_by_age_is_refused(
 ) -> None:
     name = topic_factory(prefix="state-delete")  # the broker's default: cleanup.policy=delete
     store = KafkaSegments(KafkaSettings(brokers=(kafka_brokers,), state_topic=name))
-    with pytest.raises(SegmentError, match="KAFKA_STATE_TOPIC=.*'compact'"):
+    with pytest.raises(SegmentError, match=f"KAFKA_STATE_TOPIC={name}: .*'compact'"):
         store.append("features/c", b"x")
 
 
