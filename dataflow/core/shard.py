@@ -57,9 +57,9 @@ SEGMENTED_LAYOUT = 6
 (`dataflow.core.segments`) and a tail, the rest as in layout 5."""
 TAIL_BYTES = 64 * 1024
 """A tail larger than this (packed) goes to the store as a segment at the snapshot
-(`SNAPSHOT_TAIL_BYTES`).
-Bounds what every snapshot writes beyond the epoch's own changes, and makes every delta
-segment at least this large, which bounds the chain a restore reads."""
+(`SNAPSHOT_TAIL_BYTES`). Bounds what every snapshot writes beyond the epoch's own changes,
+and makes every delta segment at least this large, which bounds the chain a restore
+reads."""
 MAX_DELTAS = 32
 """A chain with more deltas than this is replaced by a new base."""
 RETIRE_AFTER = 2
@@ -129,6 +129,7 @@ class FeatureShard:
         "labels_gone",
         "mark",
         "max_deltas",
+        "owner",
         "params",
         "priors",
         "provisional",
@@ -137,7 +138,6 @@ class FeatureShard:
         "restate_from",
         "restate_per_flush",
         "restating",
-        "owner",
         "retiring",
         "segments",
         "tail_bytes",
@@ -274,9 +274,11 @@ class FeatureShard:
             self.mark = len(self.keys)
             self.touched, self.labels_changed, self.labels_gone = set(), set(), set()
             tail = _segment(b"", {}, ())
-        state = [self.clock, self.owner, self.mark, tail, *self._rest(), self.retiring]
-        del state[7]  # the labels: in the segments and the tail
-        body = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        dirty, deleted, queue, _labels, created, priors, provisional = self._rest()
+        state = (self.clock, self.owner, self.mark, tail, dirty, deleted, queue, created)
+        body = pickle.dumps(  # the labels are in the segments and the tail
+            (*state, priors, provisional, self.retiring), protocol=pickle.HIGHEST_PROTOCOL
+        )
         chain = list(self.chain)
 
         def finish() -> bytes:
@@ -376,7 +378,8 @@ class FeatureShard:
                     "configured: run the pipeline through `python -m dataflow.run`"
                 )
             refs, body = state
-            clock, owner, mark, tail, *rest, retiring = pickle.loads(body)  # noqa: S301 - our own
+            (clock, owner, mark, tail, dirty, deleted, queue, created, priors, provisional,
+             retiring) = pickle.loads(body)  # fmt: skip # noqa: S301 - our own bytes
             chain = [Done(Ref(*ref)) for ref in refs]
             payloads = segments.read([pending.ref() for pending in chain])
             sizes = [len(payload) for payload in payloads]
@@ -390,8 +393,7 @@ class FeatureShard:
                     labels.pop(suffix, None)
             tail_states, tail_labels, tail_gone = pickle.loads(tail)  # noqa: S301 - our own
             touched = unpack(tail_states) if mark else {}
-            rest.insert(3, labels)
-            state = (clock, None, *rest)
+            state = (clock, None, dirty, deleted, queue, labels, created, priors, provisional)
         else:
             owner, touched, tail_labels, tail_gone = None, {}, {}, ()
             if layout == 2:
