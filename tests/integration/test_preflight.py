@@ -19,6 +19,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from opensearchpy import OpenSearch
 
+from dataflow.recovery import ensure_recovery_dir
 from tests.integration.harness import REPO
 
 PREFLIGHT_FAILED = 3
@@ -173,6 +174,7 @@ def test_with_recovery_a_state_topic_that_deletes_by_age_is_named(
     kafka_env: dict[str, str], topic_factory: Any, tmp_path: Any
 ) -> None:
     state = topic_factory(1)  # the broker's default: cleanup.policy=delete
+    ensure_recovery_dir(tmp_path / "r", 1)  # made beforehand: its creation is logged
     env = {**kafka_env, "KAFKA_STATE_TOPIC": state, "RECOVERY_DIR": str(tmp_path / "r")}
     line = one_line(run_pipeline(**env))
     assert line == (
