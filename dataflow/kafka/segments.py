@@ -4,10 +4,11 @@ A feature shard's snapshot refers to segments of key states (`dataflow.core.segm
 They must outlive the process that wrote them and be readable from whichever process
 restores the shard after a rescale, so they go where the input already is, to Kafka:
 
-- `KAFKA_STATE_TOPIC`, created on first use with `cleanup.policy=compact` and
-  `min.compaction.lag.ms` of an hour. Compaction keeps the newest record of each key, and
-  every chunk of every segment has a key of its own (`<segment>#<chunk>`), so a record
-  stays until its own tombstone; a tombstone removes it no sooner than an hour later.
+- `KAFKA_STATE_TOPIC`, created by the preflight (or on first use) with
+  `cleanup.policy=compact` and `min.compaction.lag.ms` of an hour. Compaction keeps the
+  newest record of each key, and every chunk of every segment has a key of its own
+  (`<segment>#<chunk>`), so a record stays until its own tombstone; a tombstone removes
+  it no sooner than an hour later.
 - A segment is split into chunks of at most `CHUNK_BYTES` (the broker's default largest
   message is 1 MB), all in the partition its owner (the shard) hashes to, and referenced
   by their offsets: a restore seeks to them instead of scanning the topic.
@@ -19,7 +20,7 @@ restores the shard after a rescale, so they go where the input already is, to Ka
   waiting; one that fails is logged and left in the topic.
 
 Segments written by an execution that was killed before its epoch committed are referred
-to by no snapshot and stay in the topic (docs/operations.md, "Recovery state").
+to by no snapshot and stay in the topic (docs/operations.md, "Known limits").
 """
 
 from __future__ import annotations
