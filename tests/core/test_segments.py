@@ -16,7 +16,7 @@ from dataflow.core.segments import MemorySegments
 from dataflow.core.shard import FeatureShard
 from dataflow.core.windows import DAY_MS
 from dataflow.errors import SegmentError, SegmentMissingError
-from tests.core.test_shard import BASE, FITTED, upd
+from tests.core.test_shard import BASE, FITTED, shard_operations, upd
 
 PARAMS = FeatureParams()
 
@@ -42,28 +42,11 @@ def restore(
     return shard
 
 
-operations = st.lists(
-    st.one_of(
-        st.tuples(
-            st.just("step"),
-            st.lists(
-                st.tuples(
-                    st.sampled_from([(DOC, "doc:"), (QD, "qd:h:")]),
-                    st.integers(0, 80),
-                    st.integers(0, 4 * DAY_MS),
-                ),
-                min_size=1,
-                max_size=25,
-            ),
-        ),
-        st.tuples(st.just("tick"), st.integers(0, 4 * DAY_MS)),
-        st.tuples(st.just("label"), st.integers(0, 80), st.sampled_from(["x", "y" * 30])),
-        st.tuples(st.just("fit"), st.integers(0, 4), st.sampled_from([1.0, 2.0])),
-        st.tuples(st.just("restate_all")),
-        st.tuples(st.just("flush")),
-        st.tuples(st.just("snapshot")),
-        st.tuples(st.just("restore")),
-    ),
+operations = shard_operations(
+    81,
+    25,
+    st.tuples(st.just("label"), st.integers(0, 80), st.sampled_from(["x", "y" * 30])),
+    st.tuples(st.just("snapshot")),
     max_size=40,
 )
 

@@ -327,28 +327,40 @@ def test_a_repair_restarts_a_queue_in_progress_and_a_new_day_replaces_it() -> No
 # --- the re-statement queue across snapshots --------------------------------------------------
 
 FITTED = frozenset({DOC})
-operations = st.lists(
-    st.one_of(
-        st.tuples(
-            st.just("step"),
-            st.lists(
-                st.tuples(
-                    st.sampled_from([(DOC, "doc:"), (QD, "qd:h:")]),
-                    st.integers(0, 9),
-                    st.integers(0, 4 * DAY_MS),
+
+
+def shard_operations(
+    keys: int, per_step: int, *extra: st.SearchStrategy[tuple[Any, ...]], max_size: int = 30
+) -> st.SearchStrategy[list[tuple[Any, ...]]]:
+    """Sequences of what a shard lives through: steps over `keys` doc and query-doc ids (at
+    most `per_step` updates each, over four days), ticks of the clock, fitted priors,
+    repairs, flushes and restores, and `extra` operations."""
+    return st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("step"),
+                st.lists(
+                    st.tuples(
+                        st.sampled_from([(DOC, "doc:"), (QD, "qd:h:")]),
+                        st.integers(0, keys - 1),
+                        st.integers(0, 4 * DAY_MS),
+                    ),
+                    min_size=1,
+                    max_size=per_step,
                 ),
-                min_size=1,
-                max_size=6,
             ),
+            st.tuples(st.just("tick"), st.integers(0, 4 * DAY_MS)),
+            st.tuples(st.just("fit"), st.integers(0, 4), st.sampled_from([1.0, 2.0, 3.0])),
+            st.tuples(st.just("restate_all")),
+            st.tuples(st.just("flush")),
+            st.tuples(st.just("restore")),
+            *extra,
         ),
-        st.tuples(st.just("tick"), st.integers(0, 4 * DAY_MS)),
-        st.tuples(st.just("fit"), st.integers(0, 4), st.sampled_from([1.0, 2.0, 3.0])),
-        st.tuples(st.just("restate_all")),
-        st.tuples(st.just("flush")),
-        st.tuples(st.just("restore")),
-    ),
-    max_size=30,
-)
+        max_size=max_size,
+    )
+
+
+operations = shard_operations(10, 6)
 
 
 @example(
