@@ -34,12 +34,13 @@ from collections.abc import Sequence
 from functools import partial
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from dataflow import metrics
 from dataflow.config import KafkaSettings
 from dataflow.core.segments import Pending, Ref
-from dataflow.errors import SegmentError, SegmentMissingError
+from dataflow.errors import PipelineError, SegmentError, SegmentMissingError
+from dataflow.kafka.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -227,42 +228,35 @@ def ensure_state_topic(settings: KafkaSettings, timeout_s: float = 30.0) -> int:
     """Create the state topic with compaction, or check that the existing one compacts and
     deletes nothing by age; returns its partition count. `StateTopicError` otherwise."""
     topic = settings.state_topic
-    admin = AdminClient(settings.producer_config())
     try:
-        meta = admin.list_topics(timeout=timeout_s).topics
-        if topic not in meta:
-            new = NewTopic(
-                topic, num_partitions=PARTITIONS, replication_factor=-1, config=TOPIC_CONFIG
-            )
-            try:
-                admin.create_topics([new])[topic].result(timeout_s)
-                log.info("created the state topic", extra={"topic": topic})
-            except KafkaException as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise
+        ensure_topics(
+            settings,
+            [topic],
+            partitions=PARTITIONS,
+            replication_factor=-1,
+            timeout_s=timeout_s,
+            config=TOPIC_CONFIG,
+        )
+        admin = AdminClient(settings.producer_config())
         resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
         configs = admin.describe_configs([resource])[resource].result(timeout_s)
-        policy = configs["cleanup.policy"].value
-        if policy != "compact":
-            raise StateTopicError(
-                topic,
-                f"cleanup.policy is {policy!r}; it must be 'compact' (with 'delete' Kafka "
-                "would drop segments that recovery snapshots refer to): alter the topic, or "
-                "name a new one",
-            )
-        for _ in range(int(timeout_s / 0.2)):
-            partitions = admin.list_topics(topic, timeout=timeout_s).topics[topic].partitions
-            if partitions:
-                return len(partitions)
-            threading.Event().wait(0.2)
-    except KafkaException as exc:
+        partitions = admin.list_topics(topic, timeout=timeout_s).topics[topic].partitions
+    except (KafkaException, PipelineError) as exc:
         reason = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else exc
         raise StateTopicError(
             topic,
             f"could not be created or checked ({reason}); create it with "
             "cleanup.policy=compact, or give this user the right to",
         ) from None
-    raise StateTopicError(topic, f"did not appear within {timeout_s:.0f} s")
+    policy = configs["cleanup.policy"].value
+    if policy != "compact":
+        raise StateTopicError(
+            topic,
+            f"cleanup.policy is {policy!r}; it must be 'compact' (with 'delete' Kafka would "
+            "drop segments that recovery snapshots refer to): alter the topic, or name a new "
+            "one",
+        )
+    return len(partitions)
 
 
 class StateTopicError(SegmentError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -24,10 +24,12 @@ def ensure_topics(
     partitions: int,
     replication_factor: int = 1,
     timeout_s: float = 30.0,
+    config: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet (existing ones are left as they are); returns
-    the ones this call created. `partitions` or `replication_factor` -1: the broker's default
-    (`num.partitions`, `default.replication.factor`)."""
+    """Create the topics that do not exist yet (existing ones are left as they are), with
+    the topic `config` given; returns the ones this call created. `partitions` or
+    `replication_factor` -1: the broker's default (`num.partitions`,
+    `default.replication.factor`)."""
     admin = AdminClient(settings.producer_config())
     wanted = list(dict.fromkeys(topics))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
@@ -36,7 +38,12 @@ def ensure_topics(
     if missing:
         futures = admin.create_topics(
             [
-                NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+                NewTopic(
+                    t,
+                    num_partitions=partitions,
+                    replication_factor=replication_factor,
+                    config=dict(config or {}),
+                )
                 for t in missing
             ]
         )

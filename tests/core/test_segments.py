@@ -11,12 +11,18 @@ from hypothesis import strategies as st
 
 from dataflow.core import counters, snapshots
 from dataflow.core.families import DOC, QD, FeatureParams
-from dataflow.core.priors import Fit
 from dataflow.core.segments import MemorySegments
 from dataflow.core.shard import FeatureShard
 from dataflow.core.windows import DAY_MS
 from dataflow.errors import SegmentError, SegmentMissingError
-from tests.core.test_shard import BASE, FITTED, shard_operations, upd
+from tests.core.test_shard import (
+    BASE,
+    FITTED,
+    apply_operation,
+    same_flush,
+    shard_operations,
+    upd,
+)
 
 PARAMS = FeatureParams()
 
@@ -88,21 +94,9 @@ def test_a_shard_restored_from_segments_anywhere_holds_and_writes_what_one_never
             assert list(restored.keys.items()) == list(kept.keys.items())  # order included
             continue
         for shard in (kept, restored):
-            if op[0] == "step":
-                shard.step([[upd(f, f"{p}{i}", BASE + ts, (1, 0, 0)) for (f, p), i, ts in op[1]]])
-            elif op[0] == "tick":
-                shard.step([BASE + op[1]])
-            elif op[0] == "label":
-                shard.step([{f"qd:h:{op[1]}": op[2]}])
-            elif op[0] == "fit":
-                shard.step([Fit(DOC, BASE // DAY_MS + op[1], op[2], 8.0, 100, True)])
-            elif op[0] == "restate_all":
-                shard.restate_all()
+            apply_operation(shard, op)
         if op[0] == "flush":
-            a, b = kept.flush(), restored.flush()
-            assert len(a.writes) == len(b.writes)
-            assert dict(a.writes) == dict(b.writes)
-            assert a.new_day == b.new_day and a.created == b.created
+            a, b = same_flush(kept, restored)
             assert a.labels == b.labels
         assert kept.restate_left == restored.restate_left
     assert list(restored.keys.items()) == list(kept.keys.items())

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from dataflow.core import counters, snapshots
 from dataflow.core.families import ACQ, DOC, LAYOUTS, QD, FeatureParams, Update
 from dataflow.core.priors import Fit
-from dataflow.core.shard import FeatureShard
+from dataflow.core.shard import FeatureShard, StepResult
 from dataflow.core.windows import DAY_MS
 from dataflow.errors import RecoveryFormatError
 from tests.fakes import layout_4_states
@@ -390,20 +390,34 @@ def test_a_restore_anywhere_changes_no_write_of_a_re_statement_queue(
             restored = FeatureShard.restore(PARAMS, restored.snapshot(), per_flush, FITTED)
             continue
         for shard in (kept, restored):
-            if op[0] == "step":
-                shard.step([[upd(f, f"{p}{i}", BASE + ts, (1, 0, 0)) for (f, p), i, ts in op[1]]])
-            elif op[0] == "tick":
-                shard.step([BASE + op[1]])
-            elif op[0] == "fit":
-                shard.step([Fit(DOC, BASE // DAY_MS + op[1], op[2], 8.0, 100, True)])
-            elif op[0] == "restate_all":
-                shard.restate_all()
+            apply_operation(shard, op)
         if op[0] == "flush":
-            a, b = kept.flush(), restored.flush()
-            assert len(a.writes) == len(b.writes)  # the dirty set's order is a set's
-            assert dict(a.writes) == dict(b.writes)
-            assert a.new_day == b.new_day and a.created == b.created
+            same_flush(kept, restored)
         assert kept.restate_left == restored.restate_left
+
+
+def apply_operation(shard: FeatureShard, op: tuple[Any, ...]) -> None:
+    """One operation of `shard_operations` (flushes, snapshots and restores are the
+    caller's)."""
+    if op[0] == "step":
+        shard.step([[upd(f, f"{p}{i}", BASE + ts, (1, 0, 0)) for (f, p), i, ts in op[1]]])
+    elif op[0] == "tick":
+        shard.step([BASE + op[1]])
+    elif op[0] == "label":
+        shard.step([{f"qd:h:{op[1]}": op[2]}])
+    elif op[0] == "fit":
+        shard.step([Fit(DOC, BASE // DAY_MS + op[1], op[2], 8.0, 100, True)])
+    elif op[0] == "restate_all":
+        shard.restate_all()
+
+
+def same_flush(kept: FeatureShard, restored: FeatureShard) -> tuple[StepResult, StepResult]:
+    """Flush both; they must write the same (the dirty set's order is a set's)."""
+    a, b = kept.flush(), restored.flush()
+    assert len(a.writes) == len(b.writes)
+    assert dict(a.writes) == dict(b.writes)
+    assert a.new_day == b.new_day and a.created == b.created
+    return a, b
 
 
 def test_a_new_days_queue_is_stored_as_positions_not_names() -> None:
