@@ -10,7 +10,8 @@
  *   pack_states    counters.pack_states (and unpack_states, unpack_states_layout_4): a
  *                  shard's keys for a snapshot
  *   render         FeatureShard.flush's loop over the keys to write (families.fields_for)
- *   fields_for     families.fields_for
+ *   fields_for     families.fields_for, as a `Fields` (a mapping held as the RESP of the
+ *                  key's HSET pairs, equal to the reference's dict, in the same order)
  *   pack_writes    sinks.redis.RedisWriter's RESP packing of a chunk of writes
  *   fan_out        flow.FanOut (families.updates_for of each event, flow.by_feature_shard)
  *   shard_of       flow.shard_of
@@ -29,6 +30,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -652,15 +654,268 @@ static const char *FIELD_NAMES[N_FIELDS] = {
     "searched_7d", "clicked_7d", "searched_30d", "clicked_30d", "search_rate_30d",
     "click_rate_30d",
 };
-static PyObject *field_names[N_FIELDS];
+static char name_bulks[N_FIELDS][32]; /* each field's name as a RESP bulk string */
+static int name_bulk_len[N_FIELDS];
 
-static int put_int(PyObject *out, int field, int64_t value) {
-    char text[24];
-    PyObject *s = PyUnicode_FromStringAndSize(text, format_int(value, text));
-    if (s == NULL) return -1;
-    int rc = PyDict_SetItem(out, field_names[field], s);
-    Py_DECREF(s);
+/* ---- Fields: a rendered key's fields, held as the RESP of its HSET's field-value pairs --- */
+
+/* A read-only mapping of field name to text, in the order the renderer writes them, stored as
+ * the bulk strings an `HSET` sends (`$<n>\r\n<name>\r\n$<n>\r\n<value>\r\n` per pair): one
+ * object per written key instead of a dict and a string per field, and `pack_writes` copies
+ * the pairs as they are. It compares equal to the dict `families.fields_for` returns for the
+ * same key (order aside, as dicts compare), and pickles as that dict. */
+typedef struct {
+    PyObject_VAR_HEAD /* ob_size: bytes of `data` */
+    Py_ssize_t n;     /* pairs */
+    char data[1];
+} FieldsObject;
+
+static PyTypeObject FieldsType;
+
+/* The next bulk string at `*at` (before `end`): its text and length; -1 when malformed. */
+static int next_bulk(const char **at, const char *end, const char **text, Py_ssize_t *n) {
+    const char *p = *at;
+    if (p >= end || *p != '$') return -1;
+    Py_ssize_t len = 0;
+    for (p++; p < end && *p != '\r'; p++) len = len * 10 + (*p - '0');
+    p += 2;
+    if (p + len + 2 > end) return -1;
+    *text = p;
+    *n = len;
+    *at = p + len + 2;
+    return 0;
+}
+
+/* Calls `each(name, nname, value, nvalue, arg)` per pair, in order; stops at a nonzero. */
+static int fields_each(FieldsObject *f,
+                       int (*each)(const char *, Py_ssize_t, const char *, Py_ssize_t, void *),
+                       void *arg) {
+    const char *at = f->data, *end = f->data + Py_SIZE(f);
+    while (at < end) {
+        const char *name, *value;
+        Py_ssize_t nn, nv;
+        if (next_bulk(&at, end, &name, &nn) < 0 || next_bulk(&at, end, &value, &nv) < 0) {
+            PyErr_SetString(PyExc_SystemError, "malformed Fields");
+            return -1;
+        }
+        int rc = each(name, nn, value, nv, arg);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+static PyObject *fields_new(const char *data, Py_ssize_t len, Py_ssize_t n) {
+    FieldsObject *f = PyObject_NewVar(FieldsObject, &FieldsType, len);
+    if (f == NULL) return NULL;
+    memcpy(f->data, data, (size_t)len);
+    f->n = n;
+    return (PyObject *)f;
+}
+
+typedef struct {
+    const char *key;
+    Py_ssize_t nkey;
+    PyObject *found;
+} Lookup;
+
+static int lookup_each(const char *name, Py_ssize_t nn, const char *value, Py_ssize_t nv,
+                       void *arg) {
+    Lookup *l = arg;
+    if (nn != l->nkey || memcmp(name, l->key, (size_t)nn) != 0) return 0;
+    l->found = PyUnicode_DecodeUTF8(value, nv, NULL);
+    return l->found == NULL ? -1 : 1;
+}
+
+/* The value of `key`, a new reference; NULL with no error set when absent. */
+static PyObject *fields_lookup(FieldsObject *f, PyObject *key) {
+    if (!PyUnicode_Check(key)) return NULL;
+    Lookup l = {NULL, 0, NULL};
+    l.key = PyUnicode_AsUTF8AndSize(key, &l.nkey);
+    if (l.key == NULL) return NULL;
+    if (fields_each(f, lookup_each, &l) < 0) return NULL;
+    return l.found;
+}
+
+static PyObject *fields_subscript(PyObject *self, PyObject *key) {
+    PyObject *value = fields_lookup((FieldsObject *)self, key);
+    if (value == NULL && !PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
+    return value;
+}
+
+static int fields_contains(PyObject *self, PyObject *key) {
+    PyObject *value = fields_lookup((FieldsObject *)self, key);
+    if (value == NULL) return PyErr_Occurred() ? -1 : 0;
+    Py_DECREF(value);
+    return 1;
+}
+
+static Py_ssize_t fields_length(PyObject *self) { return ((FieldsObject *)self)->n; }
+
+enum { WANT_KEYS, WANT_VALUES, WANT_ITEMS };
+typedef struct {
+    PyObject *out;
+    int want;
+} Listing;
+
+static int list_each(const char *name, Py_ssize_t nn, const char *value, Py_ssize_t nv,
+                     void *arg) {
+    Listing *l = arg;
+    PyObject *item;
+    if (l->want == WANT_KEYS) {
+        item = PyUnicode_DecodeUTF8(name, nn, NULL);
+    } else if (l->want == WANT_VALUES) {
+        item = PyUnicode_DecodeUTF8(value, nv, NULL);
+    } else {
+        PyObject *k = PyUnicode_DecodeUTF8(name, nn, NULL);
+        PyObject *v = k == NULL ? NULL : PyUnicode_DecodeUTF8(value, nv, NULL);
+        item = v == NULL ? NULL : PyTuple_Pack(2, k, v);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    if (item == NULL) return -1;
+    int rc = PyList_Append(l->out, item);
+    Py_DECREF(item);
     return rc;
+}
+
+static PyObject *fields_list(PyObject *self, int want) {
+    Listing l = {PyList_New(0), want};
+    if (l.out == NULL) return NULL;
+    if (fields_each((FieldsObject *)self, list_each, &l) < 0) {
+        Py_DECREF(l.out);
+        return NULL;
+    }
+    return l.out;
+}
+
+static PyObject *fields_keys(PyObject *self, PyObject *unused) { return fields_list(self, WANT_KEYS); }
+static PyObject *fields_values(PyObject *self, PyObject *unused) {
+    return fields_list(self, WANT_VALUES);
+}
+static PyObject *fields_items(PyObject *self, PyObject *unused) {
+    return fields_list(self, WANT_ITEMS);
+}
+
+/* The same fields as a dict. */
+static PyObject *fields_dict(PyObject *self) {
+    PyObject *items = fields_list(self, WANT_ITEMS);
+    if (items == NULL) return NULL;
+    PyObject *out = PyDict_New();
+    if (out != NULL && PyDict_MergeFromSeq2(out, items, 1) < 0) Py_CLEAR(out);
+    Py_DECREF(items);
+    return out;
+}
+
+static PyObject *fields_to_dict(PyObject *self, PyObject *unused) { return fields_dict(self); }
+
+static PyObject *fields_get(PyObject *self, PyObject *args) {
+    PyObject *key, *otherwise = Py_None;
+    if (!PyArg_UnpackTuple(args, "get", 1, 2, &key, &otherwise)) return NULL;
+    PyObject *value = fields_lookup((FieldsObject *)self, key);
+    if (value != NULL || PyErr_Occurred()) return value;
+    return Py_NewRef(otherwise);
+}
+
+static PyObject *fields_iter(PyObject *self) {
+    PyObject *names = fields_list(self, WANT_KEYS);
+    if (names == NULL) return NULL;
+    PyObject *it = PyObject_GetIter(names);
+    Py_DECREF(names);
+    return it;
+}
+
+static PyObject *fields_richcompare(PyObject *self, PyObject *other, int op) {
+    if (op != Py_EQ && op != Py_NE) Py_RETURN_NOTIMPLEMENTED;
+    if (Py_IS_TYPE(other, &FieldsType)) {
+        FieldsObject *a = (FieldsObject *)self, *b = (FieldsObject *)other;
+        int same = Py_SIZE(a) == Py_SIZE(b) && memcmp(a->data, b->data, (size_t)Py_SIZE(a)) == 0;
+        return PyBool_FromLong(op == Py_EQ ? same : !same);
+    }
+    if (!PyDict_Check(other)) Py_RETURN_NOTIMPLEMENTED;
+    PyObject *mine = fields_dict(self);
+    if (mine == NULL) return NULL;
+    PyObject *result = PyObject_RichCompare(mine, other, op);
+    Py_DECREF(mine);
+    return result;
+}
+
+static PyObject *fields_repr(PyObject *self) {
+    PyObject *mine = fields_dict(self);
+    if (mine == NULL) return NULL;
+    PyObject *text = PyUnicode_FromFormat("Fields(%R)", mine);
+    Py_DECREF(mine);
+    return text;
+}
+
+static PyObject *fields_reduce(PyObject *self, PyObject *unused) {
+    PyObject *mine = fields_dict(self);
+    if (mine == NULL) return NULL;
+    return Py_BuildValue("O(N)", (PyObject *)&PyDict_Type, mine);
+}
+
+static PyObject *fields_resp(PyObject *self, PyObject *unused) {
+    FieldsObject *f = (FieldsObject *)self;
+    return PyBytes_FromStringAndSize(f->data, Py_SIZE(f));
+}
+
+static PyMethodDef fields_methods[] = {
+    {"keys", fields_keys, METH_NOARGS, "The field names, in order (a list)."},
+    {"values", fields_values, METH_NOARGS, "The values, in order (a list)."},
+    {"items", fields_items, METH_NOARGS, "The (name, value) pairs, in order (a list)."},
+    {"get", fields_get, METH_VARARGS, "get(name, default=None)"},
+    {"to_dict", fields_to_dict, METH_NOARGS, "The fields as a dict, in order."},
+    {"resp", fields_resp, METH_NOARGS, "The pairs as RESP bulk strings, as HSET sends them."},
+    {"__reduce__", fields_reduce, METH_NOARGS, "Pickles as the dict of the fields."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods fields_as_mapping = {fields_length, fields_subscript, NULL};
+static PySequenceMethods fields_as_sequence = {.sq_contains = fields_contains};
+
+static PyTypeObject FieldsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dataflow.core._native.Fields",
+    .tp_basicsize = offsetof(FieldsObject, data),
+    .tp_itemsize = 1,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A rendered key's fields: a read-only mapping of name to text, held as the "
+              "RESP of its HSET's pairs.",
+    .tp_as_mapping = &fields_as_mapping,
+    .tp_as_sequence = &fields_as_sequence,
+    .tp_iter = fields_iter,
+    .tp_richcompare = fields_richcompare,
+    .tp_repr = fields_repr,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_methods = fields_methods,
+};
+
+/* A key's fields while they are rendered: the pairs, in a buffer large enough for any
+ * family's (at most 16 pairs of a name under 32 bytes and a value under 40). */
+#define RENDER_BYTES 2048
+typedef struct {
+    char data[RENDER_BYTES];
+    Py_ssize_t len, n;
+} Rendering;
+
+static void put_pair(Rendering *r, int field, const char *value, int nv) {
+    char *at = r->data + r->len;
+    memcpy(at, name_bulks[field], (size_t)name_bulk_len[field]);
+    at += name_bulk_len[field];
+    *at++ = '$';
+    at += format_int(nv, at);
+    *at++ = '\r';
+    *at++ = '\n';
+    memcpy(at, value, (size_t)nv);
+    at += nv;
+    *at++ = '\r';
+    *at++ = '\n';
+    r->len = at - r->data;
+    r->n++;
+}
+
+static int put_int(Rendering *r, int field, int64_t value) {
+    char text[24];
+    put_pair(r, field, text, format_int(value, text));
+    return 0;
 }
 
 /* repr(value) into `out` (at least 32 bytes), as CPython's float.__repr__ writes it: the
@@ -736,22 +991,18 @@ static int format_repr(double value, char *out) {
 }
 
 /* repr(value), as CPython's float.__repr__ writes it. */
-static int put_float(PyObject *out, int field, double value) {
+static int put_float(Rendering *r, int field, double value) {
     char buffer[32];
     int n = format_repr(value, buffer);
-    PyObject *s;
     if (n >= 0) {
-        s = PyUnicode_FromStringAndSize(buffer, n);
-    } else {
-        char *text = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-        if (text == NULL) return -1;
-        s = PyUnicode_FromString(text);
-        PyMem_Free(text);
+        put_pair(r, field, buffer, n);
+        return 0;
     }
-    if (s == NULL) return -1;
-    int rc = PyDict_SetItem(out, field_names[field], s);
-    Py_DECREF(s);
-    return rc;
+    char *text = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) return -1;
+    put_pair(r, field, text, (int)strlen(text)); /* inf, nan: a few bytes */
+    PyMem_Free(text);
+    return 0;
 }
 
 /* Prior.rate: (successes + alpha) / (trials + alpha + beta). */
@@ -825,8 +1076,9 @@ static PyObject *render_key(int family, PyObject *state, int64_t *as_of_at, int 
                                  floor_div(as_of, DAY_MS), as_of, w7, w30, d);
     PyBuffer_Release(&view);
     if (overflowed) return NULL;
-    PyObject *out = PyDict_New();
-    if (out == NULL) return NULL;
+    Rendering rendering;
+    Rendering *out = &rendering;
+    out->len = out->n = 0;
     int bad = 0;
     if (family == DOC || family == QD) {
         if (layout->counts != 4 || layout->n_decayed != 2) goto layout_error;
@@ -876,13 +1128,9 @@ static PyObject *render_key(int family, PyObject *state, int64_t *as_of_at, int 
         bad |= put_float(out, F_CLICK_RATE_30D, rate(p, ACQ, (double)w30[2], (double)w30[0]));
         bad |= put_int(out, F_AS_OF, as_of);
     }
-    if (bad) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    return out;
+    if (bad) return NULL;
+    return fields_new(out->data, out->len, out->n);
 layout_error:
-    Py_DECREF(out);
     PyErr_SetString(PyExc_ValueError, "layouts do not match the families' fields");
     return NULL;
 }
@@ -1004,19 +1252,23 @@ static PyObject *py_pack_writes(PyObject *self, PyObject *args) {
             replies++;
             continue;
         }
-        if (!PyDict_Check(fields)) {
-            PyErr_SetString(PyExc_TypeError, "fields must be a dict");
+        int rendered = Py_IS_TYPE(fields, &FieldsType);
+        if (!rendered && !PyDict_Check(fields)) {
+            PyErr_SetString(PyExc_TypeError, "fields must be a dict or Fields");
             goto fail;
         }
+        Py_ssize_t pairs = rendered ? ((FieldsObject *)fields)->n : PyDict_GET_SIZE(fields);
         line[0] = '*';
-        int nl = 1 + format_int((int64_t)(2 + 2 * PyDict_GET_SIZE(fields)), line + 1);
+        int nl = 1 + format_int((int64_t)(2 + 2 * pairs), line + 1);
         memcpy(line + nl, "\r\n$4\r\nHSET\r\n", 12);
         nl += 12;
         if (put(&b, line, (size_t)nl) < 0 || put_bulk(&b, head, nprefix + 1, suffix_text, nsuffix) < 0)
             goto fail;
         Py_ssize_t pos = 0;
         PyObject *name, *value;
-        while (PyDict_Next(fields, &pos, &name, &value)) {
+        if (rendered && put(&b, ((FieldsObject *)fields)->data, (size_t)Py_SIZE(fields)) < 0)
+            goto fail;
+        while (!rendered && PyDict_Next(fields, &pos, &name, &value)) {
             Py_ssize_t nn, nv;
             const char *name_text = utf8(name, &nn);
             if (name_text == NULL) goto fail;
@@ -1499,7 +1751,7 @@ static PyMethodDef methods[] = {
      "apply(updates, keys, dirty, created, deleted, layouts, clock, late_before) -> "
      "(clock, late_before, late): FeatureShard.step's loop over one batch of updates."},
     {"fields_for", py_fields_for, METH_VARARGS,
-     "fields_for(family, state, as_of, layouts, cparams, fallback) -> dict: "
+     "fields_for(family, state, as_of, layouts, cparams, fallback) -> Fields: "
      "families.fields_for."},
     {"render", py_render, METH_VARARGS,
      "render(keys, suffixes, day_start, layouts, cparams, fallback, writes): appends "
@@ -1540,8 +1792,14 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_DECREF(array_module);
     if (zero_item == NULL) goto fail;
     for (int i = 0; i < N_FIELDS; i++) {
-        field_names[i] = PyUnicode_InternFromString(FIELD_NAMES[i]);
-        if (field_names[i] == NULL) goto fail;
+        name_bulk_len[i] = snprintf(name_bulks[i], sizeof name_bulks[i], "$%d\r\n%s\r\n",
+                                    (int)strlen(FIELD_NAMES[i]), FIELD_NAMES[i]);
+    }
+    if (PyType_Ready(&FieldsType) < 0) goto fail;
+    Py_INCREF(&FieldsType);
+    if (PyModule_AddObject(m, "Fields", (PyObject *)&FieldsType) < 0) {
+        Py_DECREF(&FieldsType);
+        goto fail;
     }
     for (int i = 0; i < N_NAMES; i++) {
         names[i] = PyUnicode_InternFromString(NAMES[i]);

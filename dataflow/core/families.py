@@ -8,6 +8,7 @@ uses the same layout).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final
@@ -41,7 +42,9 @@ indexes) per family."""
 Update = tuple[int, str, int, tuple[int, ...]]
 """(family, key suffix, event ts, counts to add)."""
 
-Fields = dict[str, str]
+Fields = Mapping[str, str]
+"""A key's fields, name to text: the dict `fields_for` returns, or the compiled core's
+read-only `Fields`, equal to it and in its order (`dataflow.core.native`)."""
 
 _CLICK: Final = (0, 1, 0, 0)
 _LONG_CLICK: Final = (0, 0, 1, 0)

@@ -10,7 +10,9 @@ costs microseconds of per-object work; compiled, each costs a fraction of that:
 - applying a batch of counter updates to a shard's keys (`FeatureShard.step`, whose Python
   loop and `counters.add` are the reference);
 - rendering the keys to write as their Redis fields (`FeatureShard.flush`, reference
-  `families.fields_for`);
+  `families.fields_for`), each key's as one `Fields`: a read-only mapping held as the RESP
+  of its `HSET`'s field-value pairs, equal to the reference's dict and in its order, which
+  the packing copies as it is (no dict and no string per field on the way to Redis);
 - packing a chunk of writes as RESP (`sinks.redis`, reference `resp.pack_writes`);
 - a shard's key states in one snapshot buffer and back (`counters.pack_states`,
   `counters.unpack_states`).
@@ -29,6 +31,7 @@ It imports nothing from the package, so that any core module can ask for `core`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import ModuleType
 
 
@@ -42,6 +45,8 @@ def _load() -> ModuleType | None:
 
 BUILT: ModuleType | None = _load()
 """The extension, when the package was installed with it."""
+if BUILT is not None:
+    Mapping.register(BUILT.Fields)
 
 core: ModuleType | None = BUILT
 """The compiled core in use, or None for the pure-Python one (`use`)."""

@@ -155,7 +155,8 @@ def hashes(raw: Sequence[dict[str, Any]], params: FeatureParams | None = None) -
     join = aclink.LinkShard()
     links = [u for items in routed.by_shard.values() for u in join.step(items)]
     shard.step([links + routed.direct])
-    return {f"{PREFIX}:{k}": v for k, v in shard.flush(everything=True).writes if v is not None}
+    writes = shard.flush(everything=True).writes
+    return {f"{PREFIX}:{k}": dict(v) for k, v in writes if v is not None}
 
 
 def _decay_vector() -> dict[str, Any]:

@@ -4,9 +4,10 @@ field text and the same RESP bytes, on any input (dataflow.core.native)."""
 from __future__ import annotations
 
 import json
+import pickle
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 
@@ -230,6 +231,56 @@ def test_fields_are_the_references_text_in_the_references_order(
             partial(fields_for, params=params),
         )
         assert list(got.items()) == list(expected.items())
+        # What goes to Redis: the same bytes as the reference's dict packed by the reference.
+        packed = BUILT.pack_writes("feat", [(suffix, got)], EVERY_KEY, 60)
+        assert packed == resp.pack_writes("feat", [(suffix, expected)], EVERY_KEY, 60)
+        assert pickle.loads(pickle.dumps(got)) == expected
+
+
+def test_rendered_fields_read_as_the_dict_they_equal() -> None:
+    """`Fields` is what the flush hands to the sinks: a read-only mapping of the reference's
+    names and text, in its order; it pickles as that dict."""
+    assert BUILT is not None
+    state = counters.add(None, LAYOUTS[DOC], BASE, (3, 1, 0, expected_units(0.5)))
+    params = FeatureParams()
+    expected = fields_for(DOC, state, BASE, params)
+    got = BUILT.fields_for(DOC, state, BASE, LAYOUT_TABLE, params_table(params), fields_for)
+    assert type(got) is BUILT.Fields
+    assert isinstance(got, Mapping)
+    assert len(got) == len(expected) == 15
+    assert list(got) == list(got.keys()) == list(expected)
+    assert got.values() == list(expected.values())
+    assert got["impressions_7d"] == "3"
+    assert got["as_of"] == str(BASE)
+    assert "clicks_7d" in got
+    assert "selects_7d" not in got
+    assert 7 not in got
+    with pytest.raises(KeyError):
+        got["selects_7d"]
+    assert got.get("selects_7d") is None
+    assert got.get("selects_7d", "0") == "0"
+    assert got.get("clicks_7d") == "1"
+    assert dict(got) == got.to_dict() == expected
+    assert got == expected
+    assert expected == got
+    assert got != {**expected, "as_of": "0"}
+    assert got != {k: v for k, v in expected.items() if k != "as_of"}
+    assert got != list(expected.items())
+    twin = BUILT.fields_for(DOC, state, BASE, LAYOUT_TABLE, params_table(params), fields_for)
+    assert got == twin
+    assert got != BUILT.fields_for(
+        DOC, state, BASE + DAY, LAYOUT_TABLE, params_table(params), fields_for
+    )
+    assert repr(got) == f"Fields({expected!r})"
+    assert type(pickle.loads(pickle.dumps(got))) is dict
+    with pytest.raises(TypeError):
+        hash(got)
+    with pytest.raises(TypeError):
+        got["as_of"] = "0"  # type: ignore[index]
+    pairs = b"".join(
+        f"${len(k)}\r\n{k}\r\n${len(v)}\r\n{v}\r\n".encode() for k, v in expected.items()
+    )
+    assert got.resp() == pairs
 
 
 def test_a_key_whose_sums_overflow_an_int64_is_rendered_by_the_reference() -> None:
