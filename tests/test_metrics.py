@@ -220,8 +220,10 @@ def test_a_retried_redis_write_counts_retry_then_success() -> None:
 def test_a_redis_flush_records_batch_size_latency_and_freshness() -> None:
     part = _RedisPartition(writer(FakeRedis()))
     now = int(time.time() * 1000)
-    event_driven = StepResult(writes=[("doc:d1", {"as_of": str(now - 5_000)})])
-    coalesced = StepResult(writes=[("doc:d1", {"as_of": str(now - 4_000)}), ("doc:d2", None)])
+    event_driven = StepResult(writes=[("doc:d1", {"as_of": str(now - 5_000)})], fresh=[now - 5_000])
+    coalesced = StepResult(
+        writes=[("doc:d1", {"as_of": str(now - 4_000)}), ("doc:d2", None)], fresh=[now - 4_000]
+    )
     new_day = StepResult(writes=[("doc:d3", {"as_of": str(now - 9 * DAY)})], new_day=True)
     with (
         Delta("search_features_sink_batch_size_count", sink="redis") as batches,
@@ -265,6 +267,32 @@ def test_observe_many_counts_what_observing_one_by_one_counts(amounts: list[floa
     assert [(s.name[3:], s.labels, s.value) for s in one.samples if "created" not in s.name] == [
         (s.name[4:], s.labels, s.value) for s in many.samples if "created" not in s.name
     ]
+
+
+@given(
+    st.lists(st.integers(min_value=-(10**7), max_value=10**7), max_size=300),
+    st.floats(min_value=0, max_value=1),
+)
+def test_observe_fresh_counts_what_observing_each_keys_age_counts(
+    offsets: list[int], fraction: float
+) -> None:
+    """Ages from an hour ahead (clock skew: age 0) to a few hours behind, around bounds."""
+    registry = CollectorRegistry()
+    now_ms = 1_790_000_000_000 + fraction
+    bounds = metrics.FRESHNESS._upper_bounds[:-1]
+    as_of = [int(now_ms - 1000 * b) + d for b in bounds for d in (-1, 0, 1)] + [
+        int(now_ms) + offset for offset in offsets
+    ]
+    one_by_one = Histogram("one", "", buckets=bounds, registry=registry)
+    at_once = Histogram("many", "", buckets=bounds, registry=registry)
+    for t in as_of:
+        one_by_one.observe(max(0.0, (now_ms - t) / 1000.0))
+    metrics.observe_fresh(now_ms, as_of, at_once)
+    [one], [many] = ([m for m in registry.collect() if m.name == name] for name in ("one", "many"))
+    expected = {s.name[3:] + str(s.labels): s.value for s in one.samples if "created" not in s.name}
+    got = {s.name[4:] + str(s.labels): s.value for s in many.samples if "created" not in s.name}
+    assert got.pop("_sum{}") == pytest.approx(expected.pop("_sum{}"), rel=1e-12, abs=1e-9)
+    assert got == expected
 
 
 def test_timed_observes_the_flush_and_returns_its_seconds() -> None:

@@ -1136,12 +1136,12 @@ layout_error:
 }
 
 /* The fields of one key, through the reference when the compiled sums cannot hold them. */
-static PyObject *render_or_fallback(int family, PyObject *state, int64_t as_of,
+static PyObject *render_or_fallback(int family, PyObject *state, int64_t *as_of,
                                     int at_least_newest, const Layout *table, const Params *p,
                                     PyObject *fallback) {
-    PyObject *fields = render_key(family, state, &as_of, at_least_newest, table, p);
+    PyObject *fields = render_key(family, state, as_of, at_least_newest, table, p);
     if (fields != NULL || PyErr_Occurred()) return fields;
-    return PyObject_CallFunction(fallback, "iOL", family, state, (long long)as_of);
+    return PyObject_CallFunction(fallback, "iOL", family, state, (long long)*as_of);
 }
 
 /* fields_for(family, state, as_of, layouts, cparams, fallback) -> dict */
@@ -1158,19 +1158,25 @@ static PyObject *py_fields_for(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "no such family");
         return NULL;
     }
-    return render_or_fallback(family, state, as_of, 0, table, &p, fallback);
+    int64_t at = as_of;
+    return render_or_fallback(family, state, &at, 0, table, &p, fallback);
 }
 
-/* render(keys, suffixes, day_start, layouts, cparams, fallback, writes) -> None
+/* render(keys, suffixes, day_start, layouts, cparams, fallback, writes, as_of=None) -> None
  *
  * FeatureShard.flush's loop: appends (suffix, fields) to `writes` for every suffix, each
- * rendered at max(its newest event, day_start). */
+ * rendered at max(its newest event, day_start), and that `as_of` to the list `as_of` when
+ * one is given. */
 static PyObject *py_render(PyObject *self, PyObject *args) {
-    PyObject *keys, *suffixes, *layouts, *cparams, *fallback, *writes;
+    PyObject *keys, *suffixes, *layouts, *cparams, *fallback, *writes, *as_ofs = Py_None;
     long long day_start;
-    if (!PyArg_ParseTuple(args, "O!OLOOOO!", &PyDict_Type, &keys, &suffixes, &day_start, &layouts,
-                          &cparams, &fallback, &PyList_Type, &writes))
+    if (!PyArg_ParseTuple(args, "O!OLOOOO!|O", &PyDict_Type, &keys, &suffixes, &day_start,
+                          &layouts, &cparams, &fallback, &PyList_Type, &writes, &as_ofs))
         return NULL;
+    if (as_ofs != Py_None && !PyList_Check(as_ofs)) {
+        PyErr_SetString(PyExc_TypeError, "as_of must be a list or None");
+        return NULL;
+    }
     Layout table[N_FAMILIES];
     Params p;
     if (parse_layouts(layouts, table) < 0 || parse_params(cparams, &p) < 0) return NULL;
@@ -1187,8 +1193,14 @@ static PyObject *py_render(PyObject *self, PyObject *args) {
             return NULL;
         }
         Py_INCREF(state); /* held across a call of the reference */
-        PyObject *fields = render_or_fallback(family, state, day_start, 1, table, &p, fallback);
+        int64_t as_of = day_start;
+        PyObject *fields = render_or_fallback(family, state, &as_of, 1, table, &p, fallback);
         Py_DECREF(state);
+        if (fields != NULL && as_ofs != Py_None) {
+            PyObject *at = PyLong_FromLongLong((long long)as_of);
+            if (at == NULL || PyList_Append(as_ofs, at) < 0) Py_CLEAR(fields);
+            Py_XDECREF(at);
+        }
         PyObject *write = fields == NULL ? NULL : PyTuple_Pack(2, suffix, fields);
         Py_XDECREF(fields);
         Py_DECREF(suffix);
@@ -1754,8 +1766,9 @@ static PyMethodDef methods[] = {
      "fields_for(family, state, as_of, layouts, cparams, fallback) -> Fields: "
      "families.fields_for."},
     {"render", py_render, METH_VARARGS,
-     "render(keys, suffixes, day_start, layouts, cparams, fallback, writes): appends "
-     "(suffix, fields) per suffix, as FeatureShard.flush does."},
+     "render(keys, suffixes, day_start, layouts, cparams, fallback, writes, as_of=None): "
+     "appends (suffix, fields) per suffix, and its as_of to the list as_of, as "
+     "FeatureShard.flush does."},
     {"event_from", py_event_from, METH_VARARGS,
      "event_from(obj, origin, clock, latest_ts, types) -> Event | None: events.decode's event "
      "for a valid event of the common shape, None for events.py to decide."},

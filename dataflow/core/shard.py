@@ -86,6 +86,9 @@ class StepResult:
     Between a key's creation and the next day, no write needs to touch it again."""
     labels: dict[str, str] = field(default_factory=dict)
     """For written or deleted keys that have one: the text behind a hashed key (`acq`)."""
+    fresh: list[int] = field(default_factory=list)
+    """The `as_of` of each write that events caused (not of re-statements or deletions):
+    what the sink's freshness histogram observes."""
 
     def sets_ttl(self, suffix: str) -> bool:
         """Whether the write of `suffix` sets its key's TTL."""
@@ -583,29 +586,28 @@ class FeatureShard:
         self.restate_at = end
         if end == len(restating):
             self.restating, self.restate_at, self.restate_from = [], 0, 0
-        suffixes = chain(dirty.difference(turn) if turn else dirty, turn)
+        changed = dirty.difference(turn) if turn else dirty
         if missing:
-            suffixes = list(suffixes)  # type: ignore[assignment]
-            self.provisional.update(f for f in map(family_of, suffixes) if f in missing)
+            families = map(family_of, chain(changed, turn))
+            self.provisional.update(f for f in families if f in missing)
+        fresh: list[int] = []
         compiled = native.core
         if compiled is not None:
             render = partial(fields_for, params=params)  # for a key the compiled sums overflow
-            compiled.render(
-                keys,
-                suffixes,
-                day_start,
-                LAYOUT_TABLE,
-                params_table(params),
-                render,
-                writes,
-            )
+            table = params_table(params)
+            compiled.render(keys, changed, day_start, LAYOUT_TABLE, table, render, writes, fresh)
+            if turn:
+                compiled.render(keys, turn, day_start, LAYOUT_TABLE, table, render, writes)
         else:
-            for suffix in suffixes:
-                state = keys[suffix]
-                as_of = max(state[0], day_start)
-                writes.append((suffix, fields_for(family_of(suffix), state, as_of, params)))
+            for suffixes, as_ofs in ((changed, fresh), (turn, None)):
+                for suffix in suffixes:
+                    state = keys[suffix]
+                    as_of = max(state[0], day_start)
+                    writes.append((suffix, fields_for(family_of(suffix), state, as_of, params)))
+                    if as_ofs is not None:
+                        as_ofs.append(as_of)
         labels = self.labels
-        result = StepResult(writes=writes, new_day=bool(turn), created=self.created)
+        result = StepResult(writes=writes, new_day=bool(turn), created=self.created, fresh=fresh)
         if labels:
             result.labels = {s: labels[s] for s, _ in writes if s in labels}
             for suffix in self.deleted:

@@ -41,6 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Container, Iterable
+from operator import itemgetter
 from typing import Any
 
 import redis
@@ -92,13 +93,12 @@ def coalesce(batches: Iterable[StepResult]) -> tuple[dict[str, Write], set[str],
     latest: dict[str, Write] = {}
     ttl: set[str] = set()
     fresh_as_of: list[int] = []
+    suffix = itemgetter(0)
     for batch in batches:
-        ttl.update(batch.created if not batch.new_day else (s for s, _ in batch.writes))
-        for write in batch.writes:
-            latest[write[0]] = write
-            fields = write[1]
-            if not batch.new_day and fields is not None and "as_of" in fields:  # not a prior
-                fresh_as_of.append(int(fields["as_of"]))
+        writes = batch.writes
+        ttl.update(batch.created if not batch.new_day else map(suffix, writes))
+        latest.update(zip(map(suffix, writes), writes, strict=True))
+        fresh_as_of += batch.fresh
     return latest, ttl, fresh_as_of
 
 

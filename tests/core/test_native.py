@@ -145,6 +145,7 @@ def run_shard(items: list[ShardItem], params: FeatureParams) -> tuple[object, ..
         outcome.append(sorted(shard.created))
         flushed = shard.flush()
         outcome.append([(s, None if f is None else list(f.items())) for s, f in flushed.writes])
+        outcome.append(flushed.fresh)
     outcome.append(shard.clock)
     outcome.append({s: counters.to_bytes(v) for s, v in shard.keys.items()})
     return tuple(outcome)

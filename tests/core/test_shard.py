@@ -80,6 +80,27 @@ def test_new_day_restates_idle_keys_with_day_start_as_of() -> None:
     assert float(idle["impressions_decay"]) < 1.0  # decayed by 3 days minus 1 s
 
 
+def test_fresh_holds_the_as_of_of_event_driven_writes_only() -> None:
+    shard = FeatureShard(PARAMS, clock=BASE, restate_per_flush=1)
+    shard.step(
+        [[upd(DOC, "doc:a", BASE + 1000, (1, 0, 0)), upd(QD, "qd:h:a", BASE + 9, (1, 0, 0))]]
+    )
+    assert sorted(shard.flush().fresh) == [BASE + 9, BASE + 1000]
+    shard.step([[upd(DOC, "doc:b", BASE + DAY_MS + 5, (0, 1, 0))]])  # a new day: re-statements
+    result = shard.flush()
+    assert result.new_day
+    assert len(result.writes) == 2  # doc:b for its event, one key's turn
+    assert result.fresh == [BASE + DAY_MS + 5]
+    shard.step([[upd(DOC, "doc:a", BASE + DAY_MS + 7, (1, 0, 0))]])
+    result = shard.flush()
+    assert [s for s, _ in result.writes] == ["doc:a", "qd:h:a"]  # its event, the next turn
+    assert result.fresh == [BASE + DAY_MS + 7]
+    shard.step([BASE + 40 * DAY_MS])  # every key expires: deletions are not fresh writes
+    result = shard.flush()
+    assert result.writes and all(f is None for _, f in result.writes)
+    assert result.fresh == []
+
+
 def test_clock_tick_alone_restates_and_expires() -> None:
     shard = FeatureShard(PARAMS)
     shard.step(

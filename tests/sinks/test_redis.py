@@ -89,6 +89,13 @@ def test_coalesce_sets_the_ttl_of_created_and_restated_keys_only() -> None:
     assert "doc:old" not in ttl
 
 
+def test_coalesce_gathers_the_freshness_of_event_driven_writes() -> None:
+    first = StepResult(writes=[("doc:a", {"as_of": "5"})], fresh=[5])
+    restated = StepResult(writes=[("doc:b", {"as_of": "7"})], new_day=True)
+    second = StepResult(writes=[("doc:a", {"as_of": "9"}), ("doc:c", {"as_of": "8"})], fresh=[9, 8])
+    assert coalesce([first, restated, second])[2] == [5, 9, 8]
+
+
 # --- Redis away ---------------------------------------------------------------------------
 
 
