@@ -79,9 +79,11 @@ def recovery_directory(env: Mapping[str, str], argv: Sequence[str]) -> Path | No
 def tune_gc(young_threshold: int) -> None:
     """Garbage collection for a process that holds millions of keys.
 
-    The state is mostly objects the cyclic collector does not track (strings, ints, arrays),
-    but the containers that hold them (shard dicts, dirty sets, re-statement queues, dedup
-    sets) are walked element by element by every full collection, so with Python's default
+    The state is mostly objects the cyclic collector does not track: strings, ints, and the
+    keys' arrays (CPython tracks an `array`, but the compiled core takes its key states out
+    of the collector's lists, as an array refers to nothing). The containers that hold them
+    (shard dicts, dirty sets, re-statement queues, dedup sets) are walked element by element
+    by every full collection, so with Python's default
     thresholds the cost of a key written grew with the number of keys held. Collections
     every `young_threshold` allocations (older generations at 20× and 100× that) make full
     collections rare; what is alive at start (modules, functions, classes) is frozen, never

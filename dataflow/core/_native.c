@@ -230,7 +230,11 @@ static int fill_record(const Layout *layout, int64_t ts, const int64_t *counts, 
  * argument parsing), then the items copied in. */
 static PyObject *new_array(const int64_t *items, Py_ssize_t n) {
     PyObject *state = PySequence_Repeat(zero_item, n);
-    if (state == NULL || n == 0) return state;
+    if (state == NULL) return NULL;
+    /* An array refers to no other object, so it can be in no reference cycle: out of the
+     * cyclic collector's lists, a million key states cost its collections nothing. */
+    if (PyObject_IS_GC(state)) PyObject_GC_UnTrack(state);
+    if (n == 0) return state;
     Py_buffer view;
     if (PyObject_GetBuffer(state, &view, PyBUF_WRITABLE) < 0) {
         Py_DECREF(state);

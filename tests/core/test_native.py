@@ -3,6 +3,7 @@ field text and the same RESP bytes, on any input (dataflow.core.native)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import struct
@@ -178,6 +179,24 @@ def test_a_shard_steps_and_flushes_the_same_compiled_or_not(
     with pure_python():
         reference = run_shard(items, params)
     assert compiled == reference
+
+
+PARAMS_DEFAULT = FeatureParams()
+
+
+def test_compiled_key_states_are_not_walked_by_the_cyclic_collector() -> None:
+    """A key's state refers to nothing, so the compiled core keeps it out of the collector's
+    lists: with millions of keys held, collections cost what the event batches allocate."""
+    assert BUILT is not None
+    shard = FeatureShard(PARAMS_DEFAULT)
+    shard.step([[(DOC, "doc:a", BASE, (1, 0, 0, 0)), (QD, "qd:h:a", BASE, (1, 0, 0, 0))]])
+    shard.step([[(DOC, "doc:a", BASE + DAY, (0, 1, 0, 0))]])  # a second day: a record inserted
+    new = BUILT.add(None, LAYOUT_TABLE, AC, BASE, (1, 0))
+    restored = BUILT.unpack_states(BUILT.pack_states(shard.keys))
+    states = [*shard.keys.values(), new, *restored.values()]
+    assert len(states) == 5
+    assert not any(gc.is_tracked(state) for state in states)
+    assert gc.is_tracked(counters.add(None, LAYOUTS[AC], BASE, (1, 0)))  # the reference's
 
 
 @settings(max_examples=300, deadline=None)
