@@ -33,7 +33,6 @@ from functools import partial
 from typing import Any, cast
 
 import bytewax.operators as op
-from bytewax.connectors.kafka import KafkaSource
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import DynamicSource, Source, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
@@ -66,7 +65,7 @@ from dataflow.core.windows import DAY_MS
 from dataflow.kafka.intake import IntakeSource
 from dataflow.kafka.lag import KafkaOffsets, LagTracker, LagTrackingSource
 from dataflow.kafka.segments import KafkaSegments
-from dataflow.kafka.source import BrokerOffsets, OffsetGapCheckingSource
+from dataflow.kafka.source import BrokerOffsets, OffsetGapCheckingSource, RecordSource
 from dataflow.logs import configure_logging
 from dataflow.opensearch import sink as opensearch
 from dataflow.repair import StoreRepairs
@@ -799,7 +798,7 @@ def restate_per_flush(config: Config) -> int | None:
 def kafka_source(config: Config, lag: LagTracker | None = None) -> Source[Any]:
     """The input: every partition of `KAFKA_TOPICS`, offsets kept in recovery snapshots.
     With `lag`, the partitions this process reads are reported to it (consumer lag)."""
-    source = KafkaSource(
+    source = RecordSource(
         brokers=list(config.kafka.brokers),
         topics=list(config.kafka.topics),
         tail=not config.kafka.stop_at_end,

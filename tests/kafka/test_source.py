@@ -12,7 +12,13 @@ from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from dataflow import metrics
-from dataflow.kafka.source import GapCheckingPartition, OffsetGapCheckingSource, Positions
+from dataflow.kafka.source import (
+    GapCheckingPartition,
+    KafkaRecord,
+    OffsetGapCheckingSource,
+    Positions,
+    RecordPartition,
+)
 
 TOPIC = "events"
 
@@ -188,3 +194,125 @@ def test_snapshot_and_close_go_to_the_kafka_partition() -> None:
     part.close()
     inner = part.inner
     assert isinstance(inner, FakePartition) and inner.closed
+
+
+# --- KafkaRecord partitions ----------------------------------------------------------------
+
+
+class FakeError:
+    def __init__(self, code: int) -> None:
+        self._code = code
+
+    def code(self) -> int:
+        return self._code
+
+    def __str__(self) -> str:
+        return f"error {self._code}"
+
+
+class FakeMessage:
+    """What confluent-kafka's consumer returns."""
+
+    def __init__(self, offset: int, value: bytes | None = b"{}", error: int | None = None) -> None:
+        self._offset, self._value = offset, value
+        self._error = None if error is None else FakeError(error)
+
+    def error(self) -> FakeError | None:
+        return self._error
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return 3
+
+    def key(self) -> bytes | None:
+        return None
+
+    def headers(self) -> None:
+        return None
+
+    def latency(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+
+class FakeConsumer:
+    def __init__(self, batches: list[list[FakeMessage]]) -> None:
+        self.batches = batches
+
+    def consume(self, count: int, timeout: float) -> list[FakeMessage]:
+        return self.batches.pop(0) if self.batches else []
+
+
+class FakeBytewaxPartition:
+    """The attributes of Bytewax 0.21's `_KafkaSourcePartition` that `RecordPartition` reads."""
+
+    def __init__(self, batches: list[list[FakeMessage]], raise_on_errors: bool = False) -> None:
+        self._consumer = FakeConsumer(batches)
+        self._batch_size = 1000
+        self._eof = False
+        self._raise_on_errors = raise_on_errors
+        self._topic = TOPIC
+        self._offset = 7
+        self.closed = False
+
+    def snapshot(self) -> int:
+        return self._offset
+
+    def next_awake(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+EOF_CODE = -191  # librdkafka's _PARTITION_EOF
+
+
+def test_a_record_partition_reads_as_bytewax_reads_with_a_record_per_message() -> None:
+    inner = FakeBytewaxPartition(
+        [
+            [FakeMessage(7), FakeMessage(8, None)],
+            [FakeMessage(9, error=42), FakeMessage(10)],
+            [FakeMessage(11), FakeMessage(12, error=EOF_CODE), FakeMessage(13)],
+        ]
+    )
+    part = RecordPartition(inner)
+    assert part.next_batch() == [(TOPIC, 3, 7, b"{}"), (TOPIC, 3, 8, None)]
+    assert part.snapshot() == 9  # resumes after the last message read
+    errored, after = part.next_batch()
+    assert isinstance(errored, KafkaError) and str(errored.err) == "error 42"
+    assert errored.msg.offset == 9 and errored.msg.partition == 3  # Bytewax's message
+    assert isinstance(after, KafkaRecord) and after.offset == 10 and after.value == b"{}"
+    assert part.snapshot() == 11
+    assert part.next_batch() == [KafkaRecord(TOPIC, 3, 11, b"{}")]  # the end: 13 never read
+    assert part.snapshot() == 12
+    with pytest.raises(StopIteration):
+        part.next_batch()
+    assert part.next_awake() is None
+    part.close()
+    assert inner.closed
+
+
+def test_a_record_partition_raises_a_consumer_error_when_told_to() -> None:
+    part = RecordPartition(FakeBytewaxPartition([[FakeMessage(7, error=42)]], raise_on_errors=True))
+    with pytest.raises(RuntimeError, match="error 42"):
+        part.next_batch()
+
+
+def test_the_gap_check_reads_a_records_offset() -> None:
+    """As `test_retention_between_build_and_first_fetch_is_counted_on_the_first_message`,
+    with the pipeline's records."""
+    before = skipped(0)
+    part, _ = build([[], [KafkaRecord(TOPIC, 0, 130, b"{}")]], 100, [100, 130])
+    assert drain(part, 2)
+    assert skipped(0) - before == 30
