@@ -730,12 +730,16 @@ static int lookup_each(const char *name, Py_ssize_t nn, const char *value, Py_ss
     return l->found == NULL ? -1 : 1;
 }
 
-/* The value of `key`, a new reference; NULL with no error set when absent. */
+/* The value of `key`, a new reference; NULL with no error set when absent (a key that is
+ * not a str, or has no UTF-8 form, is absent, as from a dict of field names). */
 static PyObject *fields_lookup(FieldsObject *f, PyObject *key) {
     if (!PyUnicode_Check(key)) return NULL;
     Lookup l = {NULL, 0, NULL};
     l.key = PyUnicode_AsUTF8AndSize(key, &l.nkey);
-    if (l.key == NULL) return NULL;
+    if (l.key == NULL) {
+        PyErr_Clear(); /* a lone surrogate: no field is named so */
+        return NULL;
+    }
     if (fields_each(f, lookup_each, &l) < 0) return NULL;
     return l.found;
 }

@@ -275,6 +275,8 @@ def test_rendered_fields_read_as_the_dict_they_equal() -> None:
     assert "clicks_7d" in got
     assert "selects_7d" not in got
     assert 7 not in got
+    assert "\ud800" not in got  # no UTF-8 form: absent, as from a dict
+    assert got.get("\ud800") is None
     with pytest.raises(KeyError):
         got["selects_7d"]
     assert got.get("selects_7d") is None
