@@ -14,7 +14,6 @@ freezes (or never appears) exactly when the lag grows. docs/observability.md lis
 
 from __future__ import annotations
 
-import collections
 import math
 import threading
 import time
@@ -281,33 +280,21 @@ def observe_clock(clock_ms: int) -> None:
     CLOCK.set(clock_ms / 1000.0)
 
 
-def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
-    """`histogram.observe(a)` for every `a` in `amounts`, in one pass: each bucket's count
-    and the sum are added to once, not once per amount (a lock each), so a writer of tens of
-    thousands of keys a second does not spend its time, and the worker's turns with the
-    interpreter, there. The same counts and sum as observing them one by one
-    (`tests/test_metrics.py` holds it to that)."""
-    if not amounts:
-        return
-    # prometheus_client has no bulk observe. Its Histogram keeps a value per bucket
-    # (`_buckets`; an amount counts in the first whose upper bound is >= it) and the sum.
-    parts: Any = histogram
-    bounds = parts._upper_bounds
-    for index, count in collections.Counter(bisect_left(bounds, a) for a in amounts).items():
-        parts._buckets[index].inc(count)
-    parts._sum.inc(sum(amounts))
-
-
 def observe_fresh(now_ms: float, as_of: Sequence[int], histogram: Histogram = FRESHNESS) -> None:
     """Observe the freshness of keys written at `now_ms` whose newest events are `as_of`:
-    `max(0, now_ms - t) / 1000` seconds each, as `observe_many` would, from the `as_of`
-    sorted once (a key is at most `b` seconds old when `t >= now_ms - 1000 * b`), with no
-    float made per key."""
+    `max(0, now_ms - t) / 1000` seconds each, with the counts and sum that observing them
+    one by one gives (`tests/test_metrics.py` holds it to that), in one pass: each bucket's
+    count and the sum are added to once, not once per key (a lock each), so a writer of tens
+    of thousands of keys a second does not spend its time, and the worker's turns with the
+    interpreter, there. The `as_of` are sorted once; a key is at most `b` seconds old when
+    `t >= now_ms - 1000 * b`, so no float is made per key."""
     if not as_of:
         return
     ordered = sorted(as_of)
     n = len(ordered)
-    parts: Any = histogram  # as in observe_many
+    # prometheus_client has no bulk observe. Its Histogram keeps a value per bucket
+    # (`_buckets`; an amount counts in the first whose upper bound is >= it) and the sum.
+    parts: Any = histogram
     below = 0
     for index, bound in enumerate(parts._upper_bounds):
         at_most = n if bound == math.inf else n - bisect_left(ordered, now_ms - 1000.0 * bound)

@@ -244,31 +244,6 @@ def test_a_redis_flush_records_batch_size_latency_and_freshness() -> None:
     assert ok.value == 3
 
 
-BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-
-
-@given(
-    st.lists(
-        st.one_of(
-            st.sampled_from(BOUNDS),  # exactly on a bucket's upper bound
-            st.floats(min_value=0.0, max_value=1e6, allow_nan=False),
-        ),
-        max_size=60,
-    )
-)
-def test_observe_many_counts_what_observing_one_by_one_counts(amounts: list[float]) -> None:
-    registry = CollectorRegistry()
-    one_by_one = Histogram("one", "", buckets=BOUNDS, registry=registry)
-    at_once = Histogram("many", "", buckets=BOUNDS, registry=registry)
-    for amount in amounts:
-        one_by_one.observe(amount)
-    metrics.observe_many(at_once, amounts)
-    [one], [many] = ([m for m in registry.collect() if m.name == name] for name in ("one", "many"))
-    assert [(s.name[3:], s.labels, s.value) for s in one.samples if "created" not in s.name] == [
-        (s.name[4:], s.labels, s.value) for s in many.samples if "created" not in s.name
-    ]
-
-
 @given(
     st.lists(st.integers(min_value=-(10**7), max_value=10**7), max_size=300),
     st.floats(min_value=0, max_value=1),

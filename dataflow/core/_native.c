@@ -814,8 +814,6 @@ static PyObject *fields_dict(PyObject *self) {
     return out;
 }
 
-static PyObject *fields_to_dict(PyObject *self, PyObject *unused) { return fields_dict(self); }
-
 static PyObject *fields_get(PyObject *self, PyObject *args) {
     PyObject *key, *otherwise = Py_None;
     if (!PyArg_UnpackTuple(args, "get", 1, 2, &key, &otherwise)) return NULL;
@@ -871,7 +869,6 @@ static PyMethodDef fields_methods[] = {
     {"values", fields_values, METH_NOARGS, "The values, in order (a list)."},
     {"items", fields_items, METH_NOARGS, "The (name, value) pairs, in order (a list)."},
     {"get", fields_get, METH_VARARGS, "get(name, default=None)"},
-    {"to_dict", fields_to_dict, METH_NOARGS, "The fields as a dict, in order."},
     {"resp", fields_resp, METH_NOARGS, "The pairs as RESP bulk strings, as HSET sends them."},
     {"__reduce__", fields_reduce, METH_NOARGS, "Pickles as the dict of the fields."},
     {NULL, NULL, 0, NULL},

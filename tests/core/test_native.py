@@ -282,7 +282,7 @@ def test_rendered_fields_read_as_the_dict_they_equal() -> None:
     assert got.get("selects_7d") is None
     assert got.get("selects_7d", "0") == "0"
     assert got.get("clicks_7d") == "1"
-    assert dict(got) == got.to_dict() == expected
+    assert dict(got) == expected
     assert got == expected
     assert expected == got
     assert got != {**expected, "as_of": "0"}
